@@ -1,0 +1,32 @@
+"""Small shared builders for the tests (tiny sizes: hidden ≤ 64, L ≤ 64, N ≤ 16)."""
+
+import torch
+
+
+def tiny_config(**overrides):
+    from hf_compressssm import CompreSSMMambaConfig
+
+    values = dict(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        state_size=8,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        use_cache=True,
+    )
+    values.update(overrides)
+    return CompreSSMMambaConfig(**values)
+
+
+def tiny_lm(seed: int = 0, **overrides):
+    from hf_compressssm import CompreSSMMambaForCausalLM
+
+    torch.manual_seed(seed)
+    return CompreSSMMambaForCausalLM(tiny_config(**overrides))
+
+
+def random_ids(batch: int = 2, length: int = 12, vocab: int = 40, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=g)
