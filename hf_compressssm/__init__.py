@@ -14,6 +14,8 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
+from .arguments import CompressionArguments
+from .callback import CompreSSMCallback
 from .configuration_compressssm_mamba import CompreSSMMambaConfig
 from .modeling_compressssm_mamba import (
     CompreSSMMambaForCausalLM,
@@ -21,6 +23,7 @@ from .modeling_compressssm_mamba import (
     CompreSSMMambaModel,
     CompreSSMMambaPreTrainedModel,
 )
+from .reduction import ReductionReport, compress_model
 
 
 def _register() -> None:
@@ -38,6 +41,10 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "CompreSSMCallback",
+    "CompressionArguments",
+    "ReductionReport",
+    "compress_model",
     "CompreSSMMambaConfig",
     "CompreSSMMambaForCausalLM",
     "CompreSSMMambaForSequenceClassification",

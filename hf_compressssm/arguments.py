@@ -1,0 +1,119 @@
+"""`CompressionArguments`: every knob of in-training compression, as a dataclass `HfArgumentParser` accepts."""
+
+from dataclasses import asdict, dataclass, field
+
+from .hankel import SCORES, SELECTIONS
+
+
+MODES = ("tolerance", "fixed", "pragmatic")
+
+
+@dataclass
+class CompressionArguments:
+    """Arguments of CompreSSM in-training compression (see METHOD.md §4–5).
+
+    The schedule is either ``reduction_steps`` (explicit optimisation steps) or ``num_reductions`` attempts evenly
+    spaced over the fraction window ``(schedule_start, schedule_end]`` of the total optimisation steps; the default
+    is 4 attempts at 2.5 %, 5 %, 7.5 % and 10 %.
+    """
+
+    tau: float = field(
+        default=0.05,
+        metadata={"help": "Fraction of Hankel energy discarded per layer at each attempt, in [0, 1) (mode tolerance)."},
+    )
+    mode: str = field(
+        default="tolerance",
+        metadata={"help": "tolerance: rank from tau; fixed: shrink by fixed_fraction; pragmatic: fixed + rollback."},
+    )
+    score: str = field(default="h2", metadata={"help": f"State importance score, one of {SCORES}."})
+    selection: str = field(
+        default="largest", metadata={"help": f"Which states to keep, one of {SELECTIONS} (smallest/random: ablations)."}
+    )
+    num_reductions: int = field(default=4, metadata={"help": "Number of evenly spaced reduction attempts."})
+    schedule_start: float = field(default=0.0, metadata={"help": "Start of the schedule window (fraction of steps)."})
+    schedule_end: float = field(default=0.1, metadata={"help": "End of the schedule window (fraction of steps)."})
+    reduction_steps: list[int] | None = field(
+        default=None, metadata={"help": "Explicit optimisation steps at which to reduce (overrides the window)."}
+    )
+    gate: float = field(default=0.95, metadata={"help": "Reduce a layer only if the new rank < gate * current size."})
+    min_state_size: int = field(default=1, metadata={"help": "Never cut a layer below this many states."})
+    multiple_of: int = field(default=1, metadata={"help": "Round each kept rank up to a multiple of this."})
+    calibration_batches: int = field(
+        default=4, metadata={"help": "Number of recent training batches used to measure state importance."}
+    )
+    fixed_fraction: float = field(
+        default=0.5, metadata={"help": "Fraction of states removed per attempt in modes fixed and pragmatic."}
+    )
+    rollback_metric: str = field(
+        default="eval_loss", metadata={"help": "Metric compared before/after a cut in pragmatic mode."}
+    )
+    rollback_greater_is_better: bool = field(default=False, metadata={"help": "Whether higher rollback_metric is better."})
+    rollback_tolerance: float = field(
+        default=0.02,
+        metadata={"help": "Pragmatic mode rolls back when the metric is worse by more than this relative amount."},
+    )
+    rollback_delay_steps: int | None = field(
+        default=None,
+        metadata={"help": "Steps after a cut before the pragmatic comparison (default: half the gap to the next cut)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the random selection ablation."})
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming the bad argument and its valid range."""
+        if not 0.0 <= float(self.tau) < 1.0:
+            raise ValueError(f"tau={self.tau} is outside [0, 1): it is the fraction of Hankel energy discarded.")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {MODES}.")
+        if self.score not in SCORES:
+            raise ValueError(f"unknown score {self.score!r}; choose one of {SCORES}.")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {self.selection!r}; choose one of {SELECTIONS}.")
+        if not 0.0 < float(self.gate) <= 1.0:
+            raise ValueError(f"gate={self.gate} must be in (0, 1].")
+        if int(self.min_state_size) < 1:
+            raise ValueError(f"min_state_size={self.min_state_size} must be >= 1.")
+        if int(self.multiple_of) < 1:
+            raise ValueError(f"multiple_of={self.multiple_of} must be >= 1.")
+        if int(self.calibration_batches) < 1:
+            raise ValueError(f"calibration_batches={self.calibration_batches} must be >= 1.")
+        if not 0.0 < float(self.fixed_fraction) < 1.0:
+            raise ValueError(f"fixed_fraction={self.fixed_fraction} must be in (0, 1).")
+        if self.rollback_tolerance < 0:
+            raise ValueError(f"rollback_tolerance={self.rollback_tolerance} must be >= 0.")
+        if self.reduction_steps is not None:
+            steps = list(self.reduction_steps)
+            if not steps or any(int(s) < 1 for s in steps):
+                raise ValueError(f"reduction_steps={steps} must be a non-empty list of optimisation steps >= 1.")
+        else:
+            if int(self.num_reductions) < 1:
+                raise ValueError(f"num_reductions={self.num_reductions} must be >= 1 (or pass reduction_steps).")
+            if not 0.0 <= float(self.schedule_start) < float(self.schedule_end) <= 1.0:
+                raise ValueError(
+                    f"schedule window ({self.schedule_start}, {self.schedule_end}] must satisfy 0 <= start < end <= 1."
+                )
+
+    def schedule(self, max_steps: int) -> list[int]:
+        """The optimisation steps (1-based, ascending, distinct) at which to attempt a reduction.
+
+        Raises `ValueError` when a step lies beyond ``max_steps``.
+        """
+        if self.reduction_steps is not None:
+            steps = sorted({int(s) for s in self.reduction_steps})
+            if steps[-1] > max_steps:
+                raise ValueError(
+                    f"reduction_steps {steps} go beyond max_steps={max_steps}: no reduction would happen at step "
+                    f"{steps[-1]}. Use steps <= {max_steps} or train longer."
+                )
+            return steps
+        span = float(self.schedule_end) - float(self.schedule_start)
+        steps = []
+        for i in range(1, int(self.num_reductions) + 1):
+            frac = float(self.schedule_start) + span * i / int(self.num_reductions)
+            steps.append(max(1, int(round(frac * max_steps))))
+        return sorted(set(steps))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,321 @@
+"""`CompreSSMCallback`: in-training Hankel-based truncation of Mamba state sizes for the Hugging Face `Trainer`.
+
+Add it to a normal run::
+
+    trainer = Trainer(model=model, args=training_args, train_dataset=ds, callbacks=[CompreSSMCallback(tau=0.05)])
+
+At each scheduled optimisation step (``on_step_end``: after the optimizer and scheduler steps, never inside gradient
+accumulation) it measures every state's importance on the most recent training batches, chooses per-layer ranks,
+cuts the weak states, and carries the optimizer state through the cut. Each attempt is recorded in the model config
+(``config.compression``), in ``compression_history.json`` (output dir and every saved checkpoint/model), in the
+Trainer's log history and, when enabled, in TensorBoard.
+"""
+
+import copy
+import json
+import os
+from collections import deque
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+from .arguments import CompressionArguments
+from .distributed import (
+    GradientAllReducer,
+    exclude_shrinkable_from_ddp,
+    is_distributed,
+    shrinkable_excluded_from_ddp,
+)
+from .reduction import ReductionReport, reduce_once
+from .surgery import find_mixers, unwrap_optimizer
+
+
+logger = logging.get_logger(__name__)
+
+HISTORY_FILE = "compression_history.json"
+
+
+def write_history(model: nn.Module, directory: str) -> str:
+    """Write ``model.compression_history`` to ``directory/compression_history.json``; returns the path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, HISTORY_FILE)
+    with open(path, "w") as f:
+        json.dump(list(getattr(model, "compression_history", []) or []), f, indent=1)
+    return path
+
+
+class CompreSSMCallback(TrainerCallback):
+    """Compress the Mamba layers of the model being trained, a few times early in training.
+
+    Args:
+        args: a `CompressionArguments`; or pass its fields as keyword arguments.
+
+    Multi-process: add the callback when building the `Trainer` (``callbacks=[...]``) so that ``on_init_end`` can
+    keep the shrinkable parameters out of DDP before it wraps the model (see `hf_compressssm.distributed`).
+    """
+
+    def __init__(self, args: CompressionArguments | None = None, **kwargs):
+        if args is not None and kwargs:
+            raise ValueError("pass either a CompressionArguments or keyword arguments, not both.")
+        self.args = args if args is not None else CompressionArguments(**kwargs)
+        self.args.validate()
+        self.schedule: list[int] = []
+        self._recent_batches: deque = deque(maxlen=self.args.calibration_batches)
+        self._recorder = None
+        self._reducer = GradientAllReducer()
+        self._generator = torch.Generator().manual_seed(self.args.seed)
+        self._tb_writer = None
+        self._pending_check: dict | None = None
+        self._last_eval: tuple[int, float] | None = None
+
+    # ------------------------------------------------------------------ setup
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and find_mixers(model):
+            exclude_shrinkable_from_ddp(model)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._check_supported(args, model)
+        self.schedule = self.args.schedule(state.max_steps)
+        record = self._record(model)
+        record.setdefault("stopped", False)
+        done = {h["step"] for h in record.get("history", [])}
+        self._done_steps = {s for s in self.schedule if s <= state.global_step or s in done}
+        self._recent_batches.clear()
+        if self._recorder is not None:
+            self._recorder.remove()
+        self._recorder = model.register_forward_pre_hook(self._record_batch, with_kwargs=True)
+        self._reducer.attach(model)
+        if self.args.mode == "pragmatic" and args.eval_strategy == "no":
+            raise ValueError(
+                "mode='pragmatic' compares an evaluation before and after each cut: set eval_strategy "
+                "(e.g. 'steps') and pass an eval_dataset, or use mode='tolerance'."
+            )
+        if "tensorboard" in (args.report_to or []) and state.is_world_process_zero:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb_writer = SummaryWriter(log_dir=os.path.join(args.logging_dir or args.output_dir, "compressssm"))
+            except ImportError:
+                logger.warning("CompreSSM: report_to includes tensorboard but it is not installed.")
+        logger.info(f"CompreSSM: reductions scheduled at steps {self.schedule} of {state.max_steps}.")
+
+    def _check_supported(self, args, model) -> None:
+        if model is None or not find_mixers(model):
+            raise ValueError(
+                f"CompreSSMCallback found no Mamba mixers in {type(model).__name__}: it compresses Mamba-1 models."
+            )
+        if not hasattr(model.config, "with_state_sizes"):
+            raise ValueError(
+                f"{type(model).__name__} has one state_size for all layers; convert it first with "
+                "CompreSSMMambaForCausalLM.from_mamba(model) (or load a CompreSSM model)."
+            )
+        if getattr(args, "fsdp", None):
+            raise ValueError(
+                "CompreSSMCallback does not support FSDP: it changes parameter shapes, which sharded flat parameters "
+                "cannot follow. Use DDP (torchrun / accelerate launch without FSDP)."
+            )
+        if getattr(args, "deepspeed", None):
+            raise ValueError(
+                "CompreSSMCallback does not support DeepSpeed: ZeRO shards flat parameters whose shapes cannot "
+                "change in place. Use DDP (torchrun / accelerate launch without DeepSpeed)."
+            )
+        if is_distributed() and not shrinkable_excluded_from_ddp(model):
+            raise ValueError(
+                "In multi-process training the callback must be passed to the Trainer constructor "
+                "(Trainer(..., callbacks=[CompreSSMCallback(...)])) so that it can keep the shrinkable parameters "
+                "out of DDP before the model is wrapped; trainer.add_callback() is too late."
+            )
+        too_big = self.args.min_state_size > model.config.state_size
+        if too_big:
+            raise ValueError(
+                f"min_state_size={self.args.min_state_size} exceeds the model's state_size="
+                f"{model.config.state_size}: no layer could ever be cut."
+            )
+
+    def _record(self, model) -> dict:
+        """The compression record stored in ``model.config.compression`` (created on first use)."""
+        record = dict(model.config.compression or {})
+        record.setdefault("method", "CompreSSM")
+        record.setdefault("initial_state_sizes", list(model.config.state_sizes))
+        record.update(
+            {
+                "tau": self.args.tau,
+                "mode": self.args.mode,
+                "score": self.args.score,
+                "selection": self.args.selection,
+                "schedule": list(self.schedule),
+            }
+        )
+        model.config.compression = record
+        return record
+
+    def _record_batch(self, module, args, kwargs):
+        if module.training and torch.is_grad_enabled():
+            batch = {k: v.detach() for k, v in kwargs.items() if torch.is_tensor(v) and k != "labels"}
+            if args:
+                batch["input_ids"] = args[0].detach()
+            self._recent_batches.append(batch)
+
+    # ------------------------------------------------------------------ the cut
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        step = state.global_step
+        record = model.config.compression or {}
+        if self.args.mode == "pragmatic":
+            if self._pending_check is not None and step >= self._pending_check["due"]:
+                control.should_evaluate = True
+            if step + 1 in self.schedule and step + 1 not in self._done_steps and not record.get("stopped"):
+                control.should_evaluate = True  # the "before" measurement of the next cut
+        if step not in self.schedule or step in self._done_steps or record.get("stopped"):
+            return control
+        if self._pending_check is not None:
+            return control  # pragmatic: wait for the comparison of the previous cut
+        self._done_steps.add(step)
+        if not self._recent_batches:
+            logger.warning(f"CompreSSM: no training batch recorded before step {step}; reduction skipped.")
+            return control
+        snapshot = self._snapshot(model, optimizer) if self.args.mode == "pragmatic" else None
+        report = reduce_once(
+            model,
+            list(self._recent_batches),
+            self.args,
+            optimizer=optimizer,
+            step=step,
+            generator=self._generator,
+        )
+        self._reducer.attach(model)  # new parameters need their gradient hooks
+        self._log_report(model, args, state, report)
+        if snapshot is not None and report.sizes_after != report.sizes_before:
+            self._pending_check = {
+                "step": step,
+                "due": step + self._rollback_delay(step),
+                "baseline": self._last_eval[1] if self._last_eval is not None else None,
+                "snapshot": snapshot,
+            }
+            control.should_evaluate = step >= self._pending_check["due"]
+        return control
+
+    def _rollback_delay(self, step: int) -> int:
+        if self.args.rollback_delay_steps is not None:
+            return int(self.args.rollback_delay_steps)
+        later = [s for s in self.schedule if s > step]
+        return max(0, (later[0] - step) // 2) if later else 1
+
+    # ------------------------------------------------------------------ pragmatic mode
+    def _snapshot(self, model, optimizer) -> dict:
+        inner = unwrap_optimizer(optimizer)
+        return {
+            "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "optimizer": copy.deepcopy(inner.state_dict()) if inner is not None else None,
+            "state_sizes": list(model.config.state_sizes),
+            "history_len": len(getattr(model, "compression_history", []) or []),
+        }
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, optimizer=None, **kwargs):
+        if self.args.mode != "pragmatic" or not metrics:
+            return control
+        key = self.args.rollback_metric
+        value = metrics.get(key, metrics.get(f"eval_{key}"))
+        if value is None:
+            raise ValueError(
+                f"pragmatic mode: rollback_metric {key!r} is not among the evaluation metrics {sorted(metrics)}."
+            )
+        check = self._pending_check
+        if check is not None and state.global_step >= check["due"]:
+            self._pending_check = None
+            baseline = check["baseline"]
+            if baseline is not None:
+                sign = -1.0 if self.args.rollback_greater_is_better else 1.0
+                worse_by = sign * (float(value) - baseline) / max(abs(baseline), 1e-12)
+                if worse_by > self.args.rollback_tolerance:
+                    self._rollback(model, optimizer, check, state, value, baseline)
+                    return control
+        self._last_eval = (state.global_step, float(value))
+        return control
+
+    def _rollback(self, model, optimizer, check, state, value, baseline) -> None:
+        snap = check["snapshot"]
+        inner = unwrap_optimizer(optimizer)
+        named = dict(model.named_parameters())
+        for name, tensor in snap["model"].items():
+            param = named.get(name)
+            if param is None or param.shape == tensor.shape:
+                continue
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            restored = nn.Parameter(tensor.clone().to(param.device), requires_grad=param.requires_grad)
+            if inner is not None:
+                for group in inner.param_groups:
+                    group["params"] = [restored if p is param else p for p in group["params"]]
+                inner.state.pop(param, None)
+            setattr(owner, attr, restored)
+        model.load_state_dict(snap["model"])
+        for mixer, size in zip(find_mixers(model), snap["state_sizes"]):
+            mixer.ssm_state_size = size
+        model.config.state_sizes = list(snap["state_sizes"])
+        if inner is not None and snap["optimizer"] is not None:
+            inner.load_state_dict(snap["optimizer"])
+        history = list(model.compression_history)
+        for entry in history[snap["history_len"] :]:
+            entry["rolled_back"] = True
+        model.compression_history = history
+        record = dict(model.config.compression)
+        record["stopped"] = True
+        record["history"] = [h for h in record.get("history", []) if h["step"] != check["step"]]
+        model.config.compression = record
+        self._reducer.attach(model)
+        logger.warning(
+            f"CompreSSM (pragmatic): {self.args.rollback_metric}={value:.4g} after the cut at step {check['step']} "
+            f"is worse than {baseline:.4g} by more than {self.args.rollback_tolerance:.1%}: rolled back to sizes "
+            f"{snap['state_sizes']} and stopped cutting."
+        )
+
+    # ------------------------------------------------------------------ logging
+    def _log_report(self, model, args, state, report: ReductionReport) -> None:
+        entry = report.to_dict()
+        entry.update({"tau": self.args.tau, "mode": self.args.mode, "score": self.args.score,
+                      "selection": self.args.selection})
+        model.compression_history = list(getattr(model, "compression_history", []) or []) + [entry]
+        record = dict(model.config.compression or {})
+        record["history"] = list(record.get("history", [])) + [
+            {"step": report.step, "sizes_before": report.sizes_before, "sizes_after": report.sizes_after,
+             "skipped": report.skipped}
+        ]
+        model.config.compression = record
+
+        logs = {
+            "compression/mean_state_size": report.mean_size_after,
+            "compression/seconds": report.seconds,
+        }
+        for d in report.layers:
+            logs[f"compression/layer_{d.layer}/state_size"] = d.new_size
+            logs[f"compression/layer_{d.layer}/energy_kept"] = d.energy_kept
+        state.log_history.append({**logs, "step": state.global_step})
+        if self._tb_writer is not None:
+            for key, value in logs.items():
+                self._tb_writer.add_scalar(key, value, state.global_step)
+            for d in report.layers:
+                spectrum = torch.tensor(sorted(d.scores, reverse=True))
+                self._tb_writer.add_histogram(f"compression/layer_{d.layer}/spectrum", spectrum, state.global_step)
+            self._tb_writer.flush()
+        if state.is_world_process_zero:
+            write_history(model, args.output_dir)
+        verb = "skipped" if report.skipped else "reduced"
+        logger.warning(
+            f"CompreSSM step {report.step}: {verb} state sizes {report.sizes_before} -> {report.sizes_after} "
+            f"(mean {report.mean_size_before:.1f} -> {report.mean_size_after:.1f}) in {report.seconds:.2f}s"
+        )
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
+        self._reducer.detach()
+        self._recent_batches.clear()
+        if self._tb_writer is not None:
+            self._tb_writer.close()
+            self._tb_writer = None
+        if model is not None and state.is_world_process_zero:
+            write_history(model, args.output_dir)

@@ -1,0 +1,97 @@
+"""Multi-process support: keep shrinkable tensors out of DDP and reduce their gradients ourselves.
+
+Design (see HF_NOTES "Multi-process"): DDP builds its gradient reducer once, from the parameters it sees at wrap
+time; a parameter replaced later (by a cut) is never all-reduced and the replicas drift apart silently. We therefore
+tell DDP to ignore the tensors a cut can replace (each mixer's ``A_log`` and ``x_proj.weight``) *before* it wraps the
+model, and all-reduce their gradients with post-accumulate-grad hooks, re-registered on every new parameter. No
+reducer ever sees a shape change, the same code serves ``torchrun``/``accelerate launch`` on CPU (gloo) and GPU
+(nccl), and every cut decision is broadcast from rank 0.
+"""
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .surgery import find_mixers
+
+
+DDP_IGNORE_ATTRIBUTE = "_ddp_params_and_buffers_to_ignore"
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group with more than one process."""
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
+def shrinkable_parameter_names(model: nn.Module) -> list[str]:
+    """Qualified names of the parameters a cut replaces (``A_log`` and ``x_proj.weight`` of every mixer)."""
+    ids = {}
+    for mixer in find_mixers(model):
+        ids[id(mixer.A_log)] = True
+        ids[id(mixer.x_proj.weight)] = True
+    return [name for name, p in model.named_parameters() if id(p) in ids]
+
+
+def exclude_shrinkable_from_ddp(model: nn.Module) -> list[str]:
+    """Mark the shrinkable parameters so that a DDP wrapper built later ignores them. Returns their names."""
+    names = shrinkable_parameter_names(model)
+    existing = set(getattr(model, DDP_IGNORE_ATTRIBUTE, []) or [])
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, sorted(existing | set(names))
+    )
+    return names
+
+
+def shrinkable_excluded_from_ddp(model: nn.Module) -> bool:
+    ignored = set(getattr(model, DDP_IGNORE_ATTRIBUTE, []) or [])
+    return set(shrinkable_parameter_names(model)) <= ignored
+
+
+class GradientAllReducer:
+    """All-reduces (mean) the gradients of the shrinkable parameters after each backward, on every process.
+
+    The mean is taken every time a gradient is accumulated, so with gradient accumulation the result equals the
+    mean of the accumulated gradients, as DDP computes it.
+    """
+
+    def __init__(self):
+        self._handles: list[Any] = []
+
+    def attach(self, model: nn.Module) -> None:
+        self.detach()
+        if not is_distributed():
+            return
+        for name in shrinkable_parameter_names(model):
+            param = model.get_parameter(name)
+            if param.requires_grad:
+                self._handles.append(param.register_post_accumulate_grad_hook(self._all_reduce))
+        # DDP broadcasts only the parameters it manages: start every replica from rank 0's values.
+        with torch.no_grad():
+            for name in shrinkable_parameter_names(model):
+                torch.distributed.broadcast(model.get_parameter(name).data, src=0)
+
+    @staticmethod
+    def _all_reduce(param: torch.Tensor) -> None:
+        if param.grad is None:
+            return
+        torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.SUM)
+        param.grad.div_(torch.distributed.get_world_size())
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every process (identity when not distributed)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
