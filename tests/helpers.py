@@ -30,3 +30,21 @@ def tiny_lm(seed: int = 0, **overrides):
 def random_ids(batch: int = 2, length: int = 12, vocab: int = 40, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=g)
+
+
+# Python source to put at the top of a subprocess script so that it cannot import hf_compressssm, however the
+# package is installed (editable finder, site-packages or the repo on sys.path): what a user without it sees.
+BLOCK_PACKAGE = """
+import importlib.abc, importlib.util, sys
+class _BlockHfCompressssm(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "hf_compressssm" or name.startswith("hf_compressssm."):
+            raise ModuleNotFoundError("hf_compressssm is blocked in this process", name=name)
+        return None
+sys.meta_path.insert(0, _BlockHfCompressssm())
+try:
+    import hf_compressssm
+    raise AssertionError("hf_compressssm must not be importable here")
+except ModuleNotFoundError:
+    pass
+"""

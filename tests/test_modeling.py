@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import random_ids, tiny_config, tiny_lm
+from helpers import BLOCK_PACKAGE, random_ids, tiny_config, tiny_lm
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -17,7 +17,6 @@ from transformers import (
     MambaForCausalLM,
 )
 
-import hf_compressssm
 from hf_compressssm import (
     CompreSSMMambaConfig,
     CompreSSMMambaForCausalLM,
@@ -178,11 +177,7 @@ def test_remote_code_load_without_package(tmp_path):
         expected = model(ids).logits
     model.save_pretrained(tmp_path / "model")
     torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
-    script = f"""
-import sys
-sys.path = [p for p in sys.path if p not in ('', {os.path.dirname(os.path.dirname(hf_compressssm.__file__))!r})]
-import importlib.util
-assert importlib.util.find_spec('hf_compressssm') is None, 'package must not be importable here'
+    script = BLOCK_PACKAGE + f"""
 import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()
