@@ -1,0 +1,205 @@
+"""Model cards for CompreSSM models, rendered from ``model_cards/compressssm_mamba.md`` with `huggingface_hub.ModelCard`.
+
+The template is looked up, in order: an explicit path; ``hf_compressssm/model_cards/`` inside an installed package
+(``setup.py`` maps the repository's top-level ``model_cards/`` folder there); the ``model_cards/`` folder of a source
+checkout next to the package.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+TEMPLATE_NAME = "compressssm_mamba.md"
+CARD_FILE = "README.md"
+BASE_TAGS = ("compressssm", "mamba", "state-space-model")
+
+TASK_LABELS = {
+    "causal_lm": "causal language",
+    "pixel_classification": "pixel-sequence classification",
+    "mqar": "multi-query associative recall",
+    "selective_copying": "selective copying",
+    "sequence_classification": "sequence classification",
+}
+_METRIC_LABELS = {"loss": "loss (nats/token)", "perplexity": "perplexity", "accuracy": "accuracy"}
+
+
+def find_template(name: str = TEMPLATE_NAME, template_path: str | os.PathLike | None = None) -> Path:
+    """Path of the card template; raises `FileNotFoundError` naming the places searched."""
+    candidates: list[Path] = []
+    if template_path is not None:
+        candidates.append(Path(template_path))
+    try:
+        packaged = importlib.resources.files("hf_compressssm") / "model_cards" / name
+        candidates.append(Path(str(packaged)))
+    except (ModuleNotFoundError, TypeError):
+        pass
+    candidates.append(Path(__file__).resolve().parent.parent / "model_cards" / name)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"model card template {name!r} not found (looked in: {', '.join(str(p) for p in candidates)}). Reinstall "
+        "hf-compressssm, or pass template_path."
+    )
+
+
+def _task_of(model: Any, task: str | None) -> str:
+    if task:
+        return task
+    name = type(model).__name__
+    return "sequence_classification" if "SequenceClassification" in name else "causal_lm"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+            return f"{value:.3e}"
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.1f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _layer_rows(initial: Sequence[int], final: Sequence[int]) -> list[dict[str, Any]]:
+    return [
+        {"layer": i, "initial": a, "final": b, "kept": f"{b / a:.0%}" if a else "-"}
+        for i, (a, b) in enumerate(zip(initial, final))
+    ]
+
+
+def _attempts(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for entry in record.get("history", []) or []:
+        before, after = entry.get("sizes_before"), entry.get("sizes_after")
+        if entry.get("skipped"):
+            outcome = f"skipped ({entry['skipped']})"
+        elif before == after:
+            outcome = "no layer below the gate"
+        else:
+            outcome = "cut"
+        rows.append({"step": entry.get("step"), "sizes_before": before, "sizes_after": after, "outcome": outcome})
+    return rows
+
+
+def render_model_card(
+    model: Any,
+    *,
+    task: str | None = None,
+    repo_id: str | None = None,
+    model_name: str | None = None,
+    dataset_description: str | None = None,
+    datasets: Iterable[str] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    eval_split: str | None = None,
+    speed: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+    license: str = "apache-2.0",
+    tags: Iterable[str] = (),
+    template_path: str | os.PathLike | None = None,
+) -> ModelCard:
+    """Render the card of a CompreSSM model.
+
+    Args:
+        model: a CompreSSM Mamba model (its config gives the per-layer sizes, τ, schedule and ``base_model``).
+        task: ``causal_lm``, ``pixel_classification``, ``mqar``, ``selective_copying`` (default: from the class).
+        repo_id: Hub id shown in the loading snippets (default ``"path/to/model"``).
+        dataset_description / datasets: free text, and dataset ids for the YAML ``datasets`` field.
+        metrics: measured quality, e.g. ``{"loss": 1.4, "perplexity": 4.1}`` or ``{"accuracy": 0.83}``.
+        speed: measured throughput, e.g. ``{"train tokens/s (cpu)": 5400.0}``.
+        training: training settings shown as a table (``max_steps`` is also shown with the schedule).
+    """
+    config = model.config
+    task = _task_of(model, task)
+    record = dict(getattr(config, "compression", None) or {})
+    final = list(getattr(config, "state_sizes", None) or [config.state_size] * config.num_hidden_layers)
+    initial = list(record.get("initial_state_sizes") or final)
+    base_model = record.get("base_model")
+    is_causal_lm = "SequenceClassification" not in type(model).__name__
+    metric_names = sorted({"perplexity" if k in ("loss", "perplexity") else k for k in (metrics or {})})
+    name = model_name or (repo_id.split("/")[-1] if repo_id else "CompreSSM Mamba")
+
+    eval_results = None
+    if metrics:
+        eval_results = [
+            EvalResult(
+                task_type="text-generation" if is_causal_lm else "text-classification",
+                dataset_type=(list(datasets or []) or [task])[0],
+                dataset_name=(list(datasets or []) or [task])[0],
+                metric_type=key,
+                metric_value=float(value),
+                dataset_split="validation" if task == "causal_lm" else "test",
+            )
+            for key, value in metrics.items()
+            if key in ("perplexity", "accuracy")
+        ] or None
+    card_data = ModelCardData(
+        library_name="transformers",
+        license=license,
+        tags=list(dict.fromkeys([*BASE_TAGS, *tags, task.replace("_", "-")])),
+        datasets=list(datasets) if datasets else None,
+        metrics=metric_names or None,
+        base_model=base_model,
+        pipeline_tag="text-generation" if task == "causal_lm" else None,
+        model_name=name if eval_results else None,
+        eval_results=eval_results,
+    )
+    training = dict(training or {})
+    has_tokenizer = task == "causal_lm"
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(find_template(template_path=template_path)),
+        model_name=name,
+        repo_id=repo_id or "path/to/model",
+        task_label=TASK_LABELS.get(task, task.replace("_", " ")),
+        base_model=base_model,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        vocab_size=config.vocab_size,
+        num_labels=config.num_labels if not is_causal_lm else None,
+        pooling=getattr(config, "classifier_pooling", "mean"),
+        num_parameters=f"{sum(p.numel() for p in model.parameters()):,}",
+        dataset_description=dataset_description or "not recorded",
+        layers=_layer_rows(initial, final),
+        mean_initial=f"{sum(initial) / len(initial):.1f}",
+        mean_final=f"{sum(final) / len(final):.1f}",
+        mean_kept=f"{sum(final) / max(1, sum(initial)):.0%}",
+        state_size=config.state_size,
+        compression={k: record.get(k) for k in ("mode", "tau", "score", "selection", "schedule")}
+        if "tau" in record
+        else None,
+        attempts=_attempts(record),
+        metrics=[(_METRIC_LABELS.get(k, k), _fmt(v)) for k, v in (metrics or {}).items()],
+        eval_split=eval_split or ("the fixed validation split" if task == "causal_lm" else "the held-out split"),
+        speed=[(k, _fmt(v)) for k, v in (speed or {}).items()],
+        training=training,
+        training_rows=[(k.replace("_", " "), _fmt(v)) for k, v in training.items()],
+        auto_class="AutoModelForCausalLM" if is_causal_lm else "AutoModelForSequenceClassification",
+        has_tokenizer=has_tokenizer,
+        is_causal_lm=is_causal_lm and task == "causal_lm",
+        uniform_sizes=len(set(final)) == 1,
+        prompt="In the beginning",
+    )
+    return card
+
+
+def save_model_card(model: Any, directory: str | os.PathLike, **kwargs: Any) -> Path:
+    """Render the card (see `render_model_card`) and write it to ``directory/README.md``; returns the path."""
+    card = render_model_card(model, **kwargs)
+    os.makedirs(directory, exist_ok=True)
+    path = Path(directory) / CARD_FILE
+    card.save(path)
+    return path
+
+
+__all__ = ["BASE_TAGS", "CARD_FILE", "TEMPLATE_NAME", "find_template", "render_model_card", "save_model_card"]
