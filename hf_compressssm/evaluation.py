@@ -1,0 +1,175 @@
+"""Measure a trained model: quality on the matching split, size, per-layer state sizes and throughput.
+
+Quality is computed here rather than with the ``evaluate`` library: ``evaluate.load("accuracy")`` and
+``evaluate.load("perplexity")`` download their metric scripts from the Hub and fail offline.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from transformers import default_data_collator
+from transformers.utils import logging
+
+from .data import IGNORE_INDEX
+
+
+logger = logging.get_logger(__name__)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def layer_state_sizes(model: nn.Module) -> list[int]:
+    """State size of every Mamba layer, read from ``A_log`` (works for stock Mamba too)."""
+    return [m.A_log.shape[-1] for m in model.modules() if hasattr(m, "A_log") and hasattr(m, "x_proj")]
+
+
+def _is_classifier(model: nn.Module) -> bool:
+    return "SequenceClassification" in type(model).__name__
+
+
+@torch.no_grad()
+def evaluate_quality(model: nn.Module, dataset: Dataset, task: str, batch_size: int = 32) -> dict[str, float]:
+    """Loss and perplexity (``causal_lm``) or loss and accuracy (classification, synthetic tasks) over ``dataset``.
+
+    Causal-LM loss is the mean over all scored tokens (``labels[:, 1:] != -100``); accuracy for synthetic tasks counts
+    labelled positions only (as `hf_compressssm.data.task_accuracy`).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=default_data_collator)
+    total_loss = 0.0
+    scored = correct = examples = 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        if _is_classifier(model):
+            total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == labels).sum())
+            scored += labels.numel()
+            continue
+        targets = labels[:, 1:]
+        mask = targets != IGNORE_INDEX
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+        total_loss += float(
+            nn.functional.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        )
+        correct += int(((logits[:, :-1].argmax(-1) == targets) & mask).sum())
+        scored += int(mask.sum())
+        examples += labels.shape[0]
+    model.train(was_training)
+    if scored == 0:
+        raise ValueError("the evaluation set has no scored position.")
+    loss = total_loss / scored
+    if task == "causal_lm":
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": scored}
+    return {"loss": loss, "accuracy": correct / scored, "scored": scored}
+
+
+def _example_batch(dataset: Dataset, batch_size: int) -> dict[str, torch.Tensor]:
+    items = [dataset[i % len(dataset)] for i in range(batch_size)]
+    return default_data_collator(items)
+
+
+def training_throughput(
+    model: nn.Module, dataset: Dataset, batch_size: int = 8, steps: int = 3, warmup: int = 1
+) -> dict[str, float]:
+    """Forward + backward + AdamW step on a copy of ``model`` (the model itself is untouched).
+
+    Returns seconds per step, sequences/s and tokens/s (tokens = batch × sequence length).
+    """
+    work = copy.deepcopy(model).train()
+    device = next(work.parameters()).device
+    batch = {k: v.to(device) for k, v in _example_batch(dataset, batch_size).items()}
+    optimizer = torch.optim.AdamW(work.parameters(), lr=1e-4)
+    timings = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        work(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step >= warmup:
+            timings.append(time.perf_counter() - start)
+    seconds = sorted(timings)[len(timings) // 2]
+    tokens = batch["input_ids"].numel()
+    return {"train_step_seconds": seconds, "train_sequences_per_second": batch_size / seconds,
+            "train_tokens_per_second": tokens / seconds}
+
+
+@torch.no_grad()
+def generation_throughput(
+    model: nn.Module, dataset: Dataset, batch_size: int = 1, prompt_length: int = 32, new_tokens: int = 64
+) -> dict[str, float]:
+    """Greedy decoding speed with the recurrent cache (causal LMs), or inference speed (classifiers).
+
+    Causal LM: ``new_tokens`` tokens after a ``prompt_length`` prompt taken from ``dataset``; tokens/s counts new
+    tokens of the whole batch. Classifier: sequences/s of a forward pass.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    batch = _example_batch(dataset, batch_size)
+    try:
+        if _is_classifier(model):
+            inputs = batch["input_ids"].to(device)
+            model(input_ids=inputs)  # warm-up
+            start = time.perf_counter()
+            model(input_ids=inputs)
+            seconds = time.perf_counter() - start
+            return {"inference_sequences_per_second": batch_size / seconds}
+        prompt = batch["input_ids"][:, :prompt_length].to(device)
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                      pad_token_id=model.config.pad_token_id)
+        model.generate(prompt, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+        start = time.perf_counter()
+        out = model.generate(prompt, **kwargs)
+        seconds = time.perf_counter() - start
+        generated = (out.shape[1] - prompt.shape[1]) * batch_size
+        return {"generate_tokens_per_second": generated / seconds, "generate_ms_per_token": 1000 * seconds / max(1, generated / batch_size)}
+    finally:
+        model.train(was_training)
+
+
+def format_table(rows: Iterable[tuple[str, Any]], title: str = "") -> str:
+    """A two-column plain-text table."""
+    rows = [(str(k), v) for k, v in rows]
+    cells = []
+    for key, value in rows:
+        if isinstance(value, float):
+            text = f"{value:,.4f}" if abs(value) < 100 else f"{value:,.1f}"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            text = f"{value:,}"
+        else:
+            text = str(value)
+        cells.append((key, text))
+    width = max((len(k) for k, _ in cells), default=10)
+    vwidth = max((len(v) for _, v in cells), default=10)
+    line = "-" * (width + vwidth + 3)
+    out = [title, line] if title else [line]
+    out += [f"{k:<{width}} | {v:>{vwidth}}" for k, v in cells]
+    out.append(line)
+    return "\n".join(out)
+
+
+__all__ = [
+    "count_parameters",
+    "evaluate_quality",
+    "format_table",
+    "generation_throughput",
+    "layer_state_sizes",
+    "training_throughput",
+]

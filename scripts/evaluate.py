@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Evaluate a CompreSSM (or stock) Mamba model: quality on the matching split, size, state sizes, throughput.
+
+    python scripts/evaluate.py outputs/compressssm-kjv            # folder written by scripts/train.py
+    python scripts/evaluate.py owner/name                          # Hub id (or HF cache with HF_HUB_OFFLINE=1)
+    python scripts/evaluate.py MODEL --task causal_lm --validation_file held_out.txt --output report.json
+    python scripts/evaluate.py MODEL --update_card                 # also put the measurements in MODEL/README.md
+
+The task and data come from the model's ``compressssm_run.json`` (written by the train script) unless given.
+Perplexity is exp(mean token loss) on the fixed validation split; accuracy is over the test split
+(pixel_classification) or over the labelled positions (mqar, selective_copying). Prints a table and writes JSON.
+"""
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
+
+import hf_compressssm  # noqa: E402,F401  (registers the Auto classes)
+from hf_compressssm.training import RUN_FILE, TASKS, DataArguments, UsageError  # noqa: E402
+
+
+REPORT_FILE = "evaluation.json"
+
+
+def _arguments(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="model folder or Hub id")
+    p.add_argument("--task", choices=TASKS, help="default: from compressssm_run.json, else from the architecture")
+    p.add_argument("--dataset_name", help="causal_lm: 'kjv' or an HF dataset; pixel_classification: the dataset")
+    p.add_argument("--train_file", nargs="+", help="causal_lm: text the validation split is cut from")
+    p.add_argument("--validation_file", nargs="+", help="causal_lm: explicit validation text file(s)")
+    p.add_argument("--block_size", type=int, help="causal_lm: tokens per evaluated block")
+    p.add_argument("--max_eval_samples", type=int, help="evaluate only the first N items")
+    p.add_argument("--data_dir", help="fashion_mnist: folder of the IDX files")
+    p.add_argument("--batch_size", type=int, default=32, help="evaluation batch size")
+    p.add_argument("--train_batch_size", type=int, default=8, help="batch of the training-throughput measurement")
+    p.add_argument("--generate_tokens", type=int, default=64, help="new tokens of the generation measurement")
+    p.add_argument("--no_speed", action="store_true", help="skip the throughput measurements")
+    p.add_argument("--output", help=f"JSON report path (default: MODEL/{REPORT_FILE} for a folder, else ./)")
+    p.add_argument("--update_card", action="store_true", help="re-render MODEL/README.md with these measurements")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow remote code for non-CompreSSM models")
+    return p.parse_args(argv)
+
+
+def _run_file(model: str) -> dict:
+    if os.path.isdir(model):
+        path = os.path.join(model, RUN_FILE)
+        return json.load(open(path)) if os.path.isfile(path) else {}
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.load(open(hf_hub_download(model, RUN_FILE)))
+    except Exception:  # not on the Hub / offline without a cached copy: fall back to the CLI and the architecture
+        return {}
+
+
+def _prepare(args):
+    """Everything that can fail because of the input, before anything is measured or written."""
+    from transformers import AutoConfig
+
+    from hf_compressssm.training import build_datasets, resolve_tokenizer, ModelArguments
+
+    looks_local = args.model.startswith((".", "/", "~")) or os.path.exists(args.model)
+    if looks_local and not os.path.isdir(args.model):
+        raise UsageError(f"model folder {args.model} does not exist.")
+    try:
+        config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot load a model config from {args.model!r}: {err}") from err
+    run = _run_file(args.model)
+    classifier = any("SequenceClassification" in a for a in (config.architectures or []))
+    task = args.task or run.get("task") or ("pixel_classification" if classifier else "causal_lm")
+    if classifier != (task == "pixel_classification"):
+        raise UsageError(f"task {task} does not match the model's architecture {config.architectures}.")
+    names = {f.name for f in fields(DataArguments)}
+    values = {k: v for k, v in (run.get("data") or {}).items() if k in names} if run.get("task") == task else {}
+    values["task"] = task
+    if args.dataset_name or args.train_file or args.validation_file:  # a new data source replaces the recorded one
+        for key in ("dataset_name", "dataset_config_name", "train_file", "validation_file"):
+            values.pop(key, None)
+    for key in ("dataset_name", "train_file", "validation_file", "block_size", "max_eval_samples", "data_dir"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    values.update(max_train_samples=max(args.train_batch_size, 1))  # only a batch of training data is used
+    try:
+        data_args = DataArguments(**values)
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from err
+    tokenizer = None
+    if task == "causal_lm":
+        tokenizer = resolve_tokenizer(ModelArguments(model_name_or_path=args.model), "")
+    task_data = build_datasets(data_args, tokenizer=tokenizer)
+    if task_data.vocab_size > config.vocab_size:
+        raise UsageError(f"the data uses {task_data.vocab_size} token ids but the model has {config.vocab_size}.")
+    output = args.output or (os.path.join(args.model, REPORT_FILE) if os.path.isdir(args.model)
+                             else f"{REPORT_FILE[:-5]}-{args.model.replace('/', '--')}.json")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+        raise UsageError(f"the folder of --output {output} does not exist.")
+    if args.update_card and not os.path.isdir(args.model):
+        raise UsageError("--update_card needs a local model folder.")
+    return config, classifier, task, task_data, run, output
+
+
+def main(argv=None) -> int:
+    args = _arguments(argv)
+    try:
+        config, classifier, task, task_data, run, output = _prepare(args)
+    except UsageError as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        return 2
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from hf_compressssm.evaluation import (
+        count_parameters, evaluate_quality, format_table, generation_throughput, layer_state_sizes,
+        training_throughput,
+    )
+
+    auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    model = auto.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    sizes = layer_state_sizes(model)
+    report = {
+        "model": args.model,
+        "task": task,
+        "dataset": task_data.dataset_description,
+        "split": task_data.eval_description,
+        "device": device,
+        "parameters": count_parameters(model),
+        "state_sizes": sizes,
+        "initial_state_sizes": (getattr(config, "compression", None) or {}).get("initial_state_sizes", sizes),
+    }
+    report["quality"] = evaluate_quality(model, task_data.eval_dataset, task, batch_size=args.batch_size)
+    if not args.no_speed:
+        report["speed"] = {
+            **training_throughput(model, task_data.train_dataset, batch_size=args.train_batch_size),
+            **generation_throughput(model, task_data.eval_dataset, new_tokens=args.generate_tokens),
+        }
+    rows = [("model", args.model), ("task", task), ("parameters", report["parameters"]),
+            ("state sizes", " ".join(map(str, sizes))),
+            ("initial state sizes", " ".join(map(str, report["initial_state_sizes"])))]
+    rows += [(k, v) for k, v in report["quality"].items()]
+    rows += [(f"{k} ({device})", v) for k, v in report.get("speed", {}).items()]
+    print(format_table(rows, title=f"Evaluation on {task_data.eval_description}"))
+    with open(output, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"Wrote {output}")
+    if args.update_card:
+        from hf_compressssm.model_card import save_model_card
+
+        card = dict(run.get("card") or {"task": task, "dataset_description": task_data.dataset_description})
+        card["metrics"] = {k: v for k, v in report["quality"].items() if k in ("loss", "perplexity", "accuracy")}
+        card["eval_split"] = task_data.eval_description
+        speed_names = {"train_tokens_per_second": "training tokens/s", "generate_tokens_per_second": "generated tokens/s",
+                       "inference_sequences_per_second": "inference sequences/s"}
+        card["speed"] = {f"{speed_names[k]} ({device}, batch {args.train_batch_size if k.startswith('train') else 1})": v
+                         for k, v in report.get("speed", {}).items() if k in speed_names}
+        print(f"Updated {save_model_card(model, args.model, **card)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
