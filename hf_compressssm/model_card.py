@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ TASK_LABELS = {
     "selective_copying": "selective copying",
     "sequence_classification": "sequence classification",
 }
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _METRIC_LABELS = {"loss": "loss (nats/token)", "perplexity": "perplexity", "accuracy": "accuracy"}
 
 
@@ -51,6 +53,13 @@ def find_template(name: str = TEMPLATE_NAME, template_path: str | os.PathLike | 
         f"model card template {name!r} not found (looked in: {', '.join(str(p) for p in candidates)}). Reinstall "
         "hf-compressssm, or pass template_path."
     )
+
+
+def _hub_id(name: Any) -> str | None:
+    """``name`` if it looks like a Hub repo id (``owner/name`` or ``name``), else None (e.g. a local path)."""
+    if not isinstance(name, str) or not _HUB_ID.match(name) or os.path.exists(name):
+        return None
+    return name
 
 
 def _task_of(model: Any, task: str | None) -> str:
@@ -77,9 +86,10 @@ def _layer_rows(initial: Sequence[int], final: Sequence[int]) -> list[dict[str, 
     ]
 
 
-def _attempts(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _attempts(record: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     rows = []
-    for entry in record.get("history", []) or []:
+    entries = record.get("history") or [e for e in history if not e.get("rolled_back")]
+    for entry in entries:
         before, after = entry.get("sizes_before"), entry.get("sizes_after")
         if entry.get("skipped"):
             outcome = f"skipped ({entry['skipped']})"
@@ -87,7 +97,8 @@ def _attempts(record: Mapping[str, Any]) -> list[dict[str, Any]]:
             outcome = "no layer below the gate"
         else:
             outcome = "cut"
-        rows.append({"step": entry.get("step"), "sizes_before": before, "sizes_after": after, "outcome": outcome})
+        step = entry.get("step")
+        rows.append({"step": "post hoc" if step is None else step, "sizes_before": before, "sizes_after": after, "outcome": outcome})
     return rows
 
 
@@ -121,8 +132,13 @@ def render_model_card(
     config = model.config
     task = _task_of(model, task)
     record = dict(getattr(config, "compression", None) or {})
+    history = list(getattr(model, "compression_history", None) or [])
     final = list(getattr(config, "state_sizes", None) or [config.state_size] * config.num_hidden_layers)
-    initial = list(record.get("initial_state_sizes") or final)
+    initial = list(record.get("initial_state_sizes") or (history[0]["sizes_before"] if history else final))
+    settings = {k: record.get(k) for k in ("mode", "tau", "score", "selection", "schedule")}
+    if "tau" not in record and history:  # post-hoc compress_model: settings from the reports, when recorded
+        settings = {k: history[-1].get(k, "-") for k in settings}
+        settings["schedule"] = "post hoc (`compress_model`)"
     base_model = record.get("base_model")
     is_causal_lm = "SequenceClassification" not in type(model).__name__
     metric_names = sorted({"perplexity" if k in ("loss", "perplexity") else k for k in (metrics or {})})
@@ -148,7 +164,7 @@ def render_model_card(
         tags=list(dict.fromkeys([*BASE_TAGS, *tags, task.replace("_", "-")])),
         datasets=list(datasets) if datasets else None,
         metrics=metric_names or None,
-        base_model=base_model,
+        base_model=_hub_id(base_model),
         pipeline_tag="text-generation" if task == "causal_lm" else None,
         model_name=name if eval_results else None,
         eval_results=eval_results,
@@ -175,10 +191,8 @@ def render_model_card(
         mean_final=f"{sum(final) / len(final):.1f}",
         mean_kept=f"{sum(final) / max(1, sum(initial)):.0%}",
         state_size=config.state_size,
-        compression={k: record.get(k) for k in ("mode", "tau", "score", "selection", "schedule")}
-        if "tau" in record
-        else None,
-        attempts=_attempts(record),
+        compression=settings if ("tau" in record or history) else None,
+        attempts=_attempts(record, history),
         metrics=[(_METRIC_LABELS.get(k, k), _fmt(v)) for k, v in (metrics or {}).items()],
         eval_split=eval_split or ("the fixed validation split" if task == "causal_lm" else "the held-out split"),
         speed=[(k, _fmt(v)) for k, v in (speed or {}).items()],
@@ -190,7 +204,7 @@ def render_model_card(
         uniform_sizes=len(set(final)) == 1,
         prompt="In the beginning",
     )
-    return card
+    return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))  # sections left out leave no blank runs
 
 
 def save_model_card(model: Any, directory: str | os.PathLike, **kwargs: Any) -> Path:

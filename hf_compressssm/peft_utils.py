@@ -1,0 +1,74 @@
+"""LoRA targets for (compressed) Mamba models with PEFT.
+
+PEFT has no default targets for Mamba. Which adapters take effect depends on how the mixer uses each projection:
+
+* CPU, or CUDA without the fused kernel (and any evaluation / generation): ``in_proj``, ``x_proj`` and ``out_proj``
+  are called as modules, so LoRA on them trains and changes the output;
+* CUDA training with ``mamba_ssm`` installed (fused ``mamba_inner_fn``): only ``in_proj`` is called as a module; the
+  kernel reads ``x_proj``, ``dt_proj`` and ``out_proj`` weights directly, so adapters there get no gradient;
+* ``dt_proj`` and ``conv1d``: never (their weights are used directly), on any device.
+
+A compressed model has a different ``x_proj`` output size per layer (``R + 2 N_i``); PEFT sizes each adapter from
+its own module, so LoRA works unchanged. Reload adapters onto the reduced base loaded from the compressed folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+MODULE_TARGETS = ("in_proj", "x_proj", "out_proj")  # called as modules on the non-fused path
+FUSED_TARGETS = ("in_proj",)  # the only module call of the fused CUDA training path
+NEVER_TARGETS = ("dt_proj", "conv1d")  # weights read directly: LoRA there never receives a gradient
+
+
+def _mixers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "A_log") and hasattr(m, "x_proj")]
+
+
+def uses_fused_cuda_path(model: nn.Module, device: torch.device | str | None = None) -> bool:
+    """Whether training ``model`` on ``device`` (default: where its parameters are) runs the fused ``mamba_ssm``
+    kernel, which bypasses LoRA on every projection but ``in_proj``."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device.type != "cuda" or importlib.util.find_spec("mamba_ssm") is None:
+        return False
+    mixers = _mixers(model)
+    if not mixers:
+        return False
+    backend = getattr(mixers[0], "_backend", None)
+    if backend is not None:
+        return backend(device) == "mamba_ssm"
+    return True  # stock MambaMixer: its CUDA path with mamba_ssm installed is the fused kernel
+
+
+def default_lora_targets(model: nn.Module, device: torch.device | str | None = None) -> list[str]:
+    """LoRA ``target_modules`` that take effect when training ``model`` on ``device``."""
+    return list(FUSED_TARGETS if uses_fused_cuda_path(model, device) else MODULE_TARGETS)
+
+
+def ineffective_lora_targets(
+    model: nn.Module, target_modules: list[str] | tuple[str, ...], device: torch.device | str | None = None
+) -> list[str]:
+    """The entries of ``target_modules`` whose adapters would receive no gradient on ``device`` (logged)."""
+    effective = set(default_lora_targets(model, device))
+    names = [t.split(".")[-1] for t in target_modules]
+    bad = [t for t, n in zip(target_modules, names) if n in NEVER_TARGETS or (n in MODULE_TARGETS and n not in effective)]
+    if bad:
+        logger.warning(f"LoRA on {bad} will not train here (effective targets: {sorted(effective)}).")
+    return bad
+
+
+__all__ = [
+    "FUSED_TARGETS",
+    "MODULE_TARGETS",
+    "NEVER_TARGETS",
+    "default_lora_targets",
+    "ineffective_lora_targets",
+    "uses_fused_cuda_path",
+]
