@@ -53,6 +53,7 @@ import math
 import os
 import threading
 import warnings
+import zlib
 
 import numpy as np
 import torch
@@ -513,6 +514,14 @@ _prange = range  # replaced by numba.prange before jitting
 _KERNELS = None
 
 
+def _cache_named(fn):
+    """numba names its on-disk cache entries after the file and the function's qualname, but an entry also records
+    the importing module's name and re-imports it on load; suffix the qualname with a hash of this module's name so
+    the same file imported under two names (package module, a copy loaded by path) never loads the other's entry."""
+    fn.__qualname__ = f"{fn.__name__}_{zlib.crc32(__name__.encode()) & 0xFFFFFFFF:08x}"
+    return fn
+
+
 def _numba_kernels():
     """Jit (or load from the on-disk cache) the numba kernels; returns (forward, backward)."""
     global _KERNELS, _bits_to_float, _prange
@@ -540,8 +549,8 @@ def _numba_kernels():
             return sig, codegen
 
         _bits_to_float = bits_to_float
-        exp32 = numba.njit(fastmath=_FM_EXP, cache=True)(_exp_f32)
-        exp64 = numba.njit(fastmath=_FM_EXP, cache=True)(_exp_f64)
+        exp32 = numba.njit(fastmath=_FM_EXP, cache=True)(_cache_named(_exp_f32))
+        exp64 = numba.njit(fastmath=_FM_EXP, cache=True)(_cache_named(_exp_f64))
 
         @overload(_fexp)
         def _ov_fexp(x):
@@ -553,7 +562,8 @@ def _numba_kernels():
 
         _prange = numba.prange
         opts = dict(parallel=True, cache=True, fastmath=_FM_KERNEL, nogil=True)
-        _KERNELS = (numba.njit(**opts)(_scan_fwd_kernel), numba.njit(**opts)(_scan_bwd_kernel))
+        _KERNELS = (numba.njit(**opts)(_cache_named(_scan_fwd_kernel)),
+                    numba.njit(**opts)(_cache_named(_scan_bwd_kernel)))
         return _KERNELS
 
 
