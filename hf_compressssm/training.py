@@ -205,9 +205,10 @@ def _compression_cli_arguments() -> type:
         if name == "compression_seed":
             metadata["help"] = "Seed of the random-selection ablation (CompressionArguments.seed)."
         specs.append((name, f.type, field(metadata=metadata, **default)))
-    cls = make_dataclass("CompressionCLIArguments", specs)
-    cls.__post_init__ = lambda self: CompressionArguments(**_compression_values(self)).validate()
-    return cls
+    def check(self) -> None:
+        CompressionArguments(**_compression_values(self))
+
+    return make_dataclass("CompressionCLIArguments", specs, namespace={"__post_init__": check})
 
 
 def _compression_values(cli_args: Any) -> dict[str, Any]:
@@ -264,12 +265,12 @@ def parse_arguments(
             known, _ = parser.parse_known_args(argv)
             parser.set_defaults(**preset_defaults(known.task, known.preset, known.dataset_name, known.train_file))
             parsed = parser.parse_args_into_dataclasses(argv)
+        model_args, data_args, training_args, cli_comp = parsed
+        return model_args, data_args, training_args, CompressionArguments(**_compression_values(cli_comp))
     except UsageError:
         raise
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from err
-    model_args, data_args, training_args, cli_comp = parsed
-    return model_args, data_args, training_args, CompressionArguments(**_compression_values(cli_comp))
 
 
 # ----------------------------------------------------------------------------------------------------------------

