@@ -152,7 +152,7 @@ _COMMON_TRAINING = dict(
 _PRESET_VALUES: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
         "causal_lm": dict(hidden_size=128, num_hidden_layers=2, state_size=64, block_size=256,
-                          per_device_train_batch_size=8, max_steps=400, tau=0.05),
+                          per_device_train_batch_size=8, max_steps=600, tau=0.05),
         "pixel_classification": dict(dataset_name="fashion_mnist", hidden_size=64, num_hidden_layers=2,
                                      state_size=64, per_device_train_batch_size=32, max_steps=1000, tau=0.05),
         "mqar": dict(hidden_size=64, num_hidden_layers=2, state_size=64, seq_len=128, synthetic_vocab_size=256,
@@ -670,6 +670,8 @@ def run_training(
     set_seed(training_args.seed)
     model = build_model(model_args, task_data)
     max_steps = _validate_with_model(model, task_data, training_args, comp_args)
+    if not hasattr(training_args, "logging_dir"):  # transformers 5 dropped it; CompreSSMCallback still reads it
+        training_args.logging_dir = os.path.join(training_args.output_dir, "runs")
     push = bool(training_args.push_to_hub)
     training_args.push_to_hub = False  # the Trainer would overwrite our card; we upload the folder ourselves
 

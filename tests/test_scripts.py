@@ -218,3 +218,23 @@ def test_impossible_combinations_in_process(tmp_path, monkeypatch, args, needle)
     with pytest.raises(UsageError, match=re.escape(needle)):
         run_training(*parse_arguments([a.format(corpus=corpus) for a in args] + ["--output_dir", str(out)]))
     assert [p.name for p in tmp_path.iterdir()] == ["in"], "nothing may be written"
+
+
+def test_tensorboard_logging_in_process(tmp_path):
+    """With report_to=tensorboard the callback writes the sizes and spectra next to the Trainer's own events."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hf_compressssm.training import parse_arguments, run_training
+
+    out = tmp_path / "tb"
+    run_training(*parse_arguments(["--preset", "tiny", "--output_dir", str(out), "--report_to", "tensorboard",
+                                   "--max_eval_samples", "2"]))
+    tags = {"scalars": set(), "histograms": set()}
+    for events in out.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events.parent), size_guidance={"histograms": 0})
+        acc.Reload()
+        for kind in tags:
+            tags[kind].update(acc.Tags()[kind])
+    assert "compression/layer_0/state_size" in tags["scalars"] and "train/loss" in tags["scalars"]
+    assert "compression/layer_1/spectrum" in tags["histograms"]
