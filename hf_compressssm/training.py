@@ -146,7 +146,6 @@ _COMMON_TRAINING = dict(
     save_strategy="no",
     report_to="none",
     per_device_eval_batch_size=32,
-    dataloader_drop_last=True,
     dataloader_pin_memory=torch.cuda.is_available(),
 )
 _PRESET_VALUES: dict[str, dict[str, dict[str, Any]]] = {
@@ -183,6 +182,8 @@ def preset_defaults(
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     values = dict(_COMMON_TRAINING)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        values.update(use_cpu=True, ddp_backend="gloo")  # CPU DDP under torchrun / accelerate launch
     values.update(_PRESET_VALUES[preset].get("_all", {}))
     values.update(_PRESET_VALUES[preset][task])
     if isinstance(train_file, str):
