@@ -323,9 +323,12 @@ def resolve_tokenizer(model_args: ModelArguments | None, train_text: str):
     source = model_args.model_name_or_path if model_args is not None else None
     if name is None and source is not None:
         try:
-            return AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            if len(tokenizer) > 0 and tokenizer("In the beginning", add_special_tokens=False)["input_ids"]:
+                return tokenizer
         except (OSError, ValueError, TypeError, KeyError):
-            logger.warning(f"{source} has no loadable tokenizer; using the byte-level tokenizer.")
+            pass
+        logger.warning(f"{source} has no usable tokenizer; using the byte-level tokenizer (257 tokens).")
     if name in (None, "byte"):
         return data_lib.build_byte_tokenizer()
     if name == "bpe":
