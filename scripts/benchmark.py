@@ -94,6 +94,7 @@ class TaskPreset:
     taus: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])
     main_tau: float = 0.1
     scratch_taus: list[float] | None = None  # None: every τ of the grid
+    calibration_batches: int = 1  # recent training batches per reduction (CompressionArguments default: 4)
     hnn_steps: int = 20  # regularised steps actually run (<= steps); the rest is extrapolated
     hnn_ratio: float = 0.1  # λ = hnn_ratio · loss / Σσ at the first step
     hnn_seeds: int = 1  # HNN runs only for the first hnn_seeds seeds
@@ -104,11 +105,12 @@ def default_presets() -> dict[str, TaskPreset]:
     return {
         "causal_lm": TaskPreset(
             hidden_size=64, num_layers=2, state_size=128, block_size=256, eval_blocks=200, steps=300, batch_size=8,
-            learning_rate=3e-3, eval_batch_size=32, taus=[0.05, 0.1, 0.2], main_tau=0.1, hnn_steps=20,
+            learning_rate=3e-3, eval_batch_size=32, taus=[0.1, 0.2, 0.3], main_tau=0.3, scratch_taus=[0.2, 0.3],
+            hnn_steps=20,
         ),
         "pixel_classification": TaskPreset(
             hidden_size=32, num_layers=2, state_size=128, dataset="fashion_mnist", pool=2, eval_samples=2000,
-            steps=300, batch_size=16, learning_rate=3e-3, eval_batch_size=128, taus=[0.05, 0.1, 0.2], main_tau=0.1,
+            steps=300, batch_size=16, learning_rate=3e-3, eval_batch_size=128, taus=[0.1, 0.2, 0.3], main_tau=0.2,
             hnn_steps=20,
         ),
     }
@@ -394,7 +396,8 @@ def run_variant(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, thread
     callbacks: list[Any] = []
     comp_args = None
     if variant in ("compressssm", "smallest", "random"):
-        comp_args = CompressionArguments(tau=tau, selection=spec.get("selection", "largest"), seed=seed)
+        comp_args = CompressionArguments(tau=tau, selection=spec.get("selection", "largest"), seed=seed,
+                                         calibration_batches=p.calibration_batches)
         callbacks.append(CompreSSMCallback(comp_args))
     callbacks.append(timer)
     with tempfile.TemporaryDirectory(prefix="compressssm_bench_") as out:
@@ -429,7 +432,7 @@ def run_variant(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, thread
         result["eval_before_truncation"] = evaluate(model, task_data.eval_dataset, task, p.eval_batch_size)
         result["sizes_before_truncation"] = list(model.config.state_sizes)
         loader = torch.utils.data.DataLoader(task_data.train_dataset, batch_size=p.batch_size, shuffle=False)
-        report = compress_model(model, loader, tau=tau)
+        report = compress_model(model, loader, tau=tau, calibration_batches=p.calibration_batches)
         result["truncation"] = {"seconds": report.seconds, "sizes_after": report.sizes_after}
         result["reduction_seconds"] = report.seconds
         per_step = timer.times
@@ -499,6 +502,15 @@ def run_probe(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, threads:
     for k in models:
         out[k] = {"wall_median_s": statistics.median(wall[k]), "cpu_median_s": statistics.median(cpu[k]),
                   **_scan_share(models[k], batch)}
+    # What one reduction's calibration costs at N0 (statistics over the batches: O(tokens·D·N) in float64).
+    from hf_compressssm.calibration import collect_statistics
+
+    calib = {}
+    for n in sorted({1, p.calibration_batches, CompressionArguments().calibration_batches}):
+        c0, w0 = time.process_time(), time.perf_counter()
+        collect_statistics(models["full"], [batch] * n)
+        calib[str(n)] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
+    out["calibration_at_n0"] = calib
     full, comp, low = (out[k]["cpu_median_s"] for k in ("full", "compressed", "min"))
     out["step_speedup_cpu"] = full / comp
     out["step_speedup_wall"] = out["full"]["wall_median_s"] / out["compressed"]["wall_median_s"]
@@ -694,7 +706,9 @@ def verdicts(task: str, summary: dict[str, Any], p: TaskPreset, probe: dict[str,
                               f"{probe['step_speedup_cpu']:.2f}x (CPU time; wall {probe['step_speedup_wall']:.2f}x); "
                               f"at size 1 in every layer {probe['step_speedup_at_size_1_cpu']:.2f}x; scan kernel = "
                               f"{100 * probe['full']['scan_share']:.0f} % of a step at N0 "
-                              f"(Amdahl limit {probe['amdahl_limit']:.2f}x)"})
+                              f"(Amdahl limit {probe['amdahl_limit']:.2f}x); one calibration at N0: "
+                              + ", ".join(f"{k} batch(es) {v['cpu_s']:.2f} s CPU"
+                                          for k, v in probe["calibration_at_n0"].items())})
     return out
 
 
@@ -736,8 +750,10 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         lines += [f"## {task}", "", f"Data: {t['data']}. Evaluation: {t['eval_split']}.  ",
                   f"Model: hidden {p['hidden_size']}, {p['num_layers']} layers, N0 = {p['state_size']}; {p['steps']} "
                   f"steps of batch {p['batch_size']}, lr {p['learning_rate']}, cosine, warm-up {p['warmup']}; "
-                  f"CompreSSM: default score/schedule (4 cuts in the first 10 % of the steps), τ grid {p['taus']}, "
-                  f"ablations and HNN at τ = {p['main_tau']}.", ""]
+                  f"CompreSSM: default score/schedule (4 cuts in the first 10 % of the steps), calibration on the last "
+                  f"{p['calibration_batches']} training batch(es), τ grid {p['taus']}, ablations and HNN at "
+                  f"τ = {p['main_tau']}; scratch at the sizes of τ in "
+                  f"{p['scratch_taus'] if p['scratch_taus'] is not None else p['taus']}.", ""]
         extra = "ppl" if task == "causal_lm" else "loss"
         lines.append(f"| variant | τ | final sizes (per seed) | mean size | {metric} | {extra} | wall s | speed-up | "
                      "reduction overhead | CPU s | CPU speed-up | peak RSS MB |")
@@ -776,10 +792,16 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
             for k in ("full", "compressed", "min"):
                 lines.append(f"| {probe['sizes'][k]} | {probe[k]['cpu_median_s']:.3f} | {probe[k]['wall_median_s']:.3f} | "
                              f"{100 * probe[k]['scan_share']:.0f} % |")
+            lines += ["", "Calibration cost of one reduction at N0 (statistics only, on copies of one batch): "
+                      + ", ".join(f"{k} batch(es): {v['cpu_s']:.2f} s CPU / {v['wall_s']:.2f} s wall"
+                                  for k, v in probe["calibration_at_n0"].items()) + "."]
         lines += ["", "Targets:", ""]
         for v in t["verdicts"]:
             lines.append(f"- **{v['verdict']}** {v['target']}: {v['detail']}")
         lines.append("")
+    if report.get("failures"):
+        lines += ["## Failed runs", ""] + [f"- {f['task']} seed {f['seed']} {f['key']}: {f['error'].splitlines()[0]}"
+                                           for f in report["failures"]] + [""]
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     path.write_text("\n".join(lines))
@@ -863,6 +885,16 @@ def write_plots(out_dir: Path, report: dict[str, Any]) -> list[str]:
     return written
 
 
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _load() -> str:
     try:
         return " ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -912,9 +944,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"  scan kernel warm-up: {time.perf_counter() - t0:.1f} s", flush=True)
 
     runs: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
 
     def save_partial():
-        partial_path.write_text(json.dumps({"fingerprint": fingerprint, "runs": runs}, indent=1))
+        partial_path.write_text(json.dumps({"fingerprint": fingerprint, "runs": runs, "failures": failures}, indent=1))
 
     plan = [(task, s, i) for i, s in enumerate(args.seeds) for task in presets]
     total_runs = sum(len(plan_seed(t, presets[t], s, i, args.variants)) for t, s, i in plan)
@@ -936,7 +969,13 @@ def main(args: argparse.Namespace) -> int:
                 print(f"[{count}/{total_runs}] {task} seed {seed} {spec['key']}: reused", flush=True)
                 continue
             t0 = time.perf_counter()
-            result = in_child(run_variant, spec, datasets[task], p, args.threads)
+            try:
+                result = in_child(run_variant, spec, datasets[task], p, args.threads)
+            except RuntimeError as err:  # one failed run must not cost the others: record it and go on
+                failures.append({k: v for k, v in spec.items() if k != "state_sizes"} | {"error": str(err)})
+                save_partial()
+                print(f"[{count}/{total_runs}] {task} seed {seed} {spec['key']}: FAILED: {err}", flush=True)
+                continue
             runs.append(result)
             save_partial()
             q = result["eval"]
@@ -958,8 +997,10 @@ def main(args: argparse.Namespace) -> int:
             "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
             "load_start": load_start,
+            "git_commit": _git_commit(),
         },
         "tasks": {},
+        "failures": failures,
         "notes": [],
     }
     for task, p in presets.items():
@@ -970,9 +1011,14 @@ def main(args: argparse.Namespace) -> int:
         src = next((r for r in task_runs if r["key"] == main_key), None)
         if not args.no_probe and src is not None:
             t0 = time.perf_counter()
-            probe = in_child(run_probe, {"sizes": src["sizes_final"]}, datasets[task], p, args.threads)
-            print(f"  probe {task}: step speed-up {probe['step_speedup_cpu']:.2f}x (CPU), scan share "
-                  f"{100 * probe['full']['scan_share']:.0f} % ({time.perf_counter() - t0:.0f} s)", flush=True)
+            try:
+                probe = in_child(run_probe, {"sizes": src["sizes_final"]}, datasets[task], p, args.threads)
+            except RuntimeError as err:
+                failures.append({"task": task, "seed": None, "key": "probe", "error": str(err)})
+                print(f"  probe {task}: FAILED: {err}", flush=True)
+            else:
+                print(f"  probe {task}: step speed-up {probe['step_speedup_cpu']:.2f}x (CPU), scan share "
+                      f"{100 * probe['full']['scan_share']:.0f} % ({time.perf_counter() - t0:.0f} s)", flush=True)
         report["tasks"][task] = {
             "preset": asdict(p),
             "data": datasets[task].dataset_description,
