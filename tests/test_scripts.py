@@ -238,3 +238,31 @@ def test_tensorboard_logging_in_process(tmp_path):
             tags[kind].update(acc.Tags()[kind])
     assert "compression/layer_0/state_size" in tags["scalars"] and "train/loss" in tags["scalars"]
     assert "compression/layer_1/spectrum" in tags["histograms"]
+
+
+def test_build_model_converts_stock_mamba(tmp_path):
+    """--model_name_or_path of a stock Mamba folder: converted on the fly (same logits), base_model recorded; the
+    folder has no tokenizer, so the byte tokenizer is used."""
+    import torch
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from hf_compressssm import CompreSSMMambaForCausalLM, CompreSSMMambaForSequenceClassification
+    from hf_compressssm.training import ModelArguments, TaskData, build_model, resolve_tokenizer
+
+    torch.manual_seed(0)
+    stock = MambaForCausalLM(MambaConfig(vocab_size=257, hidden_size=16, num_hidden_layers=2, state_size=8)).eval()
+    stock.save_pretrained(tmp_path / "stock")
+    args = ModelArguments(model_name_or_path=str(tmp_path / "stock"))
+    assert len(resolve_tokenizer(args, "")) == 257
+    lm_data = TaskData("causal_lm", [], [], vocab_size=257, metric="perplexity", dataset_description="-")
+    model = build_model(args, lm_data).eval()
+    assert isinstance(model, CompreSSMMambaForCausalLM)
+    assert model.config.compression["base_model"] == str(tmp_path / "stock")
+    ids = torch.randint(0, 257, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, stock(ids).logits)
+    cls_data = TaskData("pixel_classification", [], [], vocab_size=256, metric="accuracy", dataset_description="-",
+                        num_labels=10)
+    classifier = build_model(args, cls_data)
+    assert isinstance(classifier, CompreSSMMambaForSequenceClassification) and classifier.config.num_labels == 10
+    torch.testing.assert_close(classifier.backbone.embeddings.weight, stock.backbone.embeddings.weight)
