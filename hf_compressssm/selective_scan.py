@@ -17,16 +17,16 @@ with ``u, delta, z: (batch, D, L)``, ``A: (D, N)`` (already negative, ``-exp(A_l
 Backends (:func:`resolve_scan_backend`), chosen by the tensors' device at *call* time:
 
 * ``"numba"`` (alias ``"fast"``) -- CPU. :class:`SelectiveScanFunction`, a ``torch.autograd.Function`` with an
-  exact hand-written backward. Channels are laid out in blocks of 64 SIMD lanes; the forward streams over time
-  keeping the block's state for one state index ``n`` in a 64-wide buffer; the backward recomputes those states
-  into an ``(L, 64)`` scratch buffer and runs the reverse-time recurrence
+  exact hand-written backward. Inside the kernels channels are laid out in blocks of 64 SIMD lanes; the forward
+  streams over time keeping the block's state for one state index ``n`` in a 64-wide buffer; the backward
+  recomputes those states into an ``(L, 64)`` scratch buffer and runs the reverse-time recurrence
   ``G_t = exp(dt_{t+1} A) G_{t+1} + C_t dy_t`` (``G_t = dL/dh_t``), then the element-wise terms. Parallel over
-  batch x channel blocks (``numba.prange``); it never materialises a ``(batch, D, L, N)`` tensor: memory is
-  O(batch*D*L + batch*L*N) (the dB/dC partial sums are (batch, groups, N, L) with a few groups per batch row)
-  plus O(L*64) scratch per work item. ``exp`` is a vectorisable Cody-Waite + Taylor polynomial (about 1 ulp;
+  (batch row, channel block) work items on a small thread pool sized by ``torch.get_num_threads()`` (the kernels
+  release the GIL; numba's own OpenMP layer is not used). It never materialises a ``(batch, D, L, N)`` tensor:
+  memory is O(batch*D*L + batch*L*N) (the dB/dC partial sums are (batch, groups, N, L) with a few groups per batch
+  row) plus O(L*64) scratch per thread. ``exp`` is a vectorisable Cody-Waite + Taylor polynomial (about 1 ulp;
   results below the smallest normal number flush to zero). float32 and float64 are supported (float64 inputs
-  are computed in float64; float16/bfloat16 inputs in float32). Softplus, skip connection, gate and layout
-  changes run as torch element-wise ops on (batch, D, L) tensors.
+  are computed in float64; float16/bfloat16 inputs in float32).
 * ``"mamba_ssm"`` -- CUDA, when ``mamba_ssm`` is importable (its kernels accept any state size <= 256).
   A call with ``initial_state`` (not supported by that kernel) falls back to ``"torch"`` on the same device.
 * ``"mambapy"`` -- ``mambapy``'s parallel scan (O(batch*D*L*N) memory), only when forced.
@@ -39,8 +39,8 @@ environment variable ``HF_COMPRESSSSM_SCAN_BACKEND`` (``auto``, ``fast``/``numba
 ``mamba_ssm``), which overrides the argument when set to anything but ``auto``. A forced backend that cannot run
 (not installed, or the wrong device) raises a ``RuntimeError``.
 
-JIT warm-up: the numba kernels compile on their first use in a process -- about 15 s per dtype (float32,
-float64) for the forward and backward kernels together on a 2-core machine -- and are cached on disk
+JIT warm-up: the numba kernels compile on their first use in a process -- about 8 s per dtype (float32,
+float64) for the forward and backward kernels together on a busy 2-core machine -- and are cached on disk
 (``cache=True``: in ``__pycache__`` next to this file, or under ``NUMBA_CACHE_DIR``); later processes load them in
 about half a second. Importing this module does not import numba.
 """
@@ -356,114 +356,168 @@ def _exp_f64(x):
     return res if x == x else x
 
 
-_LANES = 64  # channels per SIMD block (D is padded with inert channels to a multiple of this)
+_LANES = 64  # channels per SIMD block (the last block of a layer is padded with inert lanes)
 
-# Kernel layout: channels are the innermost ("lane") axis, blocks of _LANES of them; every hot loop runs over
-# the lanes of one block, which LLVM vectorises (a compile-time trip count of 64 is long enough that it is not
-# fully unrolled, and each hot loop writes few arrays, so the runtime alias checks stay cheap).
+# Inside the kernels, channels are the innermost ("lane") axis of thread-local scratch arrays, in blocks of _LANES;
+# every hot loop runs over the lanes of one block, which LLVM vectorises (a compile-time trip count of 64 is long
+# enough not to be fully unrolled, and each hot loop writes few arrays, so the runtime alias checks stay cheap).
+# The kernels read and write the (batch, D, L) / (batch, D, N) tensors directly and fuse the skip connection and
+# the gate (and their derivatives); only the step size dt = softplus(delta + bias) (and softplus') is computed by
+# torch, vectorised, outside.
 
 
-def _scan_fwd_kernel(dt, dtu, A, B, C, h0, ys, hlast, has_h0):
-    """Core scan. dt, dtu (= dt * u), ys: (b, nb, L, W); A: (nb, N, W); B, C: (b, N, L);
-    h0, hlast: (b, nb, N, W), W = _LANES. ys = sum_n h_t[n] C_t[n], h_t = exp(dt_t A) h_{t-1} + dtu_t B_t,
-    h_{-1} = h0 (or 0)."""
-    bsz, nb, seqlen, _ = dt.shape
+def _scan_fwd_kernel(item0, item1, u, dt, A, B, C, Dv, z, h0, y, hlast, has_D, has_z, has_h0, one):
+    """Forward for work items item0 <= item < item1 of batch * ceil(D / _LANES), item = (batch row, channel block).
+
+    u, dt (the discretised step, softplus(delta + bias)), z, y: (b, D, L); A: (D, N); B, C: (b, N, L); Dv: (D,);
+    h0, hlast: (b, D, N). Flags say which optional inputs are real (the others are empty dummies); ``one`` is 1
+    in the compute type (numba would promote float32 arithmetic with Python float literals to float64)."""
+    bsz, dim, seqlen = u.shape
     n_state = A.shape[1]
-    for item in _prange(bsz * nb):
+    nb = (dim + _LANES - 1) // _LANES
+    zero = one - one
+    for item in range(item0, item1):
         b = item // nb
-        k = item % nb
-        h = np.empty(_LANES, dtype=ys.dtype)
-        y = ys[b, k]
-        y[:, :] = 0
-        dtk = dt[b, k]
-        dtuk = dtu[b, k]
+        d0 = (item % nb) * _LANES
+        w = min(_LANES, dim - d0)
+        dtl = np.zeros((seqlen, _LANES), dtype=y.dtype)  # discretised dt, lanes = channels
+        dtul = np.zeros((seqlen, _LANES), dtype=y.dtype)  # dt * u
+        yl = np.zeros((seqlen, _LANES), dtype=y.dtype)  # sum_n h_t[n] C_t[n]
+        al = np.zeros((n_state, _LANES), dtype=y.dtype)
+        h = np.zeros(_LANES, dtype=y.dtype)
+        for j in range(w):
+            d = d0 + j
+            for t in range(seqlen):
+                dtv = dt[b, d, t]
+                dtl[t, j] = dtv
+                dtul[t, j] = dtv * u[b, d, t]
+            for n in range(n_state):
+                al[n, j] = A[d, n]
         for n in range(n_state):
-            an = A[k, n]
+            an = al[n]
             if has_h0:
-                for j in range(_LANES):
-                    h[j] = h0[b, k, n, j]
+                for j in range(w):
+                    h[j] = h0[b, d0 + j, n]
             else:
                 h[:] = 0
             for t in range(seqlen):
                 bt = B[b, n, t]
                 ct = C[b, n, t]
                 for j in range(_LANES):
-                    hv = _fexp(dtk[t, j] * an[j]) * h[j] + dtuk[t, j] * bt
+                    hv = _fexp(dtl[t, j] * an[j]) * h[j] + dtul[t, j] * bt
                     h[j] = hv
-                    y[t, j] += hv * ct
-            for j in range(_LANES):
-                hlast[b, k, n, j] = h[j]
+                    yl[t, j] += hv * ct
+            for j in range(w):
+                hlast[b, d0 + j, n] = h[j]
+        for j in range(w):
+            d = d0 + j
+            dd = Dv[d] if has_D else zero
+            for t in range(seqlen):
+                yv = yl[t, j] + dd * u[b, d, t]
+                if has_z:
+                    zt = z[b, d, t]
+                    y[b, d, t] = yv * zt / (one + _fexp(-zt))
+                else:
+                    y[b, d, t] = yv
 
 
-def _scan_bwd_kernel(dt, dtu, u, A, B, C, h0, Dv, dy, zc, dlast, has_h0, has_D, has_z, has_dlast, ngrp,
+def _scan_bwd_kernel(item0, item1, u, dt, A, B, C, Dv, z, h0, dout, dlast,
+                     has_D, has_z, has_h0, has_dlast, ngrp, one,
                      du, ddt, dz, dh0, dA_part, dD_part, dB_part, dC_part):
-    """Backward of the core scan plus the skip (D) and gate terms.
+    """Backward for work items item0 <= item < item1 of batch * ngrp, item = (batch row, group of channel blocks).
 
-    dt, dtu, u, dy (= dout * silu(z), or dout), zc (= dout * silu'(z)), du, ddt, dz: (b, nb, L, W);
-    A: (nb, N, W); B, C: (b, N, L); h0, dlast, dh0, dA_part: (b, nb, N, W); Dv: (nb, W); dD_part: (b, nb, W);
-    dB_part, dC_part: (b, ngrp, N, L) zero-initialised partial sums, one per group of channel blocks.
-    ddt is the gradient w.r.t. the discretised dt; dz = zc * (ys + D u).
+    Inputs as in _scan_fwd_kernel plus dout (b, D, L) and dlast (b, D, N). Writes du, ddt (w.r.t. the discretised
+    dt), dz (b, D, L), dh0 (b, D, N) and the partial sums dA_part (b, D, N), dD_part (b, D) (summed over the batch
+    by the caller) and dB_part, dC_part (b, ngrp, N, L), zero-initialised (summed over the groups by the caller).
 
-    Per (block, state n): recompute the states h_t into scratch, then G_t = dL/dh_t by the reverse-time
+    Per channel block and state n: recompute the states h_t into scratch, then G_t = dL/dh_t by the reverse-time
     recurrence G_t = exp(dt_{t+1} A) G_{t+1} + C_t dy_t (G_{L-1} includes dlast), then the element-wise terms."""
-    bsz, nb, seqlen, _ = dt.shape
+    bsz, dim, seqlen = u.shape
     n_state = A.shape[1]
-    for item in _prange(bsz * ngrp):
+    nb = (dim + _LANES - 1) // _LANES
+    zero = one - one
+    for item in range(item0, item1):
         b = item // ngrp
         grp = item % ngrp
         k0 = (grp * nb) // ngrp
         k1 = ((grp + 1) * nb) // ngrp
-        # thread-local scratch, O(L * W)
-        hs = np.empty((seqlen + 1, _LANES), dtype=du.dtype)  # hs[t + 1] = h_t, hs[0] = h_{-1}
-        decay = np.empty((seqlen + 1, _LANES), dtype=du.dtype)  # decay[t] = exp(dt_t A), decay[L] = 1
-        gs = np.empty((seqlen + 1, _LANES), dtype=du.dtype)  # gs[t] = G_t, gs[L] = dlast
-        qs = np.empty((seqlen, _LANES), dtype=du.dtype)  # G_t * decay_t * h_{t-1} = dL/d(dt_t A)
-        yacc = np.empty((seqlen, _LANES), dtype=du.dtype)  # sum_n h_t C_t  (the scan output)
-        qa = np.empty((seqlen, _LANES), dtype=du.dtype)  # sum_n qs * A_n
-        gb = np.empty((seqlen, _LANES), dtype=du.dtype)  # sum_n G_t B_t
-        gA = np.empty(_LANES, dtype=du.dtype)
-        dDk = np.empty(_LANES, dtype=du.dtype)
+        # thread-local scratch, O(L * _LANES)
+        dtl = np.zeros((seqlen, _LANES), dtype=du.dtype)  # discretised dt
+        dtul = np.zeros((seqlen, _LANES), dtype=du.dtype)  # dt * u
+        ul = np.zeros((seqlen, _LANES), dtype=du.dtype)
+        dyl = np.zeros((seqlen, _LANES), dtype=du.dtype)  # dL/d(scan output) = dout * silu(z)
+        zcl = np.zeros((seqlen, _LANES), dtype=du.dtype)  # dout * silu'(z)
+        hs = np.zeros((seqlen + 1, _LANES), dtype=du.dtype)  # hs[t + 1] = h_t, hs[0] = h_{-1}
+        decay = np.ones((seqlen + 1, _LANES), dtype=du.dtype)  # decay[t] = exp(dt_t A), decay[L] = 1
+        gs = np.zeros((seqlen + 1, _LANES), dtype=du.dtype)  # gs[t] = G_t, gs[L] = dlast
+        qs = np.zeros((seqlen, _LANES), dtype=du.dtype)  # G_t * decay_t * h_{t-1} = dL/d(dt_t A_n)
+        yacc = np.zeros((seqlen, _LANES), dtype=du.dtype)  # sum_n h_t C_t
+        qa = np.zeros((seqlen, _LANES), dtype=du.dtype)  # sum_n qs * A_n
+        gb = np.zeros((seqlen, _LANES), dtype=du.dtype)  # sum_n G_t B_t
+        al = np.zeros((n_state, _LANES), dtype=du.dtype)
+        gA = np.zeros(_LANES, dtype=du.dtype)
         dBp = dB_part[b, grp]
         dCp = dC_part[b, grp]
-        decay[seqlen, :] = 1
         for k in range(k0, k1):
-            dtk = dt[b, k]
-            dtuk = dtu[b, k]
-            uk = u[b, k]
-            dyk = dy[b, k]
+            d0 = k * _LANES
+            w = min(_LANES, dim - d0)
+            if w < _LANES:  # a partial block: clear what the previous block left in the padding lanes
+                dtl[:, :] = 0
+                dtul[:, :] = 0
+                ul[:, :] = 0
+                dyl[:, :] = 0
+                zcl[:, :] = 0
+                al[:, :] = 0
+                hs[0, :] = 0
+                gs[seqlen, :] = 0
+            # load the block (padding lanes are zero: inert)
+            for j in range(w):
+                d = d0 + j
+                for t in range(seqlen):
+                    dtv = dt[b, d, t]
+                    ut = u[b, d, t]
+                    dtl[t, j] = dtv
+                    ul[t, j] = ut
+                    dtul[t, j] = dtv * ut
+                    go = dout[b, d, t]
+                    if has_z:
+                        zt = z[b, d, t]
+                        sg = one / (one + _fexp(-zt))
+                        dyl[t, j] = go * zt * sg
+                        zcl[t, j] = go * sg * (one + zt * (one - sg))
+                    else:
+                        dyl[t, j] = go
+                for n in range(n_state):
+                    al[n, j] = A[d, n]
             yacc[:, :] = 0
             qa[:, :] = 0
             gb[:, :] = 0
             for n in range(n_state):
-                an = A[k, n]
+                an = al[n]
                 if has_h0:
-                    for j in range(_LANES):
-                        hs[0, j] = h0[b, k, n, j]
-                else:
-                    hs[0, :] = 0
+                    for j in range(w):
+                        hs[0, j] = h0[b, d0 + j, n]
                 # recompute this state's trajectory
                 for t in range(seqlen):
                     bt = B[b, n, t]
                     ct = C[b, n, t]
-                    csum = bt - bt
+                    csum = zero
                     for j in range(_LANES):
-                        a = _fexp(dtk[t, j] * an[j])
-                        hv = a * hs[t, j] + dtuk[t, j] * bt
+                        a = _fexp(dtl[t, j] * an[j])
+                        hv = a * hs[t, j] + dtul[t, j] * bt
                         decay[t, j] = a
                         hs[t + 1, j] = hv
                         yacc[t, j] += hv * ct
-                        csum += dyk[t, j] * hv
+                        csum += dyl[t, j] * hv
                     dCp[n, t] += csum
                 # reverse-time recurrence
                 if has_dlast:
-                    for j in range(_LANES):
-                        gs[seqlen, j] = dlast[b, k, n, j]
-                else:
-                    gs[seqlen, :] = 0
+                    for j in range(w):
+                        gs[seqlen, j] = dlast[b, d0 + j, n]
                 for t in range(seqlen - 1, -1, -1):
                     ct = C[b, n, t]
                     for j in range(_LANES):
-                        gs[t, j] = gs[t + 1, j] * decay[t + 1, j] + ct * dyk[t, j]
+                        gs[t, j] = gs[t + 1, j] * decay[t + 1, j] + ct * dyl[t, j]
                 # element-wise terms
                 for t in range(seqlen):
                     for j in range(_LANES):
@@ -473,44 +527,34 @@ def _scan_bwd_kernel(dt, dtu, u, A, B, C, h0, Dv, dy, zc, dlast, has_h0, has_D, 
                     for j in range(_LANES):
                         q = qs[t, j]
                         qa[t, j] += q * an[j]
-                        gA[j] += q * dtk[t, j]
+                        gA[j] += q * dtl[t, j]
                 for t in range(seqlen):
                     bt = B[b, n, t]
-                    bsum = bt - bt
+                    bsum = zero
                     for j in range(_LANES):
                         gv = gs[t, j]
                         gb[t, j] += gv * bt
-                        bsum += gv * dtuk[t, j]
+                        bsum += gv * dtul[t, j]
                     dBp[n, t] += bsum
-                for j in range(_LANES):
-                    dh0[b, k, n, j] = gs[0, j] * decay[0, j]
-                    dA_part[b, k, n, j] = gA[j]
-            # chain rule to dt and u, skip connection and gate
-            dDk[:] = 0
-            for t in range(seqlen):
-                for j in range(_LANES):
-                    dDk[j] += dyk[t, j] * uk[t, j]
-            for t in range(seqlen):
-                for j in range(_LANES):
-                    ddt[b, k, t, j] = qa[t, j] + gb[t, j] * uk[t, j]
-            if has_D:
+                for j in range(w):
+                    dh0[b, d0 + j, n] = gs[0, j] * decay[0, j]
+                    dA_part[b, d0 + j, n] = gA[j]
+            # chain rule to dt and u; skip connection and gate
+            for j in range(w):
+                d = d0 + j
+                dd = Dv[d] if has_D else zero
+                dD_acc = zero
                 for t in range(seqlen):
-                    for j in range(_LANES):
-                        du[b, k, t, j] = gb[t, j] * dtk[t, j] + dyk[t, j] * Dv[k, j]
-                        yacc[t, j] += Dv[k, j] * uk[t, j]
-            else:
-                for t in range(seqlen):
-                    for j in range(_LANES):
-                        du[b, k, t, j] = gb[t, j] * dtk[t, j]
-            if has_z:
-                for t in range(seqlen):
-                    for j in range(_LANES):
-                        dz[b, k, t, j] = zc[b, k, t, j] * yacc[t, j]
-            for j in range(_LANES):
-                dD_part[b, k, j] = dDk[j]
+                    ut = ul[t, j]
+                    dyt = dyl[t, j]
+                    dD_acc += dyt * ut
+                    du[b, d, t] = gb[t, j] * dtl[t, j] + dyt * dd
+                    ddt[b, d, t] = qa[t, j] + gb[t, j] * ut
+                    if has_z:
+                        dz[b, d, t] = zcl[t, j] * (yacc[t, j] + dd * ut)
+                dD_part[b, d] = dD_acc
 
 
-_prange = range  # replaced by numba.prange before jitting
 _KERNELS = None
 
 
@@ -524,7 +568,7 @@ def _cache_named(fn):
 
 def _numba_kernels():
     """Jit (or load from the on-disk cache) the numba kernels; returns (forward, backward)."""
-    global _KERNELS, _bits_to_float, _prange
+    global _KERNELS, _bits_to_float
     with _LOCK:
         if _KERNELS is not None:
             return _KERNELS
@@ -560,18 +604,42 @@ def _numba_kernels():
                 return lambda x: exp64(x)
             return None
 
-        _prange = numba.prange
-        opts = dict(parallel=True, cache=True, fastmath=_FM_KERNEL, nogil=True)
+        opts = dict(cache=True, fastmath=_FM_KERNEL, nogil=True)
         _KERNELS = (numba.njit(**opts)(_cache_named(_scan_fwd_kernel)),
                     numba.njit(**opts)(_cache_named(_scan_bwd_kernel)))
         return _KERNELS
 
 
-def _num_threads():
-    numba = _try_import("numba")
-    nt = max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads()))
-    numba.set_num_threads(nt)
-    return nt
+_POOL = None
+_POOL_PID = None
+
+
+def _run_parallel(kernel, n_items, *args):
+    """Run ``kernel(item0, item1, *args)`` over ``range(n_items)`` split into contiguous chunks, one per thread.
+
+    The kernels are compiled with ``nogil=True`` and run on a plain thread pool (threads blocked on futures sleep),
+    sized by ``torch.get_num_threads()``. This avoids numba's OpenMP threading layer: a second OpenMP runtime next
+    to torch's, whose idle threads spin after each region and slow torch's ops (and ours) on a busy machine."""
+    global _POOL, _POOL_PID
+    nthreads = max(1, min(torch.get_num_threads(), n_items))
+    if nthreads == 1:
+        kernel(0, n_items, *args)
+        return
+    with _LOCK:
+        if _POOL is None or _POOL_PID != os.getpid() or _POOL._max_workers < nthreads - 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL = ThreadPoolExecutor(max_workers=max(nthreads - 1, os.cpu_count() or 1),
+                                       thread_name_prefix="selective_scan")
+            _POOL_PID = os.getpid()
+        pool = _POOL
+    bounds = [(i * n_items) // nthreads for i in range(nthreads + 1)]
+    futures = [pool.submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(1, nthreads)]
+    try:
+        kernel(bounds[0], bounds[1], *args)
+    finally:
+        for f in futures:
+            f.result()
 
 
 def _n_groups(bsz, nb, nthreads):
@@ -580,142 +648,98 @@ def _n_groups(bsz, nb, nthreads):
     return int(max(1, min(nb, -(-2 * nthreads // max(1, bsz)))))
 
 
-def _dummy(cd, ndim):
-    return np.zeros((0,) * ndim, dtype=np.float64 if cd == torch.float64 else np.float32)
+def _one(cd):
+    return np.float64(1.0) if cd == torch.float64 else np.float32(1.0)
 
 
-def _to_lanes(x, dim_pad):
-    """(b, D, L) -> contiguous (b, Dp / W, L, W), channels zero-padded to Dp (W = _LANES)."""
-    bsz, dim, seqlen = x.shape
-    if dim_pad != dim:
-        x = torch.cat([x, x.new_zeros(bsz, dim_pad - dim, seqlen)], 1)
-    return x.reshape(bsz, dim_pad // _LANES, _LANES, seqlen).transpose(2, 3).contiguous()
-
-
-def _from_lanes(x, dim):
-    """(b, nb, L, W) -> (b, D, L)."""
-    bsz, nb, seqlen, _ = x.shape
-    return x.transpose(2, 3).reshape(bsz, nb * _LANES, seqlen)[:, :dim]
-
-
-def _state_to_lanes(h, dim_pad):
-    """(b, D, N) -> contiguous (b, Dp / W, N, W)."""
-    bsz, dim, n = h.shape
-    if dim_pad != dim:
-        h = torch.cat([h, h.new_zeros(bsz, dim_pad - dim, n)], 1)
-    return h.reshape(bsz, dim_pad // _LANES, _LANES, n).transpose(2, 3).contiguous()
-
-
-def _state_from_lanes(h, dim):
-    bsz, nb, n, _ = h.shape
-    return h.transpose(2, 3).reshape(bsz, nb * _LANES, n)[:, :dim]
-
-
-def _softplus_grad(raw):
-    # derivative of F.softplus(beta=1, threshold=20)
-    return torch.where(raw > 20, torch.ones_like(raw), torch.sigmoid(raw))
+def _np_in(t, cd, ndim):
+    """A tensor as a contiguous numpy array in the compute dtype, or an empty dummy when it is None."""
+    if t is None:
+        return np.zeros((0,) * ndim, dtype=np.float64 if cd == torch.float64 else np.float32)
+    return t.detach().to(cd).contiguous().numpy()
 
 
 class SelectiveScanFunction(torch.autograd.Function):
     """Selective scan on CPU tensors (numba kernels) with an exact hand-written backward.
 
     ``apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus) -> (y, last_state)``; ``D``,
-    ``z``, ``delta_bias``, ``initial_state`` may be None. ``last_state`` is in the compute dtype (float32, or
-    float64 for float64 inputs) and is differentiable too. Element-wise parts (softplus, skip, gate, layout
-    changes) run in torch on (batch, D, L) tensors; the kernels run the recurrence and its reverse-time adjoint.
+    ``z``, ``delta_bias``, ``initial_state`` may be None. ``y`` is in ``u``'s dtype, ``last_state`` in the compute
+    dtype (float32, or float64 for float64 inputs); both are differentiable. Each direction is one parallel
+    kernel launch over (batch row, channel block) work items; only the inputs are saved for the backward.
     """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
         fwd, _ = _numba_kernels()
-        _num_threads()
         cd = _compute_dtype(u, delta, A, B, C, initial_state)
         bsz, dim, seqlen = u.shape
         n_state = A.shape[1]
-        dim_pad = -(-dim // _LANES) * _LANES
-        nb = dim_pad // _LANES
+        nb = -(-dim // _LANES)
+        y = torch.empty(bsz, dim, seqlen, dtype=cd)
+        hlast = torch.empty(bsz, dim, n_state, dtype=cd)
         with torch.no_grad():
-            uc = u.detach().to(cd)
             dt = _discretised_dt(delta.detach(), delta_bias, delta_softplus, cd)
-            ys = torch.empty(bsz, nb, seqlen, _LANES, dtype=cd)
-            hlast = torch.empty(bsz, nb, n_state, _LANES, dtype=cd)
-            A_l = _state_to_lanes(A.detach().to(cd)[None], dim_pad)[0]
-            fwd(_to_lanes(dt, dim_pad).numpy(), _to_lanes(dt * uc, dim_pad).numpy(), A_l.numpy(),
-                B.detach().to(cd).contiguous().numpy(), C.detach().to(cd).contiguous().numpy(),
-                _state_to_lanes(initial_state.detach().to(cd), dim_pad).numpy()
-                if initial_state is not None else _dummy(cd, 4),
-                ys.numpy(), hlast.numpy(), initial_state is not None)
-            y = _finish(_from_lanes(ys, dim), u.detach(), D, z, cd)
+        _run_parallel(
+            fwd, bsz * nb,
+            _np_in(u, cd, 3), _np_in(dt, cd, 3), _np_in(A, cd, 2), _np_in(B, cd, 3), _np_in(C, cd, 3),
+            _np_in(D, cd, 1), _np_in(z, cd, 3), _np_in(initial_state, cd, 3), y.numpy(), hlast.numpy(),
+            D is not None, z is not None, initial_state is not None, _one(cd),
+        )
+        del dt
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
         ctx.delta_softplus = bool(delta_softplus)
         ctx.set_materialize_grads(False)
-        return y, _state_from_lanes(hlast, dim).contiguous()
+        return y.to(u.dtype), hlast
 
     @staticmethod
     def backward(ctx, dout, dlast):
         _, bwd = _numba_kernels()
-        nthreads = _num_threads()
         u, delta, A, B, C, D, z, delta_bias, initial_state = ctx.saved_tensors
         cd = _compute_dtype(u, delta, A, B, C, initial_state)
         bsz, dim, seqlen = u.shape
         n_state = A.shape[1]
-        dim_pad = -(-dim // _LANES) * _LANES
-        nb = dim_pad // _LANES
-        ngrp = _n_groups(bsz, nb, nthreads)
-        uc = u.detach().to(cd)
+        ngrp = _n_groups(bsz, -(-dim // _LANES), max(1, torch.get_num_threads()))
         raw = delta.detach().to(cd)
         if delta_bias is not None:
             raw = raw + delta_bias.detach().to(cd)[:, None]
         dt = F.softplus(raw) if ctx.delta_softplus else raw
-        dout = dout.to(cd) if dout is not None else torch.zeros(bsz, dim, seqlen, dtype=cd)
-        if z is not None:
-            zf = z.detach().to(cd)
-            sig = torch.sigmoid(zf)
-            dy = dout * zf * sig
-            zcoef = _to_lanes(dout * sig * (1 + zf * (1 - sig)), dim_pad)
-            del sig, zf
-        else:
-            dy = dout
-            zcoef = None
-        du = torch.empty(bsz, nb, seqlen, _LANES, dtype=cd)
-        ddt = torch.empty(bsz, nb, seqlen, _LANES, dtype=cd)
-        dz = torch.empty(bsz, nb, seqlen, _LANES, dtype=cd) if z is not None else None
-        dh0 = torch.empty(bsz, nb, n_state, _LANES, dtype=cd)
-        dA_part = torch.empty(bsz, nb, n_state, _LANES, dtype=cd)
-        dD_part = torch.empty(bsz, nb, _LANES, dtype=cd)
+        du = torch.empty(bsz, dim, seqlen, dtype=cd)
+        ddt = torch.empty(bsz, dim, seqlen, dtype=cd)
+        dz = torch.empty(bsz, dim, seqlen, dtype=cd) if z is not None else None
+        dh0 = torch.empty(bsz, dim, n_state, dtype=cd)
+        dA_part = torch.empty(bsz, dim, n_state, dtype=cd)
+        dD_part = torch.empty(bsz, dim, dtype=cd)
         dB_part = torch.zeros(bsz, ngrp, n_state, seqlen, dtype=cd)
         dC_part = torch.zeros(bsz, ngrp, n_state, seqlen, dtype=cd)
-        D_l = None
-        if D is not None:
-            D_l = torch.cat([D.detach().to(cd), D.new_zeros(dim_pad - dim, dtype=cd)]).reshape(nb, _LANES)
-        bwd(_to_lanes(dt, dim_pad).numpy(), _to_lanes(dt * uc, dim_pad).numpy(), _to_lanes(uc, dim_pad).numpy(),
-            _state_to_lanes(A.detach().to(cd)[None], dim_pad)[0].numpy(),
-            B.detach().to(cd).contiguous().numpy(), C.detach().to(cd).contiguous().numpy(),
-            _state_to_lanes(initial_state.detach().to(cd), dim_pad).numpy()
-            if initial_state is not None else _dummy(cd, 4),
-            D_l.contiguous().numpy() if D_l is not None else _dummy(cd, 2),
-            _to_lanes(dy, dim_pad).numpy(), zcoef.numpy() if zcoef is not None else _dummy(cd, 4),
-            _state_to_lanes(dlast.to(cd), dim_pad).numpy() if dlast is not None else _dummy(cd, 4),
-            initial_state is not None, D is not None, z is not None, dlast is not None, ngrp,
-            du.numpy(), ddt.numpy(), dz.numpy() if dz is not None else _dummy(cd, 4), dh0.numpy(),
-            dA_part.numpy(), dD_part.numpy(), dB_part.numpy(), dC_part.numpy())
-        ddt = _from_lanes(ddt, dim)
-        ddelta = ddt * _softplus_grad(raw) if ctx.delta_softplus else ddt
+        if dout is None:
+            dout = torch.zeros(bsz, dim, seqlen, dtype=cd)
+        _run_parallel(
+            bwd, bsz * ngrp,
+            _np_in(u, cd, 3), _np_in(dt, cd, 3), _np_in(A, cd, 2), _np_in(B, cd, 3), _np_in(C, cd, 3),
+            _np_in(D, cd, 1), _np_in(z, cd, 3), _np_in(initial_state, cd, 3), _np_in(dout, cd, 3),
+            _np_in(dlast, cd, 3), D is not None, z is not None, initial_state is not None, dlast is not None, ngrp,
+            _one(cd), du.numpy(), ddt.numpy(), dz.numpy() if dz is not None else _np_in(None, cd, 3), dh0.numpy(),
+            dA_part.numpy(), dD_part.numpy(), dB_part.numpy(), dC_part.numpy(),
+        )
+        del dt
+        if ctx.delta_softplus:  # softplus'(x) = sigmoid(x), exactly 1 above torch's threshold 20
+            ddt.mul_(torch.where(raw > 20, 1.0, torch.sigmoid(raw)).to(cd))
+        ddelta = ddt
         need = ctx.needs_input_grad
 
         def out(flag, t, like):
-            return t.to(like.dtype).contiguous() if (flag and like is not None) else None
+            return t.to(like.dtype) if (flag and like is not None) else None
 
         return (
-            out(need[0], _from_lanes(du, dim), u),
+            out(need[0], du, u),
             out(need[1], ddelta, delta),
-            out(need[2], _state_from_lanes(dA_part.sum(0, keepdim=True), dim)[0], A),
-            out(need[3], dB_part.sum(1), B),
-            out(need[4], dC_part.sum(1), C),
-            out(need[5], dD_part.sum(0).reshape(-1)[:dim], D),
-            out(need[6], _from_lanes(dz, dim) if dz is not None else None, z),
+            out(need[2], dA_part.sum(0), A),
+            out(need[3], dB_part.sum(1) if ngrp > 1 else dB_part[:, 0], B),
+            out(need[4], dC_part.sum(1) if ngrp > 1 else dC_part[:, 0], C),
+            out(need[5], dD_part.sum(0), D),
+            out(need[6], dz, z),
             out(need[7], ddelta.sum((0, 2)), delta_bias),
-            out(need[8], _state_from_lanes(dh0, dim), initial_state),
+            out(need[8], dh0, initial_state),
             None,
         )
 

@@ -3,7 +3,8 @@
 
     python scripts/benchmark_scan.py            # the issue's sizes: hidden 256, 4 layers, batch 8, length 256,
                                                 # vocab 1024, fp32, N in {128, 64, 32, 16, 8} (several minutes)
-    python scripts/benchmark_scan.py --quick    # tiny sizes, a few seconds (after the numba JIT cache is warm)
+    python scripts/benchmark_scan.py --quick    # tiny sizes: millisecond steps; the run takes about a minute,
+                                                # mostly the start-up of its 8 worker processes
 
 Variants, each timed in a fresh subprocess on the same model (same seed, same batch):
   * ``ours``    -- transformers' ``mamba_selective_scan`` replaced by ``hf_compressssm/selective_scan.py``'s
@@ -14,7 +15,9 @@ Variants, each timed in a fresh subprocess on the same model (same seed, same ba
   * ``eager``   -- transformers' default sequential torch loop, at a shorter length (``--eager_length``), where
                    ``ours`` is timed again for the ratio.
 
-Time: wall-clock seconds of one ``loss.backward()`` step (``forward(labels=...)`` + backward), the minimum over
+Workers run with ``OMP_WAIT_POLICY=PASSIVE`` unless ``--omp_wait_policy inherit``: on a shared machine torch's
+spinning OpenMP threads otherwise make every variant several times slower and the timings mostly measure the
+other processes. Time: wall-clock seconds of one ``loss.backward()`` step (``forward(labels=...)`` + backward), the minimum over
 ``--reps`` repetitions after a warm-up step at tiny size (the JIT compile / cache load is outside the timing); the
 process CPU time of the same step is recorded too (the machine may be shared). Memory: peak resident set size of
 the worker process during the timed steps minus its resident set size just before them
@@ -112,8 +115,8 @@ def worker(args):
     grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
     print(json.dumps(dict(
         variant=args.variant, state=args.state, length=args.length, wall_s=min(walls), walls_s=walls,
-        cpu_s=min(cpus), peak_rss_delta_mb=max(0.0, peak - rss0), rss_before_mb=rss0, peak_rss_mb=peak,
-        loss=float(loss), grad_norm=float(grad_norm), torch_threads=torch.get_num_threads(),
+        cpu_s=min(cpus), cpus_s=cpus, peak_rss_delta_mb=max(0.0, peak - rss0), rss_before_mb=rss0, peak_rss_mb=peak,
+        loss=float(loss.detach()), grad_norm=float(grad_norm), torch_threads=torch.get_num_threads(),
         patched_calls=calls["n"],
     )))
 
@@ -121,13 +124,13 @@ def worker(args):
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def run_variant(sizes, variant, state, length, reps, timeout):
+def run_variant(sizes, variant, state, length, reps, timeout, env=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--state", str(state),
            "--length", str(length), "--reps", str(reps)]
     for key in ("hidden", "layers", "batch", "vocab"):
         cmd += [f"--{key}", str(sizes[key])]
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{variant} N={state} L={length} failed:\n{out.stderr[-3000:]}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -147,13 +150,14 @@ def markdown(report):
         f"the eager loop at length {s['eager_length']}. Machine: {report['machine']['cpus']} CPUs "
         f"({report['machine']['processor']}), torch {report['versions']['torch']} with "
         f"{report['results'][0]['ours']['torch_threads']} threads, transformers {report['versions']['transformers']}, "
-        f"numba {report['versions']['numba']}; load average {report['machine']['loadavg_start']} at start, "
-        f"{report['machine']['loadavg_end']} at end.",
+        f"numba {report['versions']['numba']}, OMP_WAIT_POLICY={report['omp_wait_policy']}; load average "
+        f"{report['machine']['loadavg_start']} at start, {report['machine']['loadavg_end']} at end.",
         "",
         "Time: minimum wall-clock seconds of a step over the repetitions (ours: "
         f"{report['reps']['ours']}, mambapy: {report['reps']['mambapy']}, eager: {report['reps']['eager']}), after a "
         "tiny warm-up step (JIT/cache load outside the timing). Memory: peak RSS of the worker process during the "
-        "timed steps minus its RSS just before them (`ru_maxrss` vs `/proc/self/statm`).",
+        "timed steps minus its RSS just before them (`ru_maxrss` vs `/proc/self/statm`). CPU seconds (process time, "
+        "all threads) are in the JSON.",
         "",
         f"| N | ours (s) | mambapy (s) | speed-up | ours peak (MB) | mambapy peak (MB) | memory ratio | "
         f"eager L={s['eager_length']} (s) | ours L={s['eager_length']} (s) | speed-up vs eager | loss diff |",
@@ -181,13 +185,16 @@ def markdown(report):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes (a few seconds)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (about a minute, mostly process start-up)")
     p.add_argument("--states", type=int, nargs="+", help="state sizes N (default: 128 64 32 16 8)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions for ours (mambapy/eager: 1 unless --quick)")
     p.add_argument("--no_eager", action="store_true", help="skip the eager-loop comparison")
     p.add_argument("--no_mambapy", action="store_true", help="skip the mambapy comparison")
     p.add_argument("--output", default=os.path.join(RESULTS, "benchmark_scan"), help="path without extension")
     p.add_argument("--timeout", type=float, default=1800, help="per-variant subprocess timeout (s)")
+    p.add_argument("--omp_wait_policy", default="PASSIVE",
+                   help="OMP_WAIT_POLICY for every worker (default PASSIVE: on a shared machine torch's spinning "
+                        "OpenMP threads otherwise make every variant several times slower); 'inherit' leaves it")
     # worker mode
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=["ours", "mambapy", "eager"], help=argparse.SUPPRESS)
@@ -209,11 +216,16 @@ def main(argv=None):
         print("mambapy is not installed: skipping that comparison (pip install mambapy)")
         args.no_mambapy = True
     slow_reps = args.reps if args.quick else 1
+    env = dict(os.environ)
+    env.pop("HF_COMPRESSSSM_SCAN_BACKEND", None)
+    if args.omp_wait_policy != "inherit":
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     report = dict(
         command="python scripts/benchmark_scan.py" + (" --quick" if args.quick else "")
         + (f" --states {' '.join(map(str, args.states))}" if args.states else ""),
         sizes=sizes,
         reps=dict(ours=args.reps, mambapy=slow_reps, eager=slow_reps),
+        omp_wait_policy=env.get("OMP_WAIT_POLICY", "(unset)"),
         memory_method="peak RSS during the timed steps minus RSS before them, per fresh worker process "
                       "(resource.getrusage(RUSAGE_SELF).ru_maxrss vs /proc/self/statm)",
         time_method="min wall-clock seconds of forward(labels)+backward over the repetitions, after a tiny warm-up",
@@ -226,9 +238,9 @@ def main(argv=None):
     print(f"sizes: {sizes}")
     for n in sizes["states"]:
         row = dict(state=n)
-        row["ours"] = run_variant(sizes, "ours", n, sizes["length"], args.reps, args.timeout)
+        row["ours"] = run_variant(sizes, "ours", n, sizes["length"], args.reps, args.timeout, env)
         if not args.no_mambapy:
-            row["mambapy"] = run_variant(sizes, "mambapy", n, sizes["length"], slow_reps, args.timeout)
+            row["mambapy"] = run_variant(sizes, "mambapy", n, sizes["length"], slow_reps, args.timeout, env)
             row["speedup_vs_mambapy"] = row["mambapy"]["wall_s"] / row["ours"]["wall_s"]
             row["memory_ratio_vs_mambapy"] = row["ours"]["peak_rss_delta_mb"] / max(
                 row["mambapy"]["peak_rss_delta_mb"], 1e-9)
@@ -236,8 +248,8 @@ def main(argv=None):
             row["grad_norm_rel_diff_vs_mambapy"] = abs(row["ours"]["grad_norm"] - row["mambapy"]["grad_norm"]) / max(
                 row["mambapy"]["grad_norm"], 1e-30)
         if not args.no_eager:
-            row["eager"] = run_variant(sizes, "eager", n, sizes["eager_length"], slow_reps, args.timeout)
-            row["ours_short"] = run_variant(sizes, "ours", n, sizes["eager_length"], args.reps, args.timeout)
+            row["eager"] = run_variant(sizes, "eager", n, sizes["eager_length"], slow_reps, args.timeout, env)
+            row["ours_short"] = run_variant(sizes, "ours", n, sizes["eager_length"], args.reps, args.timeout, env)
             row["speedup_vs_eager_short"] = row["eager"]["wall_s"] / row["ours_short"]["wall_s"]
             row["loss_abs_diff_vs_eager_short"] = abs(row["eager"]["loss"] - row["ours_short"]["loss"])
         report["results"].append(row)

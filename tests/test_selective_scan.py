@@ -231,6 +231,25 @@ def test_initial_state_gradient_matches_torch_backend():
         assert_close(a.detach(), b.detach(), 1e-10, "torch backend")
 
 
+@needs_numba
+def test_several_channel_blocks_in_one_work_item():
+    """D = 80 spans a full and a partial 64-lane block; with one thread and 4 batch rows each work item holds both
+    blocks, so the partial block must not see the previous block's values in its padding lanes."""
+    inputs = make_inputs(4, 80, 9, 3, torch.float64, seed=11)
+    h0 = torch.randn(4, 80, 3, dtype=torch.float64, requires_grad=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        check_against(
+            lambda **kw: ss.selective_scan(**kw, delta_softplus=True, return_last_state=True, initial_state=h0,
+                                           backend=FAST),
+            lambda **kw: exact_scan(**kw, delta_softplus=True, initial_state=h0),
+            dict(inputs), 1e-10, True,
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("backend", ["torch"] + (["mambapy"] if importlib.util.find_spec("mambapy") else []))
 def test_other_backends_match_reference(backend):
     inputs = make_inputs(2, 8, 19, 4, torch.float32, seed=2)
