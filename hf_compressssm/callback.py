@@ -29,7 +29,7 @@ from .distributed import (
     is_distributed,
     shrinkable_excluded_from_ddp,
 )
-from .reduction import ReductionReport, reduce_once
+from .reduction import ReductionReport, record_report, reduce_once, update_compression_record
 from .surgery import find_mixers, unwrap_optimizer
 
 
@@ -79,8 +79,7 @@ class CompreSSMCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._check_supported(args, model)
         self.schedule = self.args.schedule(state.max_steps)
-        record = self._record(model)
-        record.setdefault("stopped", False)
+        record = update_compression_record(model, self.args, self.schedule)
         done = {h["step"] for h in record.get("history", [])}
         self._done_steps = {s for s in self.schedule if s <= state.global_step or s in done}
         self._recent_batches.clear()
@@ -97,7 +96,8 @@ class CompreSSMCallback(TrainerCallback):
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb_writer = SummaryWriter(log_dir=os.path.join(args.logging_dir or args.output_dir, "compressssm"))
+                log_root = os.getenv("TENSORBOARD_LOGGING_DIR") or getattr(args, "logging_dir", None) or args.output_dir
+                self._tb_writer = SummaryWriter(log_dir=os.path.join(log_root, "compressssm"))
             except ImportError:
                 logger.warning("CompreSSM: report_to includes tensorboard but it is not installed.")
         logger.info(f"CompreSSM: reductions scheduled at steps {self.schedule} of {state.max_steps}.")
@@ -134,23 +134,6 @@ class CompreSSMCallback(TrainerCallback):
                 f"min_state_size={self.args.min_state_size} exceeds the model's state_size="
                 f"{model.config.state_size}: no layer could ever be cut."
             )
-
-    def _record(self, model) -> dict:
-        """The compression record stored in ``model.config.compression`` (created on first use)."""
-        record = dict(model.config.compression or {})
-        record.setdefault("method", "CompreSSM")
-        record.setdefault("initial_state_sizes", list(model.config.state_sizes))
-        record.update(
-            {
-                "tau": self.args.tau,
-                "mode": self.args.mode,
-                "score": self.args.score,
-                "selection": self.args.selection,
-                "schedule": list(self.schedule),
-            }
-        )
-        model.config.compression = record
-        return record
 
     def _record_batch(self, module, args, kwargs):
         if module.training and torch.is_grad_enabled():
@@ -274,16 +257,7 @@ class CompreSSMCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ logging
     def _log_report(self, model, args, state, report: ReductionReport) -> None:
-        entry = report.to_dict()
-        entry.update({"tau": self.args.tau, "mode": self.args.mode, "score": self.args.score,
-                      "selection": self.args.selection})
-        model.compression_history = list(getattr(model, "compression_history", []) or []) + [entry]
-        record = dict(model.config.compression or {})
-        record["history"] = list(record.get("history", [])) + [
-            {"step": report.step, "sizes_before": report.sizes_before, "sizes_after": report.sizes_after,
-             "skipped": report.skipped}
-        ]
-        model.config.compression = record
+        record_report(model, report, self.args)
 
         logs = {
             "compression/mean_state_size": report.mean_size_after,

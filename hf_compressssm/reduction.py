@@ -148,6 +148,34 @@ def reduce_once(
     return report
 
 
+def update_compression_record(
+    model: nn.Module, args: CompressionArguments, schedule: list[int] | None = None
+) -> dict[str, Any]:
+    """Create or refresh ``model.config.compression`` (method, initial sizes, τ, mode, score, selection, schedule)."""
+    record = dict(model.config.compression or {})
+    record.setdefault("method", "CompreSSM")
+    record.setdefault("initial_state_sizes", list(model.config.state_sizes))
+    record.setdefault("stopped", False)
+    record.update({"tau": args.tau, "mode": args.mode, "score": args.score, "selection": args.selection})
+    if schedule is not None:
+        record["schedule"] = list(schedule)
+    model.config.compression = record
+    return record
+
+
+def record_report(model: nn.Module, report: ReductionReport, args: CompressionArguments) -> None:
+    """Append ``report`` to ``model.compression_history`` (full detail) and ``config.compression["history"]``."""
+    entry = report.to_dict()
+    entry.update({"tau": args.tau, "mode": args.mode, "score": args.score, "selection": args.selection})
+    model.compression_history = list(getattr(model, "compression_history", []) or []) + [entry]
+    record = update_compression_record(model, args)
+    record["history"] = list(record.get("history", [])) + [
+        {"step": report.step, "sizes_before": report.sizes_before, "sizes_after": report.sizes_after,
+         "skipped": report.skipped}
+    ]
+    model.config.compression = record
+
+
 def compress_model(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, Any]],
@@ -176,8 +204,7 @@ def compress_model(
     batches = list(itertools.islice(iter(dataloader), args.calibration_batches))
     if not batches:
         raise ValueError("the dataloader yielded no batch: compression needs real inputs to calibrate on.")
+    update_compression_record(model, args)
     report = reduce_once(model, batches, args, optimizer=optimizer, generator=generator)
-    history = list(getattr(model, "compression_history", []) or [])
-    history.append(report.to_dict())
-    model.compression_history = history
+    record_report(model, report, args)
     return report

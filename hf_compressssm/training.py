@@ -674,8 +674,6 @@ def run_training(
     set_seed(training_args.seed)
     model = build_model(model_args, task_data)
     max_steps = _validate_with_model(model, task_data, training_args, comp_args)
-    if not hasattr(training_args, "logging_dir"):  # transformers 5 dropped it; CompreSSMCallback still reads it
-        training_args.logging_dir = os.path.join(training_args.output_dir, "runs")
     push = bool(training_args.push_to_hub)
     training_args.push_to_hub = False  # the Trainer would overwrite our card; we upload the folder ourselves
 
