@@ -176,6 +176,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no_probe", action="store_true", help="skip the step-time probe")
     parser.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--resume", action="store_true", help="reuse runs from benchmark.partial.json")
+    parser.add_argument("--note", action="append", default=[],
+                        help="with --report_from: a note to add to the report (kept in meta.notes_extra)")
     parser.add_argument("--report_from", default=None,
                         help="no training: rebuild the tables, verdicts and plots from the runs of this benchmark.json")
     args = parser.parse_args(argv)
@@ -780,7 +782,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     lines = [
         "# CompreSSM benchmark",
         "",
-        f"Command: `{meta['command']}`  ",
+        f"Command: `{meta['command'].strip()}`  ",
         f"Machine: {meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}; "
         f"{meta['threads']} thread(s) per run; total {meta['total_seconds'] / 60:.1f} min; load average "
         f"{meta['load_start']} at the start, {meta['load_end']} at the end.  ",
@@ -795,7 +797,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     if regen:
         lines += [f"Tables and verdicts rebuilt on {regen['at']} from the measured runs in `{regen['from']}` with "
                   f"`--report_from` (script at commit {str(regen['git_commit'])[:10]}); the measurements were taken "
-                  f"by the command above at commit {str(meta.get('git_commit'))[:10]}.", ""]
+                  f"by the command above with the code of commit {str(meta.get('git_commit'))[:10]}.", ""]
     for task, t in report["tasks"].items():
         p = t["preset"]
         metric = "val loss (nats/byte)" if task == "causal_lm" else "test accuracy (%)"
@@ -963,6 +965,19 @@ def _git_commit() -> str | None:
         return None
 
 
+def _git_dirty() -> list[str] | None:
+    """Uncommitted changes to the package and scripts (other developers may edit the same checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "hf_compressssm", "scripts/benchmark.py"],
+                             cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [line[3:] for line in out.splitlines() if line.strip()]
+
+
 def _load() -> str:
     try:
         return " ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -972,7 +987,7 @@ def _load() -> str:
 
 def main(args: argparse.Namespace) -> int:
     if args.report_from:
-        return report_from(args.report_from, Path(args.output_dir), plots=not args.no_plots)
+        return report_from(args.report_from, Path(args.output_dir), plots=not args.no_plots, notes=args.note)
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     presets = quick_presets() if args.quick else default_presets()
@@ -1002,6 +1017,7 @@ def main(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     load_start = _load()
+    commit_start, dirty_start = _git_commit(), _git_dirty()  # the code every run uses (imported once, here)
     print(f"benchmark: tasks {list(presets)}, seeds {args.seeds}, {args.threads} thread(s), output {out_dir}", flush=True)
     datasets = {}
     for task, p in presets.items():
@@ -1067,7 +1083,8 @@ def main(args: argparse.Namespace) -> int:
             "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
             "load_start": load_start,
-            "git_commit": _git_commit(),
+            "git_commit": commit_start,
+            "git_dirty_files_at_start": dirty_start,
         },
         "tasks": {},
         "failures": failures,
@@ -1097,6 +1114,7 @@ def main(args: argparse.Namespace) -> int:
         }
     report["meta"]["total_seconds"] = time.perf_counter() - start
     report["meta"]["load_end"] = _load()
+    report["meta"]["git_commit_at_end"] = _git_commit()
     finish_report(report, out_dir, plots=not args.no_plots)
     if partial_path.exists():
         partial_path.unlink()
@@ -1119,7 +1137,7 @@ def finish_report(report: dict[str, Any], out_dir: Path, plots: bool = True) -> 
         p = TaskPreset(**t["preset"])
         t["summary"] = aggregate(task, t["runs"], p)
         t["verdicts"] = verdicts(task, t["summary"], p, t.get("probe"), t["runs"])
-    report["notes"] = list(NOTES)
+    report["notes"] = list(NOTES) + list(report["meta"].get("notes_extra", []))
     (out_dir / "benchmark.json").write_text(json.dumps(report, indent=1))
     write_markdown(out_dir / "benchmark.md", report)
     if plots:
@@ -1131,12 +1149,14 @@ def finish_report(report: dict[str, Any], out_dir: Path, plots: bool = True) -> 
             print(f"  {task}: {v['verdict']} {v['target']}: {v['detail']}", flush=True)
 
 
-def report_from(path: str, out_dir: Path, plots: bool = True) -> int:
+def report_from(path: str, out_dir: Path, plots: bool = True, notes: list[str] | None = None) -> int:
     """Rebuild the aggregates, verdicts, Markdown and plots from the runs of an earlier ``benchmark.json`` (no
     training): the measurements are untouched, only their summary is recomputed with this version of the script."""
     report = json.loads(Path(path).read_text())
     report["meta"]["report_regenerated"] = {"from": str(path), "git_commit": _git_commit(),
                                             "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    extra = list(report["meta"].get("notes_extra", []))
+    report["meta"]["notes_extra"] = extra + [n for n in (notes or []) if n not in extra]
     out_dir.mkdir(parents=True, exist_ok=True)
     finish_report(report, out_dir, plots)
     return 0
