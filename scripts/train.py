@@ -16,6 +16,9 @@ import os
 import sys
 
 
+# Idle OpenMP threads that spin (the default) slow every step several-fold on a shared or busy CPU; torch reads this
+# once, at import, so it is set before the package (and torch) is imported. An explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 
 from hf_compressssm.training import UsageError, parse_arguments, run_training  # noqa: E402
