@@ -1,23 +1,32 @@
 #!/usr/bin/env python
-"""Which state-importance score should CompreSSM use? Measured on a memory task (MQAR) where the state matters.
+"""Which state-importance score should CompreSSM use? Measured on a memory task where the state matters.
 
-    python scripts/score_study.py            # default preset (~20-30 min on 2 contended CPU cores)
+    python scripts/score_study.py            # default preset: ~25 min on 2 contended CPU cores
     python scripts/score_study.py --quick    # seconds: a smoke test of every part (numbers meaningless)
+    python scripts/score_study.py --parts cuts --set task='"mqar"' --set vocab_size=33 ...   # any preset field
 
-Parts (all on multi-query associative recall, accuracy on the query positions of a fixed validation set):
+The default task is selective copying (8 data tokens from 8 symbols among 32 noise tokens, reproduce them in
+order) with a narrow Mamba (hidden 16, 2 layers): there accuracy grows with the state size N, and a run of 1000
+steps takes 15-40 s on one core. Multi-query associative recall is available (``--set task='"mqar"'``), but on
+this budget (≤ ~1500 steps) the models did not learn key-value binding at any N tried (they learned
+shortcuts: answering by elimination, or per-channel memory with small key vocabularies), so N did not matter.
 
-* ``curve``: models trained from scratch at each state size N (the state-size curve).
-* ``cuts``: a trained full-size model is cut once to k of N states per layer by each score (``hankel``, ``h2``)
-  with ``largest`` selection, and by the ablations ``smallest`` (of the default score) and ``random`` (several
-  seeds); accuracy right after the cut and after a fixed short recovery (fresh AdamW, constant learning rate).
+Parts (accuracy on the scored positions of a fixed validation set):
+
+* ``curve``: models trained from scratch at each state size N (the state-size curve), several seeds.
+* ``cuts``: trained full-size models are cut once to k of N states per layer by each score (``h2``, ``hankel``)
+  with ``largest`` selection, by the measured reference ``scan_energy`` (`hf_compressssm.scan_energy`), and by the
+  ablations ``smallest`` and ``random`` (several seeds); accuracy right after the cut and after a fixed short
+  recovery (fresh AdamW, constant learning rate).
+* ``tau``: the final state sizes that each τ gives in training (only the first 10 % of a run is trained: it holds
+  every cut), per score and start size.
 * ``protocol``: the in-training protocol (`CompreSSMCallback`, tolerance mode, 4 cuts in the first 10 % of the
-  steps) vs the full-size model vs a model trained from scratch with ``state_sizes`` = the compressed model's final
-  per-layer sizes; several seeds each.
-* ``tau``: the final mean state size that each τ gives in training (the first 10 % of a run carries all cuts, so
-  only that part is trained), per score.
+  steps, default τ chosen from the ``tau`` part to reach about ``protocol_target_size``) vs the full-size model vs
+  a model trained from scratch with ``state_sizes`` = the compressed model's final per-layer sizes, and the same
+  protocol with random selection; several seeds, paired by seed.
 
 Writes ``<out>.json`` (every number, every setting) and ``<out>.md`` (tables). Default out:
-``scripts/results/score_study`` (``--quick`` writes to a temporary name unless ``--out`` is given).
+``scripts/results/score_study`` (``--quick`` writes to a temporary folder unless ``--out`` is given).
 """
 
 from __future__ import annotations
@@ -83,21 +92,22 @@ class Preset:
     warmup: float = 0.05
     # part curve
     curve_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
-    curve_seeds: int = 2
-    # part cuts
+    curve_seeds: int = 3
+    # part cuts: each of `cut_bases` full-size models (seeds 0, 1, ...) is cut once to each k
+    cut_bases: int = 2
     cut_sizes: list[int] = field(default_factory=lambda: [32, 16, 8, 4])
-    random_seeds: int = 5
+    random_seeds: int = 4
     recovery_steps: int = 200
     recovery_learning_rate: float = 1e-3
     cut_calibration_batches: int = 4
     reference_score: bool = True  # also cut by the per-state output energy measured from the real scan
     # part tau: final sizes per score and tau (only the first 10 % of a run, which holds every cut)
-    tau_values: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2, 0.3])
+    tau_values: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3])
     tau_scores: list[str] = field(default_factory=lambda: ["h2", "hankel"])
     tau_start_sizes: list[int] = field(default_factory=lambda: [64, 128])
     # part protocol: tolerance mode, 4 cuts in the first 10 %, with the default score; tau is either a number or
     # "auto" = the tau of the sweep (start N = full_state_size) whose final mean size is closest to target_size
-    protocol_seeds: int = 3
+    protocol_seeds: int = 5
     protocol_score: str = "h2"
     protocol_tau: float | str = "auto"
     protocol_target_size: float = 8.0
@@ -110,7 +120,7 @@ PRESETS = {
     "default": Preset(),
     "quick": Preset(
         seq_len=12, vocab_size=4, num_items=4, eval_samples=16, hidden_size=8, num_layers=2, full_state_size=8,
-        steps=12, batch_size=4, curve_sizes=[2, 8], curve_seeds=1, cut_sizes=[4], random_seeds=2,
+        steps=12, batch_size=4, curve_sizes=[2, 8], curve_seeds=1, cut_bases=1, cut_sizes=[4], random_seeds=2,
         recovery_steps=2, cut_calibration_batches=1, tau_values=[0.05, 0.3], tau_scores=["h2"],
         tau_start_sizes=[8], protocol_seeds=1, protocol_target_size=4.0, calibration_batches=1,
     ),
@@ -328,51 +338,57 @@ def _cut_methods(p: Preset) -> list[tuple[str, str, str, int]]:
 
 
 def part_cuts(p: Preset, ev, results: dict, keep: dict) -> None:
-    base, base_acc, _ = _full_model(p, ev, keep, 0)
     batches = calibration_batches(p, p.cut_calibration_batches)
-    # how well the closed-form scores rank states against the measured output energy of the real scan
-    stats = collect_statistics(base, batches)
-    measured = scan_energy_scores(base, batches)
-    agreement = {score: [spearman(selective_state_scores(st, score), m) for st, m in zip(stats, measured)]
-                 for score in ("h2", "hankel")}
-    rows = []
-    for k in p.cut_sizes:
-        for label, score, selection, seed in _cut_methods(p):
-            model = copy.deepcopy(base)
-            if score == "scan_energy":
-                kept = cut_by_scan_energy(model, k, batches)
-            else:
-                kept = [d.kept for d in cut_to(model, k, batches, score, selection, seed).layers]
-            after_cut = accuracy(model, ev)
-            seconds = train(
-                model, p, train_set(p, 100 + seed, p.recovery_steps), p.recovery_steps, seed=100 + seed,
-                learning_rate=p.recovery_learning_rate, schedule="constant", warmup=0,
-            )
-            recovered = accuracy(model, ev)
-            rows.append({
-                "k": k, "method": label, "score": score, "selection": selection, "seed": seed,
-                "accuracy_after_cut": after_cut, "accuracy_after_recovery": recovered, "kept": kept,
-                "recovery_seconds": seconds,
-            })
-            _log(f"cut k={k} {label}: after cut {after_cut:.4f}, after {p.recovery_steps} steps {recovered:.4f}")
-    results["cuts"] = {"base_accuracy": base_acc, "spearman_vs_scan_energy": agreement, "rows": rows,
-                       "summary": _cut_summary(rows)}
+    rows, bases = [], []
+    for base_seed in range(p.cut_bases):
+        base, base_acc, _ = _full_model(p, ev, keep, base_seed)
+        # how well the closed-form scores rank the states against the measured output energy of the real scan
+        stats = collect_statistics(base, batches)
+        measured = scan_energy_scores(base, batches)
+        agreement = {score: [spearman(selective_state_scores(st, score), m) for st, m in zip(stats, measured)]
+                     for score in ("h2", "hankel")}
+        bases.append({"seed": base_seed, "accuracy": base_acc, "spearman_vs_scan_energy": agreement})
+        for k in p.cut_sizes:
+            for label, score, selection, seed in _cut_methods(p):
+                model = copy.deepcopy(base)
+                if score == "scan_energy":
+                    kept = cut_by_scan_energy(model, k, batches)
+                else:
+                    kept = [d.kept for d in cut_to(model, k, batches, score, selection, seed).layers]
+                after_cut = accuracy(model, ev)
+                seconds = train(
+                    model, p, train_set(p, 100 + seed, p.recovery_steps), p.recovery_steps, seed=100 + seed,
+                    learning_rate=p.recovery_learning_rate, schedule="constant", warmup=0,
+                )
+                recovered = accuracy(model, ev)
+                rows.append({
+                    "base_seed": base_seed, "k": k, "method": label, "score": score, "selection": selection,
+                    "seed": seed, "accuracy_after_cut": after_cut, "accuracy_after_recovery": recovered,
+                    "kept": kept, "recovery_seconds": seconds,
+                })
+                _log(f"base {base_seed} cut k={k} {label}: after cut {after_cut:.4f}, after {p.recovery_steps} steps "
+                     f"{recovered:.4f}")
+    results["cuts"] = {"bases": bases, "rows": rows, "summary": _cut_summary(rows)}
 
 
 def _cut_summary(rows: list[dict]) -> list[dict]:
+    """Per (base, k, method): random pooled over its seeds. Plus base 'all': every base pooled."""
     def group(method: str) -> str:
         return "random" if method.startswith("random#") else method
 
     out = []
+    base_ids = sorted({r["base_seed"] for r in rows})
     for k in sorted({r["k"] for r in rows}, reverse=True):
         labels = list(dict.fromkeys(group(r["method"]) for r in rows if r["k"] == k))
         for lab in labels:
-            sel = [r for r in rows if r["k"] == k and group(r["method"]) == lab]
-            out.append({
-                "k": k, "method": lab,
-                "after_cut": summarize([r["accuracy_after_cut"] for r in sel]),
-                "after_recovery": summarize([r["accuracy_after_recovery"] for r in sel]),
-            })
+            for base in base_ids + ["all"]:
+                sel = [r for r in rows if r["k"] == k and group(r["method"]) == lab
+                       and (base == "all" or r["base_seed"] == base)]
+                out.append({
+                    "base_seed": base, "k": k, "method": lab,
+                    "after_cut": summarize([r["accuracy_after_cut"] for r in sel]),
+                    "after_recovery": summarize([r["accuracy_after_recovery"] for r in sel]),
+                })
     return out
 
 
@@ -435,6 +451,7 @@ def part_protocol(p: Preset, ev, results: dict, keep: dict) -> None:
         summary["compressed_random_mean_size"] = summarize([statistics.fmean(r["compressed_random_sizes"])
                                                             for r in runs])
     summary["compressed_minus_small"] = summarize([r["compressed_accuracy"] - r["small_accuracy"] for r in runs])
+    summary["compressed_minus_full"] = summarize([r["compressed_accuracy"] - r["full_accuracy"] for r in runs])
     results["protocol"] = {"tau": tau, "tau_rule": "auto" if p.protocol_tau == "auto" else "fixed",
                            "score": p.protocol_score, "runs": runs, "summary": summary}
 
@@ -479,22 +496,34 @@ def markdown(results: dict) -> str:
         lines.append("")
     if "cuts" in results:
         c = results["cuts"]
-        agree = ", ".join(f"{k}: " + "/".join(f"{v:.2f}" for v in vals)
-                          for k, vals in c["spearman_vs_scan_energy"].items())
+        bases = c["bases"]
+        agree = "; ".join(
+            f"base {b['seed']}: " + ", ".join(f"{k} " + "/".join(f"{v:.2f}" for v in vals)
+                                              for k, vals in b["spearman_vs_scan_energy"].items())
+            for b in bases)
+        names = " / ".join(f"base {b['seed']}" for b in bases)
         lines += [
-            f"## One cut of a trained N={p['full_state_size']} model to k states per layer "
-            f"(before the cut: {100 * c['base_accuracy']:.1f} %)",
+            f"## One cut of a trained N={p['full_state_size']} model to k states per layer",
             "",
-            f"Right after the cut, and after {p['recovery_steps']} recovery steps (fresh AdamW, constant lr "
-            f"{p['recovery_learning_rate']}). random: {p['random_seeds']} seeds. smallest(x): keep the "
-            "lowest-scoring states of score x. scan_energy: measured per-state output energy from the real scan "
-            f"(reference). Spearman of the closed-form scores vs scan_energy per layer: {agree}.",
+            f"{len(bases)} full-size models trained from scratch (seeds {[b['seed'] for b in bases]}; accuracy "
+            + " / ".join(f"{100 * b['accuracy']:.1f} %" for b in bases)
+            + f" before the cut). Accuracy right after the cut, and after {p['recovery_steps']} recovery steps "
+            f"(fresh AdamW, constant lr {p['recovery_learning_rate']}); cells: {names}. random: mean ± std over "
+            f"{p['random_seeds']} seeds per base. smallest(x): keep the lowest-scoring states of score x. "
+            "scan_energy: per-state output energy measured from the real scan (a slow reference, "
+            f"`hf_compressssm.scan_energy`). Spearman rank correlation of the closed-form scores with scan_energy "
+            f"(layer 0/layer 1): {agree}.",
             "",
             "| k | method | after cut % | after recovery % |",
             "|---|---|---|---|",
         ]
-        lines += [f"| {s['k']} | {s['method']} | {_pm(s['after_cut'])} | {_pm(s['after_recovery'])} |"
-                  for s in c["summary"]]
+        by_key: dict[tuple, list[dict]] = {}
+        for s in c["summary"]:
+            if s["base_seed"] != "all":
+                by_key.setdefault((s["k"], s["method"]), []).append(s)
+        for (k, method), group in by_key.items():
+            lines.append(f"| {k} | {method} | " + " / ".join(_pm(s["after_cut"]) for s in group) + " | "
+                         + " / ".join(_pm(s["after_recovery"]) for s in group) + " |")
         lines.append("")
     if "tau" in results:
         t = results["tau"]
@@ -530,7 +559,8 @@ def markdown(results: dict) -> str:
             f"| small from scratch at CompreSSM's final sizes | {_pm(s['small_accuracy'])} | "
             f"{s['compressed_mean_size']['mean']:.1f} | {s['small_seconds']['mean']:.0f} |",
             "",
-            f"CompreSSM − small-from-scratch (paired by seed): {_pm(s['compressed_minus_small'])} points.",
+            f"Paired by seed, in points: CompreSSM − small-from-scratch {_pm(s['compressed_minus_small'])}; "
+            f"CompreSSM − full size {_pm(s['compressed_minus_full'])}.",
             "",
             "| seed | CompreSSM sizes | full % | CompreSSM % | small % |"
             + (" random-selection sizes | random-selection % |" if "compressed_random_accuracy" in s else ""),

@@ -231,7 +231,7 @@ def test_quick_study_writes_well_formed_outputs(tmp_path):
     methods = {s["method"] for s in results["cuts"]["summary"]}
     assert {"h2", "hankel", "scan_energy", "smallest(h2)", "smallest(hankel)", "random"} <= methods
     random_rows = [r for r in results["cuts"]["rows"] if r["selection"] == "random"]
-    assert len(random_rows) == p["random_seeds"] * len(p["cut_sizes"])
+    assert len(random_rows) == p["random_seeds"] * len(p["cut_sizes"]) * p["cut_bases"]
     for row in results["cuts"]["rows"]:
         assert 0.0 <= row["accuracy_after_cut"] <= 1.0 and 0.0 <= row["accuracy_after_recovery"] <= 1.0
         assert all(len(kept) == row["k"] for kept in row["kept"])
