@@ -128,8 +128,8 @@ class _Copying(torch.utils.data.Dataset):
         return self.ds[i]
 
 
-@pytest.mark.parametrize("score,selection", [(s, "largest") for s in SCORES] + [("h2", "smallest"),
-                                                                                  ("h2", "random")])
+@pytest.mark.parametrize("score,selection", [(s, "largest") for s in SCORES]
+                         + [("h2", sel) for sel in SELECTIONS if sel != "largest"])
 def test_every_score_and_selection_through_the_callback(tmp_path, score, selection):
     model = tiny_lm(vocab_size=8, state_sizes=[8, 8])
     callback = CompreSSMCallback(mode="fixed", fixed_fraction=0.5, reduction_steps=[2], score=score,
