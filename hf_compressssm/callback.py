@@ -15,7 +15,6 @@ import copy
 import json
 import os
 from collections import deque
-from typing import Any
 
 import torch
 from torch import nn
@@ -66,7 +65,7 @@ class CompreSSMCallback(TrainerCallback):
         self._recent_batches: deque = deque(maxlen=self.args.calibration_batches)
         self._recorder = None
         self._reducer = GradientAllReducer()
-        self._generator = torch.Generator().manual_seed(self.args.seed)
+        self._generator = torch.Generator().manual_seed(self.args.compression_seed)
         self._tb_writer = None
         self._pending_check: dict | None = None
         self._last_eval: tuple[int, float] | None = None

@@ -179,7 +179,7 @@ def record_report(model: nn.Module, report: ReductionReport, args: CompressionAr
 def compress_model(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, Any]],
-    tau: float = 0.05,
+    tau: float = CompressionArguments.tau,
     optimizer: torch.optim.Optimizer | None = None,
     **kwargs,
 ) -> ReductionReport:
@@ -200,7 +200,7 @@ def compress_model(
             f"{type(model).__name__} keeps one state_size for all layers; convert it first with "
             "CompreSSMMambaForCausalLM.from_mamba(model)."
         )
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.compression_seed)
     batches = list(itertools.islice(iter(dataloader), args.calibration_batches))
     if not batches:
         raise ValueError("the dataloader yielded no batch: compression needs real inputs to calibrate on.")

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +151,7 @@ _COMMON_TRAINING = dict(
 _PRESET_VALUES: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
         "causal_lm": dict(hidden_size=128, num_hidden_layers=2, state_size=64, block_size=256,
-                          per_device_train_batch_size=8, max_steps=600, tau=0.05),
+                          per_device_train_batch_size=8, max_steps=600, tau=0.25),
         "pixel_classification": dict(dataset_name="fashion_mnist", hidden_size=64, num_hidden_layers=2,
                                      state_size=64, per_device_train_batch_size=32, max_steps=300, tau=0.05),
         "mqar": dict(hidden_size=64, num_hidden_layers=2, state_size=64, seq_len=128, synthetic_vocab_size=256,
@@ -196,33 +196,9 @@ def preset_defaults(
     return values
 
 
-def _compression_cli_arguments() -> type:
-    """`CompressionArguments` with ``seed`` renamed ``compression_seed`` (`TrainingArguments` owns ``--seed``)."""
-    specs = []
-    for f in fields(CompressionArguments):
-        name = "compression_seed" if f.name == "seed" else f.name
-        default = {"default": f.default} if f.default is not MISSING else {"default_factory": f.default_factory}
-        metadata = dict(f.metadata)
-        if name == "compression_seed":
-            metadata["help"] = "Seed of the random-selection ablation (CompressionArguments.seed)."
-        specs.append((name, f.type, field(metadata=metadata, **default)))
-    def check(self) -> None:
-        CompressionArguments(**_compression_values(self))
-
-    return make_dataclass("CompressionCLIArguments", specs, namespace={"__post_init__": check})
-
-
-def _compression_values(cli_args: Any) -> dict[str, Any]:
-    return {("seed" if k == "compression_seed" else k): v for k, v in asdict(cli_args).items()}
-
-
-CompressionCLIArguments = _compression_cli_arguments()
-
-
 def build_parser() -> HfArgumentParser:
-    """``HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, CompressionArguments))``; the
-    compression ``seed`` is spelled ``--compression_seed`` because `TrainingArguments` already has ``--seed``."""
-    return HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, CompressionCLIArguments))
+    """``HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, CompressionArguments))``."""
+    return HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, CompressionArguments))
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -266,8 +242,8 @@ def parse_arguments(
             known, _ = parser.parse_known_args(argv)
             parser.set_defaults(**preset_defaults(known.task, known.preset, known.dataset_name, known.train_file))
             parsed = parser.parse_args_into_dataclasses(argv)
-        model_args, data_args, training_args, cli_comp = parsed
-        return model_args, data_args, training_args, CompressionArguments(**_compression_values(cli_comp))
+        model_args, data_args, training_args, comp_args = parsed
+        return model_args, data_args, training_args, comp_args
     except UsageError:
         raise
     except (ValueError, TypeError) as err:

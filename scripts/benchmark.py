@@ -400,7 +400,7 @@ def run_variant(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, thread
     callbacks: list[Any] = []
     comp_args = None
     if variant in ("compressssm", "smallest", "random"):
-        comp_args = CompressionArguments(tau=tau, selection=spec.get("selection", "largest"), seed=seed,
+        comp_args = CompressionArguments(tau=tau, selection=spec.get("selection", "largest"), compression_seed=seed,
                                          calibration_batches=p.calibration_batches)
         callbacks.append(CompreSSMCallback(comp_args))
     callbacks.append(timer)

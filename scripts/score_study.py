@@ -252,7 +252,7 @@ def cut_to(model, k: int, batches, score: str, selection: str, seed: int = 0):
     n = max(state_sizes(model))
     fraction = 1.0 - (k - 0.5) / n  # ceil(n (1 - fraction)) == k
     report = compress_model(
-        model, batches, mode="fixed", fixed_fraction=fraction, score=score, selection=selection, seed=seed,
+        model, batches, mode="fixed", fixed_fraction=fraction, score=score, selection=selection, compression_seed=seed,
         calibration_batches=len(batches), gate=1.0,
     )
     if any(s != k for s in report.sizes_after):
@@ -427,7 +427,7 @@ def part_protocol(p: Preset, ev, results: dict, keep: dict) -> None:
         _, full_acc, full_seconds = _full_model(p, ev, keep, seed)
         row: dict[str, Any] = {"seed": seed, "full_accuracy": full_acc, "full_seconds": full_seconds}
         for selection, score in variants:
-            cargs = CompressionArguments(tau=tau, score=score, selection=selection, seed=seed,
+            cargs = CompressionArguments(tau=tau, score=score, selection=selection, compression_seed=seed,
                                          calibration_batches=p.calibration_batches)
             model, seconds = train_from_scratch(p, seed, callbacks=[CompreSSMCallback(cargs)])
             key = "compressed" if selection == "largest" else "compressed_random"

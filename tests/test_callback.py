@@ -245,7 +245,7 @@ def test_largest_and_random_keep_different_indices_with_planted_dead_state():
     kept = {}
     for selection in ("largest", "smallest", "random"):
         model = _planted_model()
-        report = compress_model(model, batches, mode="fixed", fixed_fraction=0.5, selection=selection, seed=1)
+        report = compress_model(model, batches, mode="fixed", fixed_fraction=0.5, selection=selection, compression_seed=1)
         kept[selection] = [layer.kept for layer in report.layers]
         assert report.sizes_after == [4, 4] and model.state_sizes() == [4, 4]
         assert report.layers[0].scores[3] == 0.0

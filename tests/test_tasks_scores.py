@@ -133,7 +133,7 @@ class _Copying(torch.utils.data.Dataset):
 def test_every_score_and_selection_through_the_callback(tmp_path, score, selection):
     model = tiny_lm(vocab_size=8, state_sizes=[8, 8])
     callback = CompreSSMCallback(mode="fixed", fixed_fraction=0.5, reduction_steps=[2], score=score,
-                                 selection=selection, seed=3, calibration_batches=1)
+                                 selection=selection, compression_seed=3, calibration_batches=1)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
                              report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
                              logging_steps=100)
