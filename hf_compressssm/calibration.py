@@ -5,7 +5,7 @@ per-layer statistics are additive sums (see `hankel.selective_statistics`): they
 all-reduced across processes, so every rank scores states on the same numbers.
 """
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -53,31 +53,26 @@ def _nan_statistics(channels: int, states: int, device: torch.device) -> LayerSt
     }
 
 
-@torch.no_grad()
-def collect_statistics(
-    model: nn.Module,
-    batches: Iterable[Mapping[str, Any]],
-) -> list[LayerStatistics]:
-    """Run ``model`` (no grad, eval mode, train mode restored after) on ``batches`` and sum per-layer statistics.
+ProjectionVisitor = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Any], None]
 
-    ``batches``: dicts of model inputs (``labels`` are dropped); tensors are moved to the model's device.
-    Returns one statistics dict per mixer, in layer order.
+
+@torch.no_grad()
+def visit_mixer_projections(
+    model: nn.Module, batches: Iterable[Mapping[str, Any]], visit: ProjectionVisitor
+) -> None:
+    """Run ``model`` on ``batches`` (no grad, eval mode, train mode restored after) and call, for every mixer and
+    batch, ``visit(layer_index, u, delta, A, B, C, attention_mask)`` with that mixer's projections
+    (see `mixer_projections`). ``batches``: dicts of model inputs (``labels`` are dropped), moved to the model's device.
     """
     mixers = find_mixers(model)
     if not mixers:
         raise ValueError(f"{type(model).__name__} has no Mamba mixers: nothing to calibrate.")
-    totals: list[LayerStatistics | None] = [None] * len(mixers)
 
     def make_hook(index: int, mixer: MambaMixer):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             mask = kwargs.get("attention_mask")
-            u, delta, A, B, C = mixer_projections(mixer, hidden, mask)
-            if all(bool(torch.isfinite(t).all()) for t in (u, delta, A, B, C)):
-                stats = selective_statistics(u, delta, A, B, C, mask=mask)
-            else:  # keep going so that every process reaches the all-reduce; the NaN marks the layer
-                stats = _nan_statistics(*A.shape, device=A.device)
-            totals[index] = stats if totals[index] is None else merge_statistics(totals[index], stats)
+            visit(index, *mixer_projections(mixer, hidden, mask), mask)
 
         return hook
 
@@ -98,6 +93,23 @@ def collect_statistics(
         for handle in handles:
             handle.remove()
         model.train(was_training)
+
+
+def collect_statistics(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+) -> list[LayerStatistics]:
+    """Sum per-layer `selective_statistics` of ``model`` over ``batches``; one dict per mixer, in layer order."""
+    totals: list[LayerStatistics | None] = [None] * len(find_mixers(model))
+
+    def accumulate(index, u, delta, A, B, C, mask) -> None:
+        if all(bool(torch.isfinite(t).all()) for t in (u, delta, A, B, C)):
+            stats = selective_statistics(u, delta, A, B, C, mask=mask)
+        else:  # keep going so that every process reaches the all-reduce; the NaN marks the layer
+            stats = _nan_statistics(*A.shape, device=A.device)
+        totals[index] = stats if totals[index] is None else merge_statistics(totals[index], stats)
+
+    visit_mixer_projections(model, batches, accumulate)
     if any(t is None for t in totals):
         raise ValueError("calibration saw no batch: pass at least one batch of inputs.")
     return totals  # type: ignore[return-value]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import mixer_projections
+from .calibration import visit_mixer_projections
 from .surgery import find_mixers
 
 
@@ -74,31 +74,12 @@ def scan_energy_scores(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -
     sums: list[torch.Tensor | None] = [None] * len(mixers)
     counts = [0.0] * len(mixers)
 
-    def make_hook(index, mixer):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            mask = kwargs.get("attention_mask")
-            u, delta, A, B, C = mixer_projections(mixer, hidden, mask)
-            sum_sq, count = state_output_energy(u, delta, A, B, C, mask)
-            sums[index] = sum_sq if sums[index] is None else sums[index] + sum_sq
-            counts[index] += float(count)
+    def accumulate(index, u, delta, A, B, C, mask) -> None:
+        sum_sq, count = state_output_energy(u, delta, A, B, C, mask)
+        sums[index] = sum_sq if sums[index] is None else sums[index] + sum_sq
+        counts[index] += float(count)
 
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(i, m), with_kwargs=True) for i, m in enumerate(mixers)]
-    was_training = model.training
-    device = next(model.parameters()).device
-    model.eval()
-    try:
-        for batch in batches:
-            inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()
-                      if k not in ("labels", "label", "label_ids")}
-            inputs["use_cache"] = False
-            model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    visit_mixer_projections(model, batches, accumulate)
     if any(s is None for s in sums) or min(counts) <= 0:
         raise ValueError("scan_energy_scores saw no token: pass at least one batch of inputs.")
     return [(s / c).sqrt().sum(0) for s, c in zip(sums, counts)]
