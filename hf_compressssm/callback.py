@@ -29,7 +29,7 @@ from .distributed import (
     shrinkable_excluded_from_ddp,
 )
 from .reduction import ReductionReport, record_report, reduce_once, update_compression_record
-from .surgery import find_mixers, unwrap_optimizer
+from .surgery import find_mixers, swap_parameter_in_optimizer, unwrap_optimizer
 
 
 logger = logging.get_logger(__name__)
@@ -229,8 +229,7 @@ class CompreSSMCallback(TrainerCallback):
             owner = model.get_submodule(owner_name)
             restored = nn.Parameter(tensor.clone().to(param.device), requires_grad=param.requires_grad)
             if inner is not None:
-                for group in inner.param_groups:
-                    group["params"] = [restored if p is param else p for p in group["params"]]
+                swap_parameter_in_optimizer(inner, param, restored)
                 inner.state.pop(param, None)
             setattr(owner, attr, restored)
         model.load_state_dict(snap["model"])

@@ -140,7 +140,8 @@ def plan_optimizer_states(optimizer: torch.optim.Optimizer | None, cuts: list[Pa
     return plans
 
 
-def _swap_in_optimizer(inner: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter) -> bool:
+def swap_parameter_in_optimizer(inner: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter) -> bool:
+    """Put ``new`` where ``old`` stands in ``inner.param_groups`` (by identity); False if ``old`` is not there."""
     for group in inner.param_groups:
         for j, p in enumerate(group["params"]):
             if p is old:
@@ -164,7 +165,7 @@ def apply_cuts(
     done: list[tuple[ParameterCut, bool, object]] = []
     try:
         for i, cut in enumerate(cuts):
-            in_optimizer = inner is not None and _swap_in_optimizer(inner, cut.old, cut.new)
+            in_optimizer = inner is not None and swap_parameter_in_optimizer(inner, cut.old, cut.new)
             old_state = inner.state.pop(cut.old, None) if inner is not None else None
             done.append((cut, in_optimizer, old_state))
             setattr(cut.owner, cut.name, cut.new)
@@ -180,7 +181,7 @@ def apply_cuts(
                 if old_state is not None:
                     inner.state[cut.old] = old_state
                 if in_optimizer:
-                    _swap_in_optimizer(inner, cut.new, cut.old)
+                    swap_parameter_in_optimizer(inner, cut.new, cut.old)
         raise SurgeryError(f"the cut failed and was undone: {err}") from err
 
 
