@@ -1,11 +1,15 @@
-"""hf_compressssm: CompreSSM in-training compression of Mamba state-space models for Hugging Face transformers.
+"""hf_compressssm: CompreSSM in-training compression of state-space models for Hugging Face transformers.
+
+Layout: ``models/`` (one Hugging Face unit per SSM family), ``families/`` (what the pipeline needs to know about
+each family), ``compression/`` (the pipeline, one module per stage, and the `Trainer` callback), ``tasks/`` (data,
+synthetic tasks and training helpers the scripts use), ``hub/`` (cards, upload) and ``peft_utils``.
 
 Importing the package registers the model family with the Auto classes (``AutoConfig``, ``AutoModel``,
 ``AutoModelForCausalLM``, ``AutoModelForSequenceClassification``) and marks the classes for remote-code export, so
 ``save_pretrained`` writes ``auto_map`` and the self-contained configuration/modeling files next to the weights.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from transformers import (
     AutoConfig,
@@ -14,16 +18,14 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .arguments import CompressionArguments
-from .callback import CompreSSMCallback
-from .configuration_compressssm_mamba import CompreSSMMambaConfig
-from .modeling_compressssm_mamba import (
+from .compression import CompreSSMCallback, CompressionArguments, ReductionReport, compress_model
+from .models.mamba import (
+    CompreSSMMambaConfig,
     CompreSSMMambaForCausalLM,
     CompreSSMMambaForSequenceClassification,
     CompreSSMMambaModel,
     CompreSSMMambaPreTrainedModel,
 )
-from .reduction import ReductionReport, compress_model
 
 
 def _register() -> None:

@@ -1,6 +1,6 @@
-"""LoRA targets for (compressed) Mamba models with PEFT.
+"""LoRA targets for (compressed) SSM models with PEFT, from the model's `SSMFamily`.
 
-PEFT has no default targets for Mamba. Which adapters take effect depends on how the mixer uses each projection:
+PEFT has no default targets for Mamba. For Mamba-1: Which adapters take effect depends on how the mixer uses each projection:
 
 * CPU, or CUDA without the fused kernel (and any evaluation / generation): ``in_proj``, ``x_proj`` and ``out_proj``
   are called as modules, so LoRA on them trains and changes the output;
@@ -20,16 +20,14 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from .families import MambaFamily, family_of, find_mixers
+
 
 logger = logging.get_logger(__name__)
 
-MODULE_TARGETS = ("in_proj", "x_proj", "out_proj")  # called as modules on the non-fused path
-FUSED_TARGETS = ("in_proj",)  # the only module call of the fused CUDA training path
-NEVER_TARGETS = ("dt_proj", "conv1d")  # weights read directly: LoRA there never receives a gradient
-
-
-def _mixers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if hasattr(m, "A_log") and hasattr(m, "x_proj")]
+MODULE_TARGETS = MambaFamily.lora_targets  # Mamba-1: called as modules on the non-fused path
+FUSED_TARGETS = MambaFamily.fused_lora_targets  # Mamba-1: the only module call of the fused CUDA training path
+NEVER_TARGETS = MambaFamily.never_lora_targets  # weights read directly: LoRA there never receives a gradient
 
 
 def uses_fused_cuda_path(model: nn.Module, device: torch.device | str | None = None) -> bool:
@@ -38,7 +36,7 @@ def uses_fused_cuda_path(model: nn.Module, device: torch.device | str | None = N
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if device.type != "cuda" or importlib.util.find_spec("mamba_ssm") is None:
         return False
-    mixers = _mixers(model)
+    mixers = find_mixers(model)
     if not mixers:
         return False
     backend = getattr(mixers[0], "_backend", None)
@@ -49,16 +47,23 @@ def uses_fused_cuda_path(model: nn.Module, device: torch.device | str | None = N
 
 def default_lora_targets(model: nn.Module, device: torch.device | str | None = None) -> list[str]:
     """LoRA ``target_modules`` that take effect when training ``model`` on ``device``."""
-    return list(FUSED_TARGETS if uses_fused_cuda_path(model, device) else MODULE_TARGETS)
+    family = family_of(model)
+    fused = getattr(family, "fused_lora_targets", family.lora_targets)
+    return list(fused if uses_fused_cuda_path(model, device) else family.lora_targets)
 
 
 def ineffective_lora_targets(
     model: nn.Module, target_modules: list[str] | tuple[str, ...], device: torch.device | str | None = None
 ) -> list[str]:
     """The entries of ``target_modules`` whose adapters would receive no gradient on ``device`` (logged)."""
+    family = family_of(model)
     effective = set(default_lora_targets(model, device))
     names = [t.split(".")[-1] for t in target_modules]
-    bad = [t for t, n in zip(target_modules, names) if n in NEVER_TARGETS or (n in MODULE_TARGETS and n not in effective)]
+    bad = [
+        t
+        for t, n in zip(target_modules, names)
+        if n in family.never_lora_targets or (n in family.lora_targets and n not in effective)
+    ]
     if bad:
         logger.warning(f"LoRA on {bad} will not train here (effective targets: {sorted(effective)}).")
     return bad

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark CompreSSM against its baselines, as measured ratios (issue 7; claims in METHOD.md §6).
+"""Benchmark CompreSSM against its baselines, as measured ratios (issue 7; claims in docs/method.md §6).
 
     python scripts/benchmark.py                 # default preset, both tasks, 2 seeds (~45 min on 2 contended cores)
     python scripts/benchmark.py --quick         # every variant of a tiny setting (a few minutes; numbers meaningless)
@@ -14,7 +14,7 @@ the same data, steps, learning-rate schedule and seed (initialisation and data o
 3. ``scratch``         the same architecture trained from scratch with ``state_sizes`` = the final per-layer sizes
                        of the same seed's CompreSSM run at that τ;
 4. ``smallest`` / ``random``  CompreSSM with the ablation selections at the main τ;
-5. ``hnn``             Hankel-nuclear-norm regularised training (`hf_compressssm.hnn.HNNTrainer`: λ·Σσ added to the
+5. ``hnn``             Hankel-nuclear-norm regularised training (`hf_compressssm.compression.hnn.HNNTrainer`: λ·Σσ added to the
                        loss at every step, full size throughout), then one truncation with `compress_model` at the
                        main τ. Its per-step cost is several times a plain step, so by default it runs only the first
                        ``hnn_steps`` steps (with the full run's learning-rate schedule) and its total cost is
@@ -213,13 +213,13 @@ import torch  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from hf_compressssm import data as data_lib  # noqa: E402
-from hf_compressssm.arguments import CompressionArguments  # noqa: E402
-from hf_compressssm.callback import CompreSSMCallback  # noqa: E402
-from hf_compressssm.hnn import HNNTrainer  # noqa: E402
-from hf_compressssm.reduction import compress_model  # noqa: E402
-from hf_compressssm.surgery import find_mixers  # noqa: E402
-from hf_compressssm.training import (  # noqa: E402
+from hf_compressssm.tasks import data as data_lib  # noqa: E402
+from hf_compressssm.compression.arguments import CompressionArguments  # noqa: E402
+from hf_compressssm.compression.callback import CompreSSMCallback  # noqa: E402
+from hf_compressssm.compression.hnn import HNNTrainer  # noqa: E402
+from hf_compressssm.compression.reduction import compress_model  # noqa: E402
+from hf_compressssm.families import find_mixers  # noqa: E402
+from hf_compressssm.tasks import (  # noqa: E402
     DataArguments,
     ModelArguments,
     TaskData,
@@ -507,7 +507,7 @@ def run_probe(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, threads:
         out[k] = {"wall_median_s": statistics.median(wall[k]), "cpu_median_s": statistics.median(cpu[k]),
                   **_scan_share(models[k], batch)}
     # What one reduction's calibration costs at N0 (statistics over the batches: O(tokens·D·N) in float64).
-    from hf_compressssm.calibration import collect_statistics
+    from hf_compressssm.compression.calibration import collect_statistics
 
     calib = {}
     for n in sorted({1, p.calibration_batches, CompressionArguments().calibration_batches}):
@@ -1124,7 +1124,7 @@ def main(args: argparse.Namespace) -> int:
 NOTES = [
     "Peak RSS is ru_maxrss of each run's own child process (forked from a parent that has imported torch and "
     "transformers and built the datasets), so it includes the interpreter, the libraries and the data.",
-    "HNN regulariser: hf_compressssm.hnn (Σσ of the per-channel time-averaged LTI surrogate, differentiable, every "
+    "HNN regulariser: hf_compressssm.compression.hnn (Σσ of the per-channel time-averaged LTI surrogate, differentiable, every "
     "step), truncated once with compress_model at the main τ (default score, largest selection).",
     "Speed-ups are paired: each run is divided by the full run of the same seed; the HNN/CompreSSM cost ratio pairs "
     "the HNN run with the CompreSSM run of the same seed.",

@@ -21,7 +21,7 @@ from dataclasses import fields
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 
 import hf_compressssm  # noqa: E402,F401  (registers the Auto classes)
-from hf_compressssm.training import RUN_FILE, TASKS, DataArguments, UsageError  # noqa: E402
+from hf_compressssm.tasks import RUN_FILE, TASKS, DataArguments, UsageError  # noqa: E402
 
 
 REPORT_FILE = "evaluation.json"
@@ -63,7 +63,7 @@ def _prepare(args):
     """Everything that can fail because of the input, before anything is measured or written."""
     from transformers import AutoConfig
 
-    from hf_compressssm.training import build_datasets, resolve_tokenizer, ModelArguments
+    from hf_compressssm.tasks import build_datasets, resolve_tokenizer, ModelArguments
 
     looks_local = args.model.startswith((".", "/", "~")) or os.path.exists(args.model)
     if looks_local and not os.path.isdir(args.model):
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from hf_compressssm.evaluation import (
+    from hf_compressssm.tasks.evaluation import (
         count_parameters, evaluate_quality, format_table, generation_throughput, layer_state_sizes,
         training_throughput,
     )
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         json.dump(report, f, indent=1)
     print(f"Wrote {output}")
     if args.update_card:
-        from hf_compressssm.model_card import save_model_card
+        from hf_compressssm.hub.model_card import save_model_card
 
         card = dict(run.get("card") or {"task": task, "dataset_description": task_data.dataset_description})
         card["metrics"] = {k: v for k, v in report["quality"].items() if k in ("loss", "perplexity", "accuracy")}

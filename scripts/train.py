@@ -8,7 +8,7 @@
     python scripts/train.py args.yaml                      # every argument from a .json / .yaml file
     torchrun --nproc_per_node 2 scripts/train.py ...       # or: accelerate launch scripts/train.py ...
 
-Arguments: ModelArguments and DataArguments (hf_compressssm.training), transformers' TrainingArguments and
+Arguments: ModelArguments and DataArguments (hf_compressssm.tasks), transformers' TrainingArguments and
 CompressionArguments; see --help. Bad input prints one error line and exits with status 2, writing nothing.
 """
 
@@ -21,7 +21,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 
-from hf_compressssm.training import UsageError, parse_arguments, run_training  # noqa: E402
+from hf_compressssm.tasks import UsageError, parse_arguments, run_training  # noqa: E402
 
 
 def _print_summary(results: dict) -> None:

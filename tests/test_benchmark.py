@@ -1,5 +1,5 @@
 """scripts/benchmark.py --quick end to end (one seed, one τ): the outputs exist and are well formed (not their values);
-and the Hankel-nuclear-norm baseline it runs (hf_compressssm.hnn)."""
+and the Hankel-nuclear-norm baseline it runs (hf_compressssm.compression.hnn)."""
 
 import importlib.util
 import json
@@ -81,7 +81,7 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# hf_compressssm.hnn: the HNN regulariser
+# hf_compressssm.compression.hnn: the HNN regulariser
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -95,7 +95,7 @@ def _tiny_lm(state_size=6):
 
 
 def test_mean_decay_matches_direct_formula_and_gradcheck():
-    from hf_compressssm.hnn import _MeanDecay
+    from hf_compressssm.compression.hnn import _MeanDecay
 
     torch.manual_seed(0)
     delta = torch.rand(23, 4, dtype=torch.float64, requires_grad=True)
@@ -106,9 +106,9 @@ def test_mean_decay_matches_direct_formula_and_gradcheck():
 
 
 def test_surrogate_agrees_with_calibration_statistics():
-    from hf_compressssm.calibration import collect_statistics
-    from hf_compressssm.hnn import mixer_lti_surrogate
-    from hf_compressssm.surgery import find_mixers
+    from hf_compressssm.compression.calibration import collect_statistics
+    from hf_compressssm.compression.hnn import mixer_lti_surrogate
+    from hf_compressssm.families import find_mixers
 
     model = _tiny_lm()
     ids = torch.randint(0, 32, (3, 17))
@@ -132,7 +132,7 @@ def test_surrogate_agrees_with_calibration_statistics():
 def test_hnn_trainer_adds_the_penalty_and_its_gradient_reaches_the_ssm(tmp_path):
     from transformers import TrainingArguments
 
-    from hf_compressssm.hnn import HankelNuclearNormRegularizer, HNNTrainer
+    from hf_compressssm.compression.hnn import HankelNuclearNormRegularizer, HNNTrainer
 
     model = _tiny_lm()
     ids = torch.randint(0, 32, (2, 12))

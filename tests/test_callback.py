@@ -17,7 +17,7 @@ from hf_compressssm import (
     CompressionArguments,
     compress_model,
 )
-from hf_compressssm.surgery import find_mixers
+from hf_compressssm.families import find_mixers
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -265,7 +265,7 @@ def test_compress_model_tolerance_report_and_bad_models():
     stock = MambaForCausalLM(MambaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, state_size=8))
     with pytest.raises(ValueError, match="from_mamba"):
         compress_model(stock, batches, tau=0.5)
-    with pytest.raises(ValueError, match="no Mamba mixers"):
+    with pytest.raises(ValueError, match="no SSM mixers"):
         compress_model(torch.nn.Linear(2, 2), batches)
     with pytest.raises(ValueError, match="no batch"):
         compress_model(tiny_lm(), [], tau=0.5)
@@ -335,7 +335,7 @@ def test_model_without_mixers(tmp_path):
             logits = self.head(self.emb(input_ids))
             return {"loss": torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())}
 
-    _train_expect_error(tmp_path, NoMamba(), CompreSSMCallback(), "no Mamba mixers")
+    _train_expect_error(tmp_path, NoMamba(), CompreSSMCallback(), "no SSM mixers")
 
 
 def test_default_schedule_is_four_attempts_in_first_ten_percent():

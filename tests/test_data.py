@@ -1,4 +1,4 @@
-"""Tests for hf_compressssm.data: text/tokenizers/LM blocks, pixel sequences, synthetic memory tasks."""
+"""Tests for hf_compressssm.tasks.data: text/tokenizers/LM blocks, pixel sequences, synthetic memory tasks."""
 
 import gzip
 import importlib.util
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from hf_compressssm import data as D
+from hf_compressssm.tasks import data as D
 
 HAS_BIBLE = importlib.util.find_spec("bible") is not None
 HAS_MLXTEND = importlib.util.find_spec("mlxtend") is not None
@@ -331,7 +331,7 @@ def test_missing_packages_name_the_install_command(monkeypatch, tmp_path):
 
 def test_import_is_light():
     code = (
-        "import sys, hf_compressssm; before = set(sys.modules); import hf_compressssm.data; "
+        "import sys, hf_compressssm; before = set(sys.modules); import hf_compressssm.tasks.data; "
         "heavy = {'sklearn', 'mlxtend', 'bible', 'datasets', 'tokenizers'}; "
         "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in heavy))"
     )

@@ -1,4 +1,4 @@
-"""Tests for hf_compressssm.hankel; scipy / numpy dense routes are the independent reference."""
+"""Tests for the pure math of hf_compressssm.compression (hankel, ranks, scores); scipy / numpy dense routes are the independent reference."""
 
 from __future__ import annotations
 
@@ -7,19 +7,15 @@ import pytest
 import scipy.linalg as sla
 import torch
 
-from hf_compressssm.hankel import (
-    SCORES,
+from hf_compressssm.compression.hankel import (
     balanced_truncation,
     diagonal_gramians,
     hankel_nuclear_norm,
     hankel_singular_values,
-    merge_statistics,
     rediagonalize,
-    select_indices,
-    select_rank,
-    selective_state_scores,
-    selective_statistics,
 )
+from hf_compressssm.compression.ranks import select_indices, select_rank
+from hf_compressssm.compression.scores import SCORES, merge_statistics, selective_state_scores, selective_statistics
 
 torch.set_num_threads(1)
 

@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 
 import hf_compressssm.hub as hub
 from hf_compressssm import compress_model
-from hf_compressssm.data import build_byte_tokenizer
+from hf_compressssm.tasks.data import build_byte_tokenizer
 
 
 REPO = Path(__file__).resolve().parent.parent

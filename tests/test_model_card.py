@@ -8,7 +8,7 @@ from huggingface_hub import ModelCard
 from transformers import MambaConfig, MambaForCausalLM
 
 from hf_compressssm import CompreSSMMambaForCausalLM, CompreSSMMambaForSequenceClassification, compress_model
-from hf_compressssm.model_card import BASE_TAGS, find_template, render_model_card, save_model_card
+from hf_compressssm.hub.model_card import BASE_TAGS, find_template, render_model_card, save_model_card
 
 
 def _front_matter(text: str) -> dict:

@@ -208,7 +208,7 @@ def test_bad_input_exits_cleanly(tmp_path):
 )
 def test_impossible_combinations_in_process(tmp_path, monkeypatch, args, needle):
     """The same checks as the scripts, in process: `UsageError` before the output dir exists."""
-    from hf_compressssm.training import UsageError, parse_arguments, run_training
+    from hf_compressssm.tasks import UsageError, parse_arguments, run_training
 
     corpus = tmp_path / "in" / "corpus.txt"
     corpus.parent.mkdir()
@@ -225,7 +225,7 @@ def test_tensorboard_logging_in_process(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from hf_compressssm.training import parse_arguments, run_training
+    from hf_compressssm.tasks import parse_arguments, run_training
 
     out = tmp_path / "tb"
     run_training(*parse_arguments(["--preset", "tiny", "--output_dir", str(out), "--report_to", "tensorboard",
@@ -247,7 +247,7 @@ def test_build_model_converts_stock_mamba(tmp_path):
     from transformers import MambaConfig, MambaForCausalLM
 
     from hf_compressssm import CompreSSMMambaForCausalLM, CompreSSMMambaForSequenceClassification
-    from hf_compressssm.training import ModelArguments, TaskData, build_model, resolve_tokenizer
+    from hf_compressssm.tasks import ModelArguments, TaskData, build_model, resolve_tokenizer
 
     torch.manual_seed(0)
     stock = MambaForCausalLM(MambaConfig(vocab_size=257, hidden_size=16, num_hidden_layers=2, state_size=8)).eval()

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_compressssm import selective_scan as ss
+from hf_compressssm.models.mamba import selective_scan as ss
 
 numba_available = importlib.util.find_spec("numba") is not None
 needs_numba = pytest.mark.skipif(not numba_available, reason="numba not installed")

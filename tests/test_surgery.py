@@ -6,7 +6,9 @@ from helpers import random_ids, tiny_lm
 from transformers.optimization import Adafactor
 
 from hf_compressssm import CompreSSMMambaForCausalLM
-from hf_compressssm.surgery import SurgeryError, find_mixers, mixer_kept_rows, shrink_mixers
+from hf_compressssm.compression.surgery import SurgeryError, shrink_mixers
+from hf_compressssm.families import find_mixers
+from hf_compressssm.families.mamba import kept_x_proj_rows
 
 
 def _train_steps(model, optimizer, steps=2):
@@ -38,7 +40,7 @@ def test_cut_slices_parameters_and_optimizer_state(kind):
     _train_steps(model, optimizer)
     mixer = find_mixers(model)[0]
     keep = torch.tensor([1, 4, 6])
-    rows = mixer_kept_rows(mixer, keep)
+    rows = kept_x_proj_rows(mixer, keep)
     old_A, old_x = mixer.A_log.detach().clone(), mixer.x_proj.weight.detach().clone()
     old_states = {name: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()}
                   for name, p in (("A", mixer.A_log), ("x", mixer.x_proj.weight))}

@@ -15,11 +15,13 @@ from helpers import random_ids, tiny_lm
 from transformers import Trainer, TrainingArguments
 
 from hf_compressssm import CompreSSMCallback, compress_model
-from hf_compressssm import data as D
-from hf_compressssm.calibration import collect_statistics, mixer_projections
-from hf_compressssm.hankel import SCORES, SELECTIONS, selective_state_scores
-from hf_compressssm.scan_energy import scan_energy_scores, state_output_energy
-from hf_compressssm.surgery import find_mixers
+from hf_compressssm.tasks import data as D
+from hf_compressssm.compression.calibration import collect_statistics
+from hf_compressssm.compression.ranks import SELECTIONS
+from hf_compressssm.compression.scores import SCORES, selective_state_scores
+from hf_compressssm.families import MambaFamily
+from hf_compressssm.compression.scan_energy import scan_energy_scores, state_output_energy
+from hf_compressssm.families import find_mixers
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "scripts" / "score_study.py"
@@ -213,7 +215,7 @@ def test_calibration_projections_shapes_for_scan_energy():
     model = tiny_lm(state_sizes=[8, 4])
     mixer = find_mixers(model)[1]
     hidden = torch.randn(2, 5, model.config.hidden_size)
-    u, delta, A, B, C = mixer_projections(mixer, hidden)
+    u, delta, A, B, C = MambaFamily().projections(mixer, hidden)
     assert B.shape == C.shape == (2, 5, 4) and A.shape[-1] == 4
 
 

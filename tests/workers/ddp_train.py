@@ -12,7 +12,7 @@ from helpers import random_ids, tiny_lm  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from hf_compressssm import CompreSSMCallback  # noqa: E402
-from hf_compressssm.surgery import find_mixers  # noqa: E402
+from hf_compressssm.families import find_mixers  # noqa: E402
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -29,7 +29,7 @@ class Blocks(torch.utils.data.Dataset):
 def main(out_dir: str, accumulation: int) -> None:
     if os.environ.get("COMPRESSSSM_NEGATIVE_CONTROL") == "1":
         # Let DDP manage the shrinkable tensors (the naive design): the test must see the replicas drift.
-        import hf_compressssm.callback as callback_module
+        import hf_compressssm.compression.callback as callback_module
 
         callback_module.exclude_shrinkable_from_ddp = lambda model: []
         callback_module.shrinkable_excluded_from_ddp = lambda model: True

@@ -1,4 +1,4 @@
-"""Module surgery: shrink Mamba mixers to a set of kept state indices and carry the optimizer through the cut.
+"""Module surgery: shrink SSM mixers to a set of kept state indices and carry the optimizer through the cut.
 
 A cut is planned first (new tensors and optimizer states are built without touching anything) and then committed
 by swapping parameters; if any step fails, everything already swapped is put back, so model, optimizer and config
@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.models.mamba.modeling_mamba import MambaMixer
 from transformers.utils import logging
+
+from ..families import SSMFamily, check_per_layer_model, family_of_mixer, find_mixers
 
 
 logger = logging.get_logger(__name__)
@@ -49,11 +50,6 @@ class ParameterCut:
     index: torch.Tensor
 
 
-def find_mixers(model: nn.Module) -> list[MambaMixer]:
-    """All Mamba-1 mixers of ``model`` in layer order."""
-    return [m for m in model.modules() if isinstance(m, MambaMixer)]
-
-
 def unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
     """The innermost torch optimizer behind accelerate / Trainer wrappers."""
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
@@ -61,31 +57,25 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Opt
     return optimizer
 
 
-def mixer_kept_rows(mixer: MambaMixer, keep: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x_proj.weight`` to keep for state indices ``keep``: ``[0:R] ∪ (R + keep) ∪ (R + N + keep)``."""
-    rank, size = mixer.time_step_rank, mixer.A_log.shape[-1]
-    keep = keep.to(mixer.A_log.device)
-    return torch.cat([torch.arange(rank, device=keep.device), rank + keep, rank + size + keep])
+def plan_mixer_cut(mixer: nn.Module, keep: torch.Tensor, family: SSMFamily | None = None) -> list[ParameterCut]:
+    """Build (without installing) the shrunk parameters of ``mixer`` for kept state indices ``keep``.
 
-
-def plan_mixer_cut(mixer: MambaMixer, keep: torch.Tensor) -> list[ParameterCut]:
-    """Build (without installing) the shrunk ``A_log`` and ``x_proj.weight`` of ``mixer`` for kept indices ``keep``.
-
-    ``keep``: 1-D LongTensor of distinct state indices in ``[0, N)``, ascending.
+    ``keep``: 1-D LongTensor of distinct state indices in ``[0, N)``; sorted here.
     """
-    size = mixer.A_log.shape[-1]
+    family = family or family_of_mixer(mixer)
+    size = family.state_size(mixer)
     keep = torch.as_tensor(keep, dtype=torch.long).flatten()
     if keep.numel() < 1 or keep.numel() > size:
         raise SurgeryError(f"layer {mixer.layer_idx}: cannot keep {keep.numel()} of {size} states.")
     if int(keep.min()) < 0 or int(keep.max()) >= size or torch.unique(keep).numel() != keep.numel():
         raise SurgeryError(f"layer {mixer.layer_idx}: kept indices must be distinct and in [0, {size}).")
-    keep = torch.sort(keep).values.to(mixer.A_log.device)
-    rows = mixer_kept_rows(mixer, keep)
+    keep = torch.sort(keep).values
     cuts = []
-    for owner, name, dim, index in ((mixer, "A_log", 1, keep), (mixer.x_proj, "weight", 0, rows)):
-        old = getattr(owner, name)
-        new = nn.Parameter(old.detach().index_select(dim, index).clone(), requires_grad=old.requires_grad)
-        cuts.append(ParameterCut(owner=owner, name=name, old=old, new=new, dim=dim, index=index))
+    for axis in family.shrink_axes(mixer, keep):
+        old = getattr(axis.owner, axis.name)
+        index = axis.index.to(old.device)
+        new = nn.Parameter(old.detach().index_select(axis.dim, index).clone(), requires_grad=old.requires_grad)
+        cuts.append(ParameterCut(owner=axis.owner, name=axis.name, old=old, new=new, dim=axis.dim, index=index))
     return cuts
 
 
@@ -195,35 +185,57 @@ def shrink_mixers(
     Layers absent from ``kept`` are untouched. Atomic: on failure nothing changes (`SurgeryError`).
     Returns the installed cuts (old and new parameters).
     """
+    try:
+        family = check_per_layer_model(model)
+    except ValueError as err:
+        raise SurgeryError(str(err)) from err
     mixers = find_mixers(model)
-    if not mixers:
-        raise SurgeryError("the model has no Mamba mixers to shrink.")
-    config = getattr(model, "config", None)
-    if not hasattr(config, "with_state_sizes"):
-        raise SurgeryError(
-            f"{type(model).__name__} has a config with one state_size for all layers; convert it first with "
-            "CompreSSMMambaForCausalLM.from_mamba(model) so that each layer can keep its own size."
-        )
+    config = model.config
     cuts: list[ParameterCut] = []
     for layer, keep in sorted(kept.items()):
         if not 0 <= layer < len(mixers):
-            raise SurgeryError(f"layer {layer} does not exist (the model has {len(mixers)} Mamba layers).")
-        cuts.extend(plan_mixer_cut(mixers[layer], keep))
-    old_sizes = [m.A_log.shape[-1] for m in mixers]
-    new_sizes = list(old_sizes)
+            raise SurgeryError(f"layer {layer} does not exist (the model has {len(mixers)} SSM layers).")
+        cuts.extend(plan_mixer_cut(mixers[layer], keep, family))
+    new_sizes = [family.state_size(m) for m in mixers]
     for layer, keep in kept.items():
         new_sizes[layer] = int(torch.as_tensor(keep).numel())
 
     def commit() -> None:
         config.check_state_sizes(new_sizes)
-        for layer in kept:
-            mixers[layer].ssm_state_size = new_sizes[layer]
         config.state_sizes = list(new_sizes)  # reassign, never mutate a shared list
 
     try:
         apply_cuts(cuts, optimizer, on_commit=commit)
-    except SurgeryError:
-        for layer, mixer in enumerate(mixers):
-            mixer.ssm_state_size = old_sizes[layer]
-        raise
+    finally:
+        for mixer in mixers:
+            family.sync_state_size(mixer)
     return cuts
+
+
+def restore_parameters(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """Load ``state_dict`` (a snapshot of ``model`` taken before cuts) back into ``model``, shapes included.
+
+    Every parameter whose shape differs from the snapshot is replaced by a new one (also in ``optimizer``'s param
+    groups, its state dropped); the config's ``state_sizes`` and the mixers' cached sizes follow the parameters.
+    Load the optimizer's own snapshot afterwards to restore its state.
+    """
+    family = check_per_layer_model(model)
+    inner = unwrap_optimizer(optimizer)
+    named = dict(model.named_parameters())
+    for name, tensor in state_dict.items():
+        param = named.get(name)
+        if param is None or param.shape == tensor.shape:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        restored = nn.Parameter(tensor.clone().to(param.device), requires_grad=param.requires_grad)
+        if inner is not None:
+            swap_parameter_in_optimizer(inner, param, restored)
+            inner.state.pop(param, None)
+        setattr(model.get_submodule(owner_name), attr, restored)
+    model.load_state_dict(state_dict)
+    mixers = find_mixers(model)
+    for mixer in mixers:
+        family.sync_state_size(mixer)
+    model.config.state_sizes = [family.state_size(m) for m in mixers]

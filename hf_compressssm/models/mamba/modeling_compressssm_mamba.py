@@ -29,6 +29,7 @@ from transformers.models.mamba.modeling_mamba import (
 from transformers.utils import logging
 
 from .configuration_compressssm_mamba import CompreSSMMambaConfig
+from .selective_scan import ENV_VAR as _SCAN_BACKEND_ENV
 from .selective_scan import resolve_scan_backend, selective_scan, selective_state_update
 
 
@@ -38,8 +39,6 @@ except ImportError:
     mamba_inner_fn = None
 
 logger = logging.get_logger(__name__)
-
-_SCAN_BACKEND_ENV = "HF_COMPRESSSSM_SCAN_BACKEND"
 
 
 class CompreSSMMambaMixer(MambaMixer):
@@ -53,6 +52,16 @@ class CompreSSMMambaMixer(MambaMixer):
     def __init__(self, config: CompreSSMMambaConfig, layer_idx: int, initialize_mixer_weights: bool = True):
         super().__init__(config.layer_config(layer_idx), layer_idx, initialize_mixer_weights)
         self.scan_backend = getattr(config, "scan_backend", None)
+
+    @property
+    def ssm_state_size(self) -> int:
+        """The layer's state size N, read from ``A_log`` (so it always matches the parameters)."""
+        a_log = self._parameters.get("A_log")
+        return int(a_log.shape[-1]) if a_log is not None else self.__dict__["_initial_state_size"]
+
+    @ssm_state_size.setter
+    def ssm_state_size(self, value: int) -> None:  # set once by `MambaMixer.__init__`, before ``A_log`` exists
+        self.__dict__["_initial_state_size"] = int(value)
 
     def _backend(self, device: torch.device) -> str:
         requested = os.environ.get(_SCAN_BACKEND_ENV) or self.scan_backend or "auto"
@@ -207,13 +216,6 @@ class CompreSSMMambaPreTrainedModel(MambaPreTrainedModel):
     def state_sizes(self) -> list[int]:
         """The state size of each layer, read from the parameters."""
         return [m.A_log.shape[-1] for m in self.modules() if isinstance(m, MambaMixer)]
-
-    def _check_state_sizes(self) -> None:
-        actual = self.state_sizes()
-        if actual != list(self.config.state_sizes):
-            raise ValueError(
-                f"The parameters have state sizes {actual} but config.state_sizes is {self.config.state_sizes}."
-            )
 
 
 class CompreSSMMambaModel(CompreSSMMambaPreTrainedModel, MambaModel):

@@ -12,42 +12,31 @@ Trainer's log history and, when enabled, in TensorBoard.
 """
 
 import copy
-import json
 import os
 from collections import deque
 
 import torch
-from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .arguments import CompressionArguments
+from ..families import check_per_layer_model, find_mixers
+from .arguments import CompressionArguments, check_min_state_size, check_training_setup
 from .distributed import (
     GradientAllReducer,
     exclude_shrinkable_from_ddp,
     is_distributed,
     shrinkable_excluded_from_ddp,
 )
-from .reduction import ReductionReport, record_report, reduce_once, update_compression_record
-from .surgery import find_mixers, swap_parameter_in_optimizer, unwrap_optimizer
+from .history import record_report, update_compression_record, write_history
+from .reduction import ReductionReport, reduce_once
+from .surgery import restore_parameters, unwrap_optimizer
 
 
 logger = logging.get_logger(__name__)
 
-HISTORY_FILE = "compression_history.json"
-
-
-def write_history(model: nn.Module, directory: str) -> str:
-    """Write ``model.compression_history`` to ``directory/compression_history.json``; returns the path."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, HISTORY_FILE)
-    with open(path, "w") as f:
-        json.dump(list(getattr(model, "compression_history", []) or []), f, indent=1)
-    return path
-
 
 class CompreSSMCallback(TrainerCallback):
-    """Compress the Mamba layers of the model being trained, a few times early in training.
+    """Compress the SSM layers of the model being trained, a few times early in training.
 
     Args:
         args: a `CompressionArguments`; or pass its fields as keyword arguments.
@@ -86,11 +75,6 @@ class CompreSSMCallback(TrainerCallback):
             self._recorder.remove()
         self._recorder = model.register_forward_pre_hook(self._record_batch, with_kwargs=True)
         self._reducer.attach(model)
-        if self.args.mode == "pragmatic" and args.eval_strategy == "no":
-            raise ValueError(
-                "mode='pragmatic' compares an evaluation before and after each cut: set eval_strategy "
-                "(e.g. 'steps') and pass an eval_dataset, or use mode='tolerance'."
-            )
         if "tensorboard" in (args.report_to or []) and state.is_world_process_zero:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -102,37 +86,17 @@ class CompreSSMCallback(TrainerCallback):
         logger.info(f"CompreSSM: reductions scheduled at steps {self.schedule} of {state.max_steps}.")
 
     def _check_supported(self, args, model) -> None:
-        if model is None or not find_mixers(model):
-            raise ValueError(
-                f"CompreSSMCallback found no Mamba mixers in {type(model).__name__}: it compresses Mamba-1 models."
-            )
-        if not hasattr(model.config, "with_state_sizes"):
-            raise ValueError(
-                f"{type(model).__name__} has one state_size for all layers; convert it first with "
-                "CompreSSMMambaForCausalLM.from_mamba(model) (or load a CompreSSM model)."
-            )
-        if getattr(args, "fsdp", None):
-            raise ValueError(
-                "CompreSSMCallback does not support FSDP: it changes parameter shapes, which sharded flat parameters "
-                "cannot follow. Use DDP (torchrun / accelerate launch without FSDP)."
-            )
-        if getattr(args, "deepspeed", None):
-            raise ValueError(
-                "CompreSSMCallback does not support DeepSpeed: ZeRO shards flat parameters whose shapes cannot "
-                "change in place. Use DDP (torchrun / accelerate launch without DeepSpeed)."
-            )
+        if model is None:
+            raise ValueError("CompreSSMCallback needs the model: the Trainer passes it to on_train_begin.")
+        check_per_layer_model(model)
+        check_training_setup(self.args, args)
         if is_distributed() and not shrinkable_excluded_from_ddp(model):
             raise ValueError(
                 "In multi-process training the callback must be passed to the Trainer constructor "
                 "(Trainer(..., callbacks=[CompreSSMCallback(...)])) so that it can keep the shrinkable parameters "
                 "out of DDP before the model is wrapped; trainer.add_callback() is too late."
             )
-        too_big = self.args.min_state_size > model.config.state_size
-        if too_big:
-            raise ValueError(
-                f"min_state_size={self.args.min_state_size} exceeds the model's state_size="
-                f"{model.config.state_size}: no layer could ever be cut."
-            )
+        check_min_state_size(self.args.min_state_size, model.config.state_size)
 
     def _record_batch(self, module, args, kwargs):
         if module.training and torch.is_grad_enabled():
@@ -220,22 +184,7 @@ class CompreSSMCallback(TrainerCallback):
     def _rollback(self, model, optimizer, check, state, value, baseline) -> None:
         snap = check["snapshot"]
         inner = unwrap_optimizer(optimizer)
-        named = dict(model.named_parameters())
-        for name, tensor in snap["model"].items():
-            param = named.get(name)
-            if param is None or param.shape == tensor.shape:
-                continue
-            owner_name, _, attr = name.rpartition(".")
-            owner = model.get_submodule(owner_name)
-            restored = nn.Parameter(tensor.clone().to(param.device), requires_grad=param.requires_grad)
-            if inner is not None:
-                swap_parameter_in_optimizer(inner, param, restored)
-                inner.state.pop(param, None)
-            setattr(owner, attr, restored)
-        model.load_state_dict(snap["model"])
-        for mixer, size in zip(find_mixers(model), snap["state_sizes"]):
-            mixer.ssm_state_size = size
-        model.config.state_sizes = list(snap["state_sizes"])
+        restore_parameters(model, snap["model"], inner)
         if inner is not None and snap["optimizer"] is not None:
             inner.load_state_dict(snap["optimizer"])
         history = list(model.compression_history)

@@ -1,7 +1,6 @@
-"""One reduction attempt: statistics → per-layer ranks and kept indices → cut. Also `compress_model` (post-hoc)."""
+"""One reduction attempt: statistics → per-layer ranks and kept indices → cut. Also `compress_model` (post hoc)."""
 
 import itertools
-import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -12,10 +11,12 @@ from torch import nn
 from transformers.utils import logging
 
 from .arguments import CompressionArguments
-from .calibration import LayerStatistics, all_reduce_statistics, collect_statistics
+from ..families import FAMILIES, LayerStatistics, check_per_layer_model, family_of, find_mixers
+from .calibration import all_reduce_statistics, collect_statistics
 from .distributed import broadcast_object
-from .hankel import select_indices, select_rank, selective_state_scores
-from .surgery import find_mixers, shrink_mixers
+from .history import record_report, update_compression_record
+from .ranks import layer_rank, select_indices
+from .surgery import shrink_mixers
 
 
 logger = logging.get_logger(__name__)
@@ -63,26 +64,24 @@ class ReductionReport:
         return out
 
 
-def fixed_fraction_rank(current_size: int, fraction: float, min_size: int = 1, multiple_of: int = 1) -> int:
-    """Rank after removing ``fraction`` of ``current_size`` states: ``ceil(N (1 − f))``, ≥ min_size, rounded up."""
-    r = max(int(min_size), math.ceil(current_size * (1.0 - fraction)))
-    r = -(-r // multiple_of) * multiple_of
-    return min(r, current_size)
-
-
 def plan_reduction(
-    stats: list[LayerStatistics], sizes: list[int], args: CompressionArguments, generator: torch.Generator | None = None
+    stats: list[LayerStatistics],
+    sizes: list[int],
+    args: CompressionArguments,
+    generator: torch.Generator | None = None,
+    family=None,
+    target_sizes: list[int] | None = None,
 ) -> list[LayerDecision]:
-    """Per-layer decisions from summed statistics (pure: touches no model)."""
+    """Per-layer decisions from summed statistics (pure: touches no model).
+
+    ``target_sizes`` (one per layer) replaces the mode's rank rule by exact sizes (a size ≥ the present one leaves
+    the layer unchanged).
+    """
+    family = family or FAMILIES[0]
     decisions = []
     for layer, (layer_stats, size) in enumerate(zip(stats, sizes)):
-        scores = selective_state_scores(layer_stats, args.score)
-        if args.mode == "tolerance":
-            rank = select_rank(scores, args.tau, size, args.gate, args.min_state_size, args.multiple_of)
-        else:
-            rank = fixed_fraction_rank(size, args.fixed_fraction, args.min_state_size, args.multiple_of)
-            if rank >= args.gate * size:
-                rank = size
+        scores = family.scores(layer_stats, args.score)
+        rank = min(size, target_sizes[layer]) if target_sizes is not None else layer_rank(scores, size, args)
         if rank < size:
             kept = select_indices(scores, rank, args.selection, generator=generator)
         else:
@@ -103,10 +102,12 @@ def plan_reduction(
 
 
 def _non_finite_reason(model: nn.Module, stats: list[LayerStatistics]) -> str | None:
+    family = family_of(model)
+    names = {id(p): n for n, p in model.named_parameters()}
     for i, mixer in enumerate(find_mixers(model)):
-        for name, p in (("A_log", mixer.A_log), ("x_proj.weight", mixer.x_proj.weight)):
+        for p in family.shrinkable_parameters(mixer):
             if not bool(torch.isfinite(p).all()):
-                return f"layer {i} {name} contains NaN/Inf"
+                return f"layer {i} {names.get(id(p), 'parameter').rpartition('mixer.')[2]} contains NaN/Inf"
     for i, layer_stats in enumerate(stats):
         if not all(bool(torch.isfinite(v).all()) for v in layer_stats.values()):
             return f"layer {i} calibration statistics contain NaN/Inf"
@@ -120,20 +121,22 @@ def reduce_once(
     optimizer: torch.optim.Optimizer | None = None,
     step: int | None = None,
     generator: torch.Generator | None = None,
+    target_sizes: list[int] | None = None,
 ) -> ReductionReport:
     """Calibrate on ``batches``, decide per-layer ranks (identical on every rank), and cut ``model`` (+ optimizer).
 
     NaN/Inf in the weights or statistics skips the cut with a warning; the model is never left half cut.
     """
     start = time.perf_counter()
-    sizes = [m.A_log.shape[-1] for m in find_mixers(model)]
+    family = family_of(model)
+    sizes = [family.state_size(m) for m in find_mixers(model)]
     stats = all_reduce_statistics(collect_statistics(model, batches))
     reason = _non_finite_reason(model, stats)
     reason = broadcast_object(reason)
     if reason is not None:
         logger.warning(f"CompreSSM: reduction at step {step} skipped: {reason}. The model is unchanged.")
         return ReductionReport(step, sizes, sizes, [], time.perf_counter() - start, skipped=reason)
-    decisions = plan_reduction(stats, sizes, args, generator)
+    decisions = plan_reduction(stats, sizes, args, generator, family, target_sizes)
     decisions = broadcast_object(decisions)  # rank 0 decides: every replica keeps exactly the same indices
     kept = {d.layer: torch.tensor(d.kept, dtype=torch.long) for d in decisions if d.reduced}
     if kept:
@@ -148,63 +151,45 @@ def reduce_once(
     return report
 
 
-def update_compression_record(
-    model: nn.Module, args: CompressionArguments, schedule: list[int] | None = None
-) -> dict[str, Any]:
-    """Create or refresh ``model.config.compression`` (method, initial sizes, τ, mode, score, selection, schedule)."""
-    record = dict(model.config.compression or {})
-    record.setdefault("method", "CompreSSM")
-    record.setdefault("initial_state_sizes", list(model.config.state_sizes))
-    record.setdefault("stopped", False)
-    record.update({"tau": args.tau, "mode": args.mode, "score": args.score, "selection": args.selection})
-    if schedule is not None:
-        record["schedule"] = list(schedule)
-    model.config.compression = record
-    return record
-
-
-def record_report(model: nn.Module, report: ReductionReport, args: CompressionArguments) -> None:
-    """Append ``report`` to ``model.compression_history`` (full detail) and ``config.compression["history"]``."""
-    entry = report.to_dict()
-    entry.update({"tau": args.tau, "mode": args.mode, "score": args.score, "selection": args.selection})
-    model.compression_history = list(getattr(model, "compression_history", []) or []) + [entry]
-    record = update_compression_record(model, args)
-    record["history"] = list(record.get("history", [])) + [
-        {"step": report.step, "sizes_before": report.sizes_before, "sizes_after": report.sizes_after,
-         "skipped": report.skipped}
-    ]
-    model.config.compression = record
-
-
 def compress_model(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, Any]],
     tau: float = CompressionArguments.tau,
     optimizer: torch.optim.Optimizer | None = None,
+    target_sizes: list[int] | None = None,
     **kwargs,
 ) -> ReductionReport:
     """Reduce a trained (or converted) model once, after training, with the same rule as in training.
 
     Args:
-        model: a CompreSSM Mamba model (convert a stock one with `CompreSSMMambaForCausalLM.from_mamba`).
+        model: a CompreSSM model (convert a stock one first, e.g. `CompreSSMMambaForCausalLM.from_mamba`).
         dataloader: yields dicts of model inputs; the first ``calibration_batches`` are used.
         tau, **kwargs: `CompressionArguments` fields (``score``, ``selection``, ``mode``, ``min_state_size``, ...).
+        target_sizes: exact per-layer sizes to cut to (one int per layer, each ≥ 1), chosen by score; replaces the
+            mode's rank rule. A size ≥ a layer's present size leaves it unchanged.
     Returns:
         a `ReductionReport` with per-layer sizes, kept indices and scores.
     """
     args = kwargs.pop("compression_args", None) or CompressionArguments(tau=tau, **kwargs)
-    if not find_mixers(model):
-        raise ValueError(f"{type(model).__name__} has no Mamba mixers: nothing to compress.")
-    if not hasattr(getattr(model, "config", None), "with_state_sizes"):
-        raise ValueError(
-            f"{type(model).__name__} keeps one state_size for all layers; convert it first with "
-            "CompreSSMMambaForCausalLM.from_mamba(model)."
-        )
+    family = check_per_layer_model(model)
+    if target_sizes is not None:
+        target_sizes = _check_target_sizes(target_sizes, len(find_mixers(model)), family)
     generator = torch.Generator().manual_seed(args.compression_seed)
     batches = list(itertools.islice(iter(dataloader), args.calibration_batches))
     if not batches:
         raise ValueError("the dataloader yielded no batch: compression needs real inputs to calibrate on.")
     update_compression_record(model, args)
-    report = reduce_once(model, batches, args, optimizer=optimizer, generator=generator)
+    report = reduce_once(model, batches, args, optimizer=optimizer, generator=generator, target_sizes=target_sizes)
     record_report(model, report, args)
     return report
+
+
+def _check_target_sizes(target_sizes: Any, layers: int, family) -> list[int]:
+    if isinstance(target_sizes, (str, bytes)) or not isinstance(target_sizes, (list, tuple)):
+        raise ValueError(f"target_sizes must be a list with one int per layer, got {type(target_sizes).__name__}.")
+    if len(target_sizes) != layers:
+        raise ValueError(f"target_sizes has {len(target_sizes)} entries but the model has {layers} {family.name} layers.")
+    for layer, size in enumerate(target_sizes):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"target_sizes[{layer}]={size!r} must be an int >= 1.")
+    return list(target_sizes)

@@ -1,13 +1,10 @@
-"""Model cards for CompreSSM models, rendered from ``model_cards/compressssm_mamba.md`` with `huggingface_hub.ModelCard`.
+"""Model cards for CompreSSM models, rendered from ``templates/compressssm_mamba.md`` with `huggingface_hub.ModelCard`.
 
-The template is looked up, in order: an explicit path; ``hf_compressssm/model_cards/`` inside an installed package
-(``setup.py`` maps the repository's top-level ``model_cards/`` folder there); the ``model_cards/`` folder of a source
-checkout next to the package.
+The template ships inside the package (``hf_compressssm/hub/templates/``); ``template_path`` overrides it.
 """
 
 from __future__ import annotations
 
-import importlib.resources
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,12 +37,7 @@ def find_template(name: str = TEMPLATE_NAME, template_path: str | os.PathLike | 
     candidates: list[Path] = []
     if template_path is not None:
         candidates.append(Path(template_path))
-    try:
-        packaged = importlib.resources.files("hf_compressssm") / "model_cards" / name
-        candidates.append(Path(str(packaged)))
-    except (ModuleNotFoundError, TypeError):
-        pass
-    candidates.append(Path(__file__).resolve().parent.parent / "model_cards" / name)
+    candidates.append(Path(__file__).resolve().parent / "templates" / name)
     for path in candidates:
         if path.is_file():
             return path

@@ -14,6 +14,7 @@ from typing import Any
 
 from transformers.utils import logging
 
+from ..families import MambaFamily
 from .model_card import CARD_FILE, save_model_card
 
 
@@ -21,11 +22,7 @@ logger = logging.get_logger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-REMOTE_CODE_FILES = (
-    "configuration_compressssm_mamba.py",
-    "modeling_compressssm_mamba.py",
-    "selective_scan.py",
-)
+REMOTE_CODE_FILES = MambaFamily.remote_code_files
 # Folders and files a training output dir may hold that do not belong on the Hub.
 _IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.bin", "*.pt", "*.pth", "__pycache__/**"]
 

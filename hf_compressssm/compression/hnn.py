@@ -1,9 +1,9 @@
-"""Hankel-nuclear-norm (HNN) regularised training: the baseline CompreSSM is compared against (METHOD.md §6).
+"""Hankel-nuclear-norm (HNN) regularised training: the baseline CompreSSM is compared against (docs/method.md §6).
 
 Schwerdtner, Berman and Peherstorfer (NeurIPS 2025) add ``λ·Σσ`` (the sum of Hankel singular values of every SSM
 layer) to the training loss at every step, so that training concentrates the Hankel energy in few states, and
 truncate once after training. For a selective (Mamba-1) mixer there is no fixed LTI system, so ``Σσ`` is defined on
-the same time-averaged LTI surrogate that CompreSSM's scores use (METHOD.md §3), computed **differentiably on the
+the same time-averaged LTI surrogate that CompreSSM's scores use (docs/method.md §3), computed **differentiably on the
 current batch**. For each channel ``d`` a diagonal single-input single-output system with
 
 * poles   ``ā_{d,n} = mean_t exp(Δ_{t,d} A_{d,n})``
@@ -12,7 +12,7 @@ current batch**. For each channel ``d`` a diagonal single-input single-output sy
 
 and ``Σσ(layer) = Σ_d hankel_nuclear_norm(ā_d, b_d, c)`` (batched over ``d``); the regulariser is the sum over
 layers. Means run over the valid tokens of the batch (``attention_mask``). The projections ``u, Δ, B, C`` are
-recomputed from each mixer's input, as `calibration.mixer_projections` does, but with gradients, so the penalty
+recomputed from each mixer's input by its family's `projections` (as calibration does), with gradients, so the penalty
 reaches ``A_log``, ``x_proj``, ``dt_proj``, ``conv1d``, ``in_proj`` and, through the mixer inputs, earlier layers.
 
 Usage::
@@ -35,12 +35,11 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
+from ..families import family_of_mixer, find_mixers
 from .hankel import hankel_nuclear_norm
-from .surgery import find_mixers
 
 
 __all__ = [
@@ -96,16 +95,7 @@ def mixer_lti_surrogate(
         ``poles`` (D, N) = ā, ``b`` (D, N) and ``c`` (N,), float64, with gradients to the mixer's parameters and
         to ``hidden_states``.
     """
-    length = hidden_states.shape[1]
-    if attention_mask is not None:
-        hidden_states = hidden_states * attention_mask[:, :, None].to(hidden_states.dtype)
-    x, _ = mixer.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, D, L)
-    u = mixer.act(mixer.conv1d(x)[..., :length]).transpose(1, 2)  # (b, L, D)
-    size = mixer.A_log.shape[-1]
-    dt, B, C = torch.split(mixer.x_proj(u), [mixer.time_step_rank, size, size], dim=-1)
-    delta = F.softplus(mixer.dt_proj(dt).float())  # (b, L, D)
-    A = -torch.exp(mixer.A_log.float())  # (D, N)
-    u, B, C = u.float(), B.float(), C.float()
+    u, delta, A, B, C = family_of_mixer(mixer).projections(mixer, hidden_states, attention_mask)
     u2, d2, B2, C2 = (t.reshape(-1, t.shape[-1]) for t in (u, delta, B, C))
     if attention_mask is not None:
         keep = attention_mask.reshape(-1).bool()

@@ -1,8 +1,8 @@
 """Multi-process support: keep shrinkable tensors out of DDP and reduce their gradients ourselves.
 
-Design (see HF_NOTES "Multi-process"): DDP builds its gradient reducer once, from the parameters it sees at wrap
+Design (docs/design.md, "Multi-process"): DDP builds its gradient reducer once, from the parameters it sees at wrap
 time; a parameter replaced later (by a cut) is never all-reduced and the replicas drift apart silently. We therefore
-tell DDP to ignore the tensors a cut can replace (each mixer's ``A_log`` and ``x_proj.weight``) *before* it wraps the
+tell DDP to ignore the tensors a cut can replace (for Mamba-1, each mixer's ``A_log`` and ``x_proj.weight``) *before* it wraps the
 model, and all-reduce their gradients with post-accumulate-grad hooks, re-registered on every new parameter. No
 reducer ever sees a shape change, the same code serves ``torchrun``/``accelerate launch`` on CPU (gloo) and GPU
 (nccl), and every cut decision is broadcast from rank 0.
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .surgery import find_mixers
+from ..families import family_of_mixer, find_mixers
 
 
 DDP_IGNORE_ATTRIBUTE = "_ddp_params_and_buffers_to_ignore"
@@ -29,11 +29,8 @@ def is_distributed() -> bool:
 
 
 def shrinkable_parameter_names(model: nn.Module) -> list[str]:
-    """Qualified names of the parameters a cut replaces (``A_log`` and ``x_proj.weight`` of every mixer)."""
-    ids = {}
-    for mixer in find_mixers(model):
-        ids[id(mixer.A_log)] = True
-        ids[id(mixer.x_proj.weight)] = True
+    """Qualified names of the parameters a cut replaces (`SSMFamily.shrinkable_parameters` of every mixer)."""
+    ids = {id(p) for mixer in find_mixers(model) for p in family_of_mixer(mixer).shrinkable_parameters(mixer)}
     return [name for name, p in model.named_parameters() if id(p) in ids]
 
 
@@ -95,3 +92,23 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_reduce_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum ``tensors`` over all processes in one float64 all-reduce; returns float64 CPU tensors of the same shapes.
+
+    Identity (the tensors themselves) without a process group of size > 1.
+    """
+    if not is_distributed():
+        return tensors
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    flat = flat.to(device)
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    flat = flat.cpu()
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset : offset + t.numel()].reshape(t.shape))
+        offset += t.numel()
+    return out

@@ -1,6 +1,6 @@
 """Reference state-importance score measured from the real selective scan (slow; for studies and checks).
 
-The scores of `hankel.selective_state_scores` come from a time-averaged LTI surrogate and need only projections.
+The scores of `scores.selective_state_scores` come from a time-averaged LTI surrogate and need only projections.
 This module instead runs the recurrence of every Mamba mixer on real batches and measures, for each channel ``d``
 and state ``n``, the energy of that state's contribution to the SSM output, ``C_{t,n} h_{t,d,n}``:
 
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..families import find_mixers
 from .calibration import visit_mixer_projections
-from .surgery import find_mixers
 
 
 __all__ = ["state_output_energy", "scan_energy_scores"]

@@ -2,7 +2,8 @@
 
 from dataclasses import asdict, dataclass, field
 
-from .hankel import SCORES, SELECTIONS
+from .ranks import SELECTIONS
+from .scores import SCORES
 
 
 MODES = ("tolerance", "fixed", "pragmatic")
@@ -10,7 +11,7 @@ MODES = ("tolerance", "fixed", "pragmatic")
 
 @dataclass
 class CompressionArguments:
-    """Arguments of CompreSSM in-training compression (see METHOD.md §4–5).
+    """Arguments of CompreSSM in-training compression (``docs/method.md`` §4–5).
 
     The schedule is either ``reduction_steps`` (explicit optimisation steps) or ``num_reductions`` attempts evenly
     spaced over the fraction window ``(schedule_start, schedule_end]`` of the total optimisation steps; the default
@@ -122,3 +123,28 @@ class CompressionArguments:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_min_state_size(min_state_size: int, state_size: int) -> None:
+    """`ValueError` when no layer of a model with initial size ``state_size`` could ever be cut."""
+    if int(min_state_size) > int(state_size):
+        raise ValueError(
+            f"min_state_size={min_state_size} exceeds state_size={state_size}, the model's initial state size: no "
+            "layer could ever be cut. Lower min_state_size or start from a larger state_size."
+        )
+
+
+def check_training_setup(args: CompressionArguments, training_args) -> None:
+    """`ValueError` for `TrainingArguments` the callback cannot work with (pragmatic mode without evaluation,
+    FSDP or DeepSpeed, which shard flat parameters whose shapes cannot change in place)."""
+    if args.mode == "pragmatic" and getattr(training_args, "eval_strategy", "no") in ("no", None):
+        raise ValueError(
+            "mode='pragmatic' compares an evaluation before and after each cut: set eval_strategy='steps' with "
+            "eval_steps (--eval_strategy steps --eval_steps N) and pass an eval_dataset, or use mode='tolerance'."
+        )
+    for name, label in (("fsdp", "FSDP"), ("deepspeed", "DeepSpeed")):
+        if getattr(training_args, name, None):
+            raise ValueError(
+                f"CompreSSM does not support {label}: it changes parameter shapes during training, which sharded "
+                "flat parameters cannot follow. Use DDP (torchrun / accelerate launch without FSDP or DeepSpeed)."
+            )

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import default_data_collator
 from transformers.utils import logging
 
+from ..families import layer_state_sizes
 from .data import IGNORE_INDEX
 
 
@@ -27,11 +28,6 @@ logger = logging.get_logger(__name__)
 def count_parameters(model: nn.Module) -> int:
     """Number of distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def layer_state_sizes(model: nn.Module) -> list[int]:
-    """State size of every Mamba layer, read from ``A_log`` (works for stock Mamba too)."""
-    return [m.A_log.shape[-1] for m in model.modules() if hasattr(m, "A_log") and hasattr(m, "x_proj")]
 
 
 def _is_classifier(model: nn.Module) -> bool:

@@ -1,0 +1,31 @@
+"""What the scripts train and measure on: offline data and synthetic tasks (``data``), the script's arguments and
+presets (``arguments``), each task's datasets (``task_data``), model building (``model_builder``), the run
+(``run``) and evaluation helpers (``evaluation``)."""
+
+from .arguments import PRESETS, TASKS, DataArguments, ModelArguments, UsageError, build_parser, parse_arguments
+from .arguments import preset_defaults
+from .model_builder import build_model
+from .run import RUN_FILE, eval_summary, planned_max_steps, run_info, run_training, validate_arguments
+from .task_data import TaskData, build_datasets, resolve_tokenizer
+
+
+__all__ = [
+    "DataArguments",
+    "ModelArguments",
+    "PRESETS",
+    "RUN_FILE",
+    "TASKS",
+    "TaskData",
+    "UsageError",
+    "build_datasets",
+    "build_model",
+    "build_parser",
+    "eval_summary",
+    "parse_arguments",
+    "planned_max_steps",
+    "preset_defaults",
+    "resolve_tokenizer",
+    "run_info",
+    "run_training",
+    "validate_arguments",
+]

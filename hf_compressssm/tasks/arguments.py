@@ -1,0 +1,226 @@
+"""Command-line arguments of the training script: model and data dataclasses, presets, and the parser.
+
+Everything that can fail because of the user's input is raised as :class:`UsageError`, which the scripts print as
+one line; nothing has been written when it is raised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+
+from ..compression.arguments import CompressionArguments
+from . import data as data_lib
+
+
+TASKS = ("causal_lm", "pixel_classification", "mqar", "selective_copying")
+PRESETS = ("default", "tiny")
+
+
+class UsageError(ValueError):
+    """Bad arguments, missing data or an impossible combination, found before anything was written."""
+
+
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: a new one (architecture fields) or ``model_name_or_path`` (stock Mamba or ours)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Folder or Hub id of a stock Mamba (converted on the fly) or a CompreSSM Mamba model. "
+                  "When given, the architecture arguments below are ignored."},
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": "causal_lm only: 'byte' (257 tokens), 'bpe' (trained on the training text), or a tokenizer "
+                  "folder / Hub id. Default: the model's own tokenizer if it has one, else 'byte'."},
+    )
+    bpe_vocab_size: int = field(default=4096, metadata={"help": "Vocabulary size of --tokenizer_name bpe."})
+    hidden_size: int = field(default=128, metadata={"help": "Model width of a new model."})
+    num_hidden_layers: int = field(default=4, metadata={"help": "Number of Mamba layers of a new model."})
+    state_size: int = field(default=64, metadata={"help": "Initial SSM state size N of every layer (before cuts)."})
+    expand: int = field(default=2, metadata={"help": "Inner width = expand * hidden_size."})
+    conv_kernel: int = field(default=4, metadata={"help": "Width of the causal depthwise convolution."})
+    time_step_rank: int | None = field(default=None, metadata={"help": "Rank of dt; default ceil(hidden_size / 16)."})
+    classifier_pooling: str = field(default="mean", metadata={"help": "pixel_classification pooling: mean or last."})
+    scan_backend: str = field(default="auto", metadata={"help": "Selective-scan kernel: auto, fast, torch, mambapy, "
+                                                         "mamba_ssm."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code when loading the model."})
+
+
+@dataclass
+class DataArguments:
+    """What to train on. ``preset`` fills defaults of every argument group (explicit arguments win)."""
+
+    task: str = field(default="causal_lm", metadata={"help": f"One of {', '.join(TASKS)}."})
+    preset: str = field(default="default", metadata={"help": f"Defaults bundle, one of {', '.join(PRESETS)} "
+                                                      "('tiny': a few steps of a tiny model, for tests)."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "causal_lm: 'kjv' (default, offline) or a Hugging Face dataset name; pixel_classification: "
+                  f"one of {', '.join(data_lib.PIXEL_DATASETS)}."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Config of the Hugging Face dataset."})
+    train_file: list[str] | None = field(
+        default=None, metadata={"help": "causal_lm: local .txt/.json/.jsonl file(s) or a folder of them."}
+    )
+    validation_file: list[str] | None = field(
+        default=None, metadata={"help": "causal_lm: validation file(s); default: the fixed tail split of the text."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Text field of JSON records / dataset column."})
+    validation_split_fraction: float = field(default=0.05, metadata={"help": "causal_lm: tail fraction held out."})
+    block_size: int = field(default=256, metadata={"help": "causal_lm: tokens per training sequence."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training items."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation items."})
+    data_dir: str | None = field(default=None, metadata={"help": "fashion_mnist: folder of the IDX .gz files."})
+    num_bins: int = field(default=256, metadata={"help": "pixel_classification: pixel quantisation levels (vocab)."})
+    seq_len: int | None = field(default=None, metadata={"help": "mqar / selective_copying: sequence length."})
+    synthetic_vocab_size: int | None = field(default=None, metadata={"help": "mqar / selective_copying: vocabulary."})
+    num_items: int | None = field(
+        default=None, metadata={"help": "mqar: key-value pairs (= queries); selective_copying: tokens to copy."}
+    )
+    num_train_samples: int = field(default=10000, metadata={"help": "mqar / selective_copying: training sequences."})
+    num_eval_samples: int = field(default=1000, metadata={"help": "mqar / selective_copying: validation sequences."})
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}.")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}.")
+        if isinstance(self.train_file, str):
+            self.train_file = [self.train_file]
+        if isinstance(self.validation_file, str):
+            self.validation_file = [self.validation_file]
+        if self.block_size < 2:
+            raise ValueError(f"block_size={self.block_size} must be >= 2.")
+        if not 0.0 < self.validation_split_fraction < 1.0:
+            raise ValueError(f"validation_split_fraction={self.validation_split_fraction} must be in (0, 1).")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be >= 1.")
+
+
+# Defaults per preset and task, over every argument group (field names are unique across the groups).
+_COMMON_TRAINING = dict(
+    learning_rate=2e-3,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.05,
+    weight_decay=0.01,
+    logging_steps=25,
+    eval_strategy="no",
+    save_strategy="no",
+    report_to="none",
+    per_device_eval_batch_size=32,
+    dataloader_pin_memory=torch.cuda.is_available(),
+)
+_PRESET_VALUES: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {
+        "causal_lm": dict(hidden_size=128, num_hidden_layers=2, state_size=64, block_size=256,
+                          per_device_train_batch_size=8, max_steps=600, tau=0.25),
+        "pixel_classification": dict(dataset_name="fashion_mnist", hidden_size=64, num_hidden_layers=2,
+                                     state_size=64, per_device_train_batch_size=32, max_steps=300, tau=0.05),
+        "mqar": dict(hidden_size=64, num_hidden_layers=2, state_size=64, seq_len=128, synthetic_vocab_size=256,
+                     num_items=16, per_device_train_batch_size=32, max_steps=1000, tau=0.05),
+        "selective_copying": dict(hidden_size=64, num_hidden_layers=2, state_size=64, seq_len=256,
+                                  synthetic_vocab_size=16, num_items=16, per_device_train_batch_size=32,
+                                  max_steps=600, tau=0.05),
+    },
+    "tiny": {
+        "_all": dict(hidden_size=32, num_hidden_layers=2, state_size=16, per_device_train_batch_size=4,
+                     per_device_eval_batch_size=8, max_steps=6, logging_steps=2, reduction_steps=[2, 4], tau=0.2,
+                     calibration_batches=2, max_eval_samples=16, warmup_steps=0),
+        "causal_lm": dict(block_size=64, max_train_samples=64),
+        "pixel_classification": dict(dataset_name="digits", max_train_samples=64),
+        "mqar": dict(seq_len=64, synthetic_vocab_size=64, num_items=8, num_train_samples=64, num_eval_samples=16),
+        "selective_copying": dict(seq_len=48, synthetic_vocab_size=8, num_items=8, num_train_samples=64,
+                                  num_eval_samples=16),
+    },
+}
+
+
+def preset_defaults(
+    task: str, preset: str = "default", dataset_name: str | None = None, train_file: Sequence[str] | str | None = None
+) -> dict[str, Any]:
+    """Default values of every argument group for ``task`` under ``preset`` (explicit arguments override them)."""
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    values = dict(_COMMON_TRAINING)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        values.update(use_cpu=True, ddp_backend="gloo")  # CPU DDP under torchrun / accelerate launch
+    values.update(_PRESET_VALUES[preset].get("_all", {}))
+    values.update(_PRESET_VALUES[preset][task])
+    if isinstance(train_file, str):
+        train_file = [train_file]
+    name = dataset_name or values.get("dataset_name") or ("kjv" if task == "causal_lm" else task)
+    if task == "causal_lm" and train_file and not dataset_name:
+        name = Path(str(train_file[0])).stem
+    name = str(name).replace("/", "-") or task
+    values["output_dir"] = os.path.join("outputs", f"compressssm-{name}" + ("-tiny" if preset == "tiny" else ""))
+    return values
+
+
+def build_parser() -> HfArgumentParser:
+    """``HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, CompressionArguments))``."""
+    return HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, CompressionArguments))
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UsageError(f"argument file {path} does not exist.")
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        if path.endswith(".json"):
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except ImportError as err:
+        raise UsageError("reading a .yaml argument file needs PyYAML: `pip install pyyaml`.") from err
+    except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
+        raise UsageError(f"cannot parse {path}: {err}") from err
+    if not isinstance(values, dict):
+        raise UsageError(f"{path} must hold a mapping of argument names to values.")
+    return values
+
+
+def parse_arguments(
+    argv: Sequence[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, TrainingArguments, CompressionArguments]:
+    """Parse command-line arguments, or a single ``.json`` / ``.yaml`` file path, with the preset's defaults.
+
+    Raises `UsageError` for invalid values (argparse itself exits with status 2 on unknown options).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+            values = _read_config_file(argv[0])
+            defaults = preset_defaults(
+                values.get("task", "causal_lm"), values.get("preset", "default"), values.get("dataset_name"),
+                values.get("train_file"),
+            )
+            parsed = parser.parse_dict({**defaults, **values})
+        else:
+            known, _ = parser.parse_known_args(argv)
+            parser.set_defaults(**preset_defaults(known.task, known.preset, known.dataset_name, known.train_file))
+            parsed = parser.parse_args_into_dataclasses(argv)
+        model_args, data_args, training_args, comp_args = parsed
+        return model_args, data_args, training_args, comp_args
+    except UsageError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from err

@@ -1,0 +1,183 @@
+"""`run_training`: the whole training run of ``scripts/train.py`` (validate, build, train with the callback, save)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
+from transformers.utils import logging
+
+from ..compression.arguments import CompressionArguments, check_min_state_size, check_training_setup
+from ..compression.callback import CompreSSMCallback
+from ..compression.history import write_json_atomic
+from ..hub.model_card import find_template, save_model_card
+from .arguments import DataArguments, ModelArguments, UsageError
+from .model_builder import build_model
+from .task_data import TaskData, build_datasets
+
+
+logger = logging.get_logger(__name__)
+
+RUN_FILE = "compressssm_run.json"
+
+
+def planned_max_steps(training_args: TrainingArguments, num_train_items: int) -> int:
+    """The number of optimisation steps the Trainer will run (as it computes it, for a single process)."""
+    if training_args.max_steps > 0:
+        return int(training_args.max_steps)
+    per_step = training_args.per_device_train_batch_size * max(1, training_args.gradient_accumulation_steps)
+    per_step *= max(1, training_args.world_size)
+    batches = num_train_items // per_step if training_args.dataloader_drop_last else math.ceil(num_train_items / per_step)
+    return max(1, math.ceil(training_args.num_train_epochs * batches))
+
+
+def validate_arguments(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    comp_args: CompressionArguments,
+) -> None:
+    """Checks that need no data: raise `UsageError` for combinations that cannot work."""
+    if model_args.model_name_or_path is None:
+        for name in ("hidden_size", "num_hidden_layers", "state_size", "expand", "conv_kernel"):
+            if getattr(model_args, name) < 1:
+                raise UsageError(f"{name}={getattr(model_args, name)} must be >= 1.")
+    try:
+        if model_args.model_name_or_path is None:
+            check_min_state_size(comp_args.min_state_size, model_args.state_size)
+        check_training_setup(comp_args, training_args)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if model_args.classifier_pooling not in ("mean", "last"):
+        raise UsageError(f"classifier_pooling must be 'mean' or 'last', got {model_args.classifier_pooling!r}.")
+    if data_args.task == "pixel_classification" and not 1 <= data_args.num_bins <= 256:
+        raise UsageError(f"num_bins={data_args.num_bins} must be in 1..256.")
+    if training_args.push_to_hub and not (training_args.hub_model_id or "").strip():
+        raise UsageError("--push_to_hub needs --hub_model_id owner/name.")
+
+
+def _validate_with_model(model: PreTrainedModel, task_data: TaskData, training_args, comp_args) -> int:
+    max_steps = planned_max_steps(training_args, len(task_data.train_dataset))
+    try:
+        comp_args.schedule(max_steps)
+        check_min_state_size(comp_args.min_state_size, model.config.state_size)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if len(task_data.train_dataset) < training_args.per_device_train_batch_size and training_args.dataloader_drop_last:
+        raise UsageError(
+            f"only {len(task_data.train_dataset)} training items for a batch of "
+            f"{training_args.per_device_train_batch_size}: lower --per_device_train_batch_size."
+        )
+    return max_steps
+
+
+def eval_summary(metrics: dict[str, float], metric: str) -> dict[str, float]:
+    """Eval metrics without the ``eval_`` prefix, plus ``perplexity = exp(loss)`` for language modelling."""
+    skip = {"runtime", "samples_per_second", "steps_per_second", "epoch"}
+    out = {k.removeprefix("eval_"): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    out = {k: v for k, v in out.items() if k not in skip}
+    if metric == "perplexity" and "loss" in out:
+        out["perplexity"] = float(math.exp(min(out["loss"], 50.0)))
+    return out
+
+
+def run_info(model_args: ModelArguments, data_args: DataArguments) -> dict[str, Any]:
+    """What ``compressssm_run.json`` records so that ``scripts/evaluate.py`` rebuilds the matching split."""
+    data = {k: v for k, v in asdict(data_args).items() if k != "preset"}
+    return {"task": data_args.task, "data": data, "model": asdict(model_args)}
+
+
+def run_training(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    comp_args: CompressionArguments,
+    *,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Build data and model, train with `CompreSSMCallback`, evaluate, save model + tokenizer + card + history.
+
+    Everything the user can get wrong is checked first (`UsageError`, nothing written). Returns a dict with
+    ``state_sizes_before``/``after``, ``parameters_before``/``after``, ``train`` and ``eval`` metrics,
+    ``output_dir`` and ``train_seconds``.
+    """
+    validate_arguments(model_args, data_args, training_args, comp_args)
+    find_template()  # the card is written at the end: fail now if the template is missing
+    task_data = build_datasets(data_args, model_args=model_args)
+    set_seed(training_args.seed)
+    model = build_model(model_args, task_data)
+    max_steps = _validate_with_model(model, task_data, training_args, comp_args)
+    push = bool(training_args.push_to_hub)
+    training_args.push_to_hub = False  # the Trainer would overwrite our card; we upload the folder ourselves
+
+    sizes_before = list(model.config.state_sizes)
+    params_before = sum(p.numel() for p in model.parameters())
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=task_data.train_dataset,
+        eval_dataset=task_data.eval_dataset,
+        compute_metrics=task_data.compute_metrics,
+        preprocess_logits_for_metrics=task_data.preprocess_logits_for_metrics,
+        callbacks=[CompreSSMCallback(comp_args), *callbacks],
+    )
+    main = trainer.is_world_process_zero()
+    if main:
+        logger.warning(
+            f"CompreSSM {task_data.task}: {params_before:,} parameters, state sizes {sizes_before}, {max_steps} steps, "
+            f"reductions at {comp_args.schedule(max_steps)}; data: {task_data.dataset_description}."
+        )
+    start = time.perf_counter()
+    train_output = trainer.train()
+    train_seconds = time.perf_counter() - start
+    model = trainer.model
+    eval_metrics = eval_summary(trainer.evaluate(), task_data.metric)
+    results = {
+        "task": task_data.task,
+        "output_dir": training_args.output_dir,
+        "state_sizes_before": sizes_before,
+        "state_sizes_after": list(model.config.state_sizes),
+        "parameters_before": params_before,
+        "parameters_after": sum(p.numel() for p in model.parameters()),
+        "train": {k: float(v) for k, v in train_output.metrics.items()},
+        "eval": eval_metrics,
+        "train_seconds": train_seconds,
+        "dataset": task_data.dataset_description,
+    }
+    if main:
+        out = training_args.output_dir
+        model.save_pretrained(out)
+        if task_data.tokenizer is not None:
+            task_data.tokenizer.save_pretrained(out)
+        trainer.save_metrics("train", results["train"])
+        trainer.save_metrics("eval", {f"eval_{k}": v for k, v in eval_metrics.items()})
+        trainer.save_state()
+        card = dict(
+            task=task_data.task,
+            dataset_description=task_data.dataset_description,
+            datasets=task_data.dataset_ids,
+            metrics=eval_metrics,
+            eval_split=task_data.eval_description,
+            model_name=Path(out).name,
+            training={"max_steps": max_steps, "train_seconds": round(train_seconds, 1),
+                      "per_device_train_batch_size": training_args.per_device_train_batch_size,
+                      "learning_rate": training_args.learning_rate,
+                      "sequence_length": task_data.sequence_length},
+            repo_id=training_args.hub_model_id,
+        )
+        write_json_atomic(os.path.join(out, RUN_FILE), {**run_info(model_args, data_args), "results": results,
+                                                        "card": card})
+        save_model_card(model, out, **card)
+        if push:
+            from ..hub.publish import upload_folder
+
+            results["hub_url"] = upload_folder(out, training_args.hub_model_id, token=training_args.hub_token,
+                                               private=training_args.hub_private_repo)
+    trainer.accelerator.wait_for_everyone()
+    return results
