@@ -18,7 +18,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .compression import CompreSSMCallback, CompressionArguments, ReductionReport, compress_model
+from .compression import CompressionArguments, CompreSSMCallback, ReductionReport, compress_model
 from .models.mamba import (
     CompreSSMMambaConfig,
     CompreSSMMambaForCausalLM,

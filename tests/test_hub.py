@@ -25,8 +25,12 @@ REPO_ID = "someone/tiny-compressssm"
 @pytest.fixture(scope="module")
 def compressed():
     model = tiny_lm(seed=2, vocab_size=257, pad_token_id=256, bos_token_id=256, eos_token_id=256)
-    compress_model(model, [{"input_ids": random_ids(batch=2, length=24, vocab=256, seed=s)} for s in range(2)],
-                   tau=0.3, calibration_batches=2)
+    compress_model(
+        model,
+        [{"input_ids": random_ids(batch=2, length=24, vocab=256, seed=s)} for s in range(2)],
+        tau=0.3,
+        calibration_batches=2,
+    )
     assert model.config.state_sizes != [8, 8]
     return model.eval()
 
@@ -41,8 +45,14 @@ def upload_dir(compressed, tmp_path_factory):
 def test_upload_folder_is_complete(upload_dir, compressed):
     assert hub.missing_hub_files(upload_dir) == []
     names = {p.name for p in upload_dir.iterdir()}
-    assert {"config.json", "model.safetensors", "README.md", "compression_history.json", "tokenizer.json",
-            *hub.REMOTE_CODE_FILES} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "compression_history.json",
+        "tokenizer.json",
+        *hub.REMOTE_CODE_FILES,
+    } <= names
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
     config = json.loads((upload_dir / "config.json").read_text())
     assert config["state_sizes"] == compressed.config.state_sizes
@@ -128,7 +138,12 @@ def test_load_from_hf_cache_offline_without_package(upload_dir, compressed, tmp_
     env.update(HF_HOME=str(home), HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run(
         [sys.executable, "-c", LOAD_FROM_CACHE, str(REPO), REPO_ID, json.dumps(ids.tolist())],
-        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr

@@ -39,8 +39,14 @@ def test_template_is_found_and_overridable(tmp_path):
 def test_card_of_compressed_model(compressed, tmp_path):
     metrics = {"loss": 1.25, "perplexity": 3.49}
     path = save_model_card(
-        compressed, tmp_path, task="causal_lm", repo_id="someone/tiny-compressssm", datasets=["kjv"],
-        dataset_description="King James Bible", metrics=metrics, speed={"train tokens/s (cpu)": 1234.5},
+        compressed,
+        tmp_path,
+        task="causal_lm",
+        repo_id="someone/tiny-compressssm",
+        datasets=["kjv"],
+        dataset_description="King James Bible",
+        metrics=metrics,
+        speed={"train tokens/s (cpu)": 1234.5},
         training={"max_steps": 100, "learning_rate": 0.002},
     )
     text = path.read_text()

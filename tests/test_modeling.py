@@ -177,17 +177,20 @@ def test_remote_code_load_without_package(tmp_path):
         expected = model(ids).logits
     model.save_pretrained(tmp_path / "model")
     torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
-    script = BLOCK_PACKAGE + f"""
+    script = (
+        BLOCK_PACKAGE
+        + f"""
 import torch
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
 assert 'hf_compressssm' not in type(model).__module__.split('.')[0], type(model).__module__
-data = torch.load({str(tmp_path / 'expected.pt')!r})
+data = torch.load({str(tmp_path / "expected.pt")!r})
 with torch.no_grad():
     logits = model(data['ids']).logits
 torch.testing.assert_close(logits, data['logits'], atol=1e-5, rtol=1e-5)
 print('REMOTE_OK', type(model).__name__, [l.mixer.A_log.shape[-1] for l in model.backbone.layers])
 """
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
     env["HF_HUB_OFFLINE"] = "1"

@@ -15,8 +15,9 @@ peft = pytest.importorskip("peft")
 @pytest.fixture(scope="module")
 def compressed_dir(tmp_path_factory):
     model = tiny_lm(seed=3)
-    compress_model(model, [{"input_ids": random_ids(batch=2, length=24, seed=s)} for s in range(2)],
-                   tau=0.3, calibration_batches=2)
+    compress_model(
+        model, [{"input_ids": random_ids(batch=2, length=24, seed=s)} for s in range(2)], tau=0.3, calibration_batches=2
+    )
     assert sum(model.config.state_sizes) < 16
     folder = tmp_path_factory.mktemp("compressed")
     model.save_pretrained(folder)
@@ -38,8 +39,9 @@ def test_lora_round_trip_on_compressed_model(compressed_dir, tmp_path):
     folder, sizes = compressed_dir
     base = AutoModelForCausalLM.from_pretrained(folder)
     assert base.config.state_sizes == sizes
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["in_proj", "x_proj"], lora_dropout=0.0,
-                             init_lora_weights=True)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["in_proj", "x_proj"], lora_dropout=0.0, init_lora_weights=True
+    )
     model = peft.get_peft_model(base, config)
     x_proj_shapes = [m.base_layer.out_features for n, m in model.named_modules() if n.endswith("mixer.x_proj")]
     assert x_proj_shapes == [base.config.time_step_rank + 2 * n for n in sizes]  # one adapter size per layer
@@ -79,8 +81,10 @@ def test_lora_round_trip_on_compressed_model(compressed_dir, tmp_path):
 def test_lora_on_dt_proj_gets_no_gradient(compressed_dir):
     """The mixer reads dt_proj.weight directly, so a dt_proj adapter is bypassed (in_proj's still trains)."""
     folder, _ = compressed_dir
-    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(folder),
-                                peft.LoraConfig(r=2, target_modules=["in_proj", "dt_proj"], init_lora_weights=False))
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(folder),
+        peft.LoraConfig(r=2, target_modules=["in_proj", "dt_proj"], init_lora_weights=False),
+    )
     ids = random_ids(batch=1, length=8, seed=1)
     model(input_ids=ids, labels=ids).loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}

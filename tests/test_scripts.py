@@ -49,8 +49,14 @@ def run_scripts(*calls: tuple) -> list[subprocess.CompletedProcess]:
 
 
 def _check_saved_model(folder: Path, tokenizer: bool) -> dict:
-    for name in ("config.json", "model.safetensors", "README.md", "compression_history.json", "compressssm_run.json",
-                 *REMOTE_CODE):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "compression_history.json",
+        "compressssm_run.json",
+        *REMOTE_CODE,
+    ):
         assert (folder / name).is_file(), name
     assert (folder / "tokenizer.json").is_file() == tokenizer
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt")), "safetensors only"
@@ -150,7 +156,9 @@ def test_evaluate_script_classification_accuracy(pixel_run, evaluated):
 def test_plot_compression(lm_run, tmp_path):
     pytest.importorskip("matplotlib")
     out, _ = lm_run
-    (proc,) = run_scripts(("plot_compression.py", (str(out / "compression_history.json"), "--output_dir", str(tmp_path)), {}))
+    (proc,) = run_scripts(
+        ("plot_compression.py", (str(out / "compression_history.json"), "--output_dir", str(tmp_path)), {})
+    )
     assert proc.returncode == 0, proc.stderr
     for name in ("state_sizes.png", "spectra.png"):
         data = (tmp_path / name).read_bytes()
@@ -228,8 +236,11 @@ def test_tensorboard_logging_in_process(tmp_path):
     from hf_compressssm.tasks import parse_arguments, run_training
 
     out = tmp_path / "tb"
-    run_training(*parse_arguments(["--preset", "tiny", "--output_dir", str(out), "--report_to", "tensorboard",
-                                   "--max_eval_samples", "2"]))
+    run_training(
+        *parse_arguments(
+            ["--preset", "tiny", "--output_dir", str(out), "--report_to", "tensorboard", "--max_eval_samples", "2"]
+        )
+    )
     tags = {"scalars": set(), "histograms": set()}
     for events in out.rglob("events.out.tfevents.*"):
         acc = EventAccumulator(str(events.parent), size_guidance={"histograms": 0})
@@ -261,8 +272,9 @@ def test_build_model_converts_stock_mamba(tmp_path):
     ids = torch.randint(0, 257, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, stock(ids).logits)
-    cls_data = TaskData("pixel_classification", [], [], vocab_size=256, metric="accuracy", dataset_description="-",
-                        num_labels=10)
+    cls_data = TaskData(
+        "pixel_classification", [], [], vocab_size=256, metric="accuracy", dataset_description="-", num_labels=10
+    )
     classifier = build_model(args, cls_data)
     assert isinstance(classifier, CompreSSMMambaForSequenceClassification) and classifier.config.num_labels == 10
     torch.testing.assert_close(classifier.backbone.embeddings.weight, stock.backbone.embeddings.weight)

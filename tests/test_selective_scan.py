@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from hf_compressssm.models.mamba import selective_scan as ss
 
+
 numba_available = importlib.util.find_spec("numba") is not None
 needs_numba = pytest.mark.skipif(not numba_available, reason="numba not installed")
 
@@ -50,8 +51,20 @@ def reference_step():
 
 def ref_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
     # use_mambapy=False and no torch.compile: the reference runs its sequential Python loop
-    return reference_scan()(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-                            return_last_state=return_last_state, use_mambapy=False, use_associative_scan=False)
+    return reference_scan()(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D=D,
+        z=z,
+        delta_bias=delta_bias,
+        delta_softplus=delta_softplus,
+        return_last_state=return_last_state,
+        use_mambapy=False,
+        use_associative_scan=False,
+    )
 
 
 def exact_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None):
@@ -75,8 +88,7 @@ def exact_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-def make_inputs(bsz, dim, seqlen, n, dtype, *, D=True, z=True, bias=True, seed=0, transposed_bc=False,
-                softplus=True):
+def make_inputs(bsz, dim, seqlen, n, dtype, *, D=True, z=True, bias=True, seed=0, transposed_bc=False, softplus=True):
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0, shift=0.0):
@@ -93,9 +105,16 @@ def make_inputs(bsz, dim, seqlen, n, dtype, *, D=True, z=True, bias=True, seed=0
     else:
         B = rnd(bsz, n, seqlen)
         C = rnd(bsz, n, seqlen)
-    out = dict(u=u, delta=delta, A=A, B=B, C=C,
-               D=rnd(dim) if D else None, z=rnd(bsz, dim, seqlen) if z else None,
-               delta_bias=rnd(dim, scale=0.3) if bias else None)
+    out = dict(
+        u=u,
+        delta=delta,
+        A=A,
+        B=B,
+        C=C,
+        D=rnd(dim) if D else None,
+        z=rnd(bsz, dim, seqlen) if z else None,
+        delta_bias=rnd(dim, scale=0.3) if bias else None,
+    )
     return {k: (v.detach().requires_grad_() if v is not None else None) for k, v in out.items()}
 
 
@@ -160,7 +179,9 @@ def test_float32_matches_transformers_reference(bsz, dim, seqlen, n, flags):
         check_against(
             lambda **kw: ss.selective_scan(**kw, delta_softplus=softplus, return_last_state=last, backend=FAST),
             lambda **kw: ref_scan(**kw, delta_softplus=softplus, return_last_state=last),
-            inputs, 1e-4, last,
+            inputs,
+            1e-4,
+            last,
         )
 
 
@@ -174,8 +195,14 @@ def test_float64_tight(bsz, dim, seqlen, n):
     # transformers' reference casts u and B to float32 internally (`.float()`), so with float32-representable
     # inputs its forward and most gradients are exact in float64, but du and dB are rounded through float32
     inputs32 = {k: (v.detach().float().double().requires_grad_() if v is not None else None) for k, v in inputs.items()}
-    grads, rgrads = check_against(ours, lambda **kw: ref_scan(**kw, delta_softplus=True, return_last_state=True),
-                                  inputs32, 1e-10, True, skip_grads=("u", "B"))
+    grads, rgrads = check_against(
+        ours,
+        lambda **kw: ref_scan(**kw, delta_softplus=True, return_last_state=True),
+        inputs32,
+        1e-10,
+        True,
+        skip_grads=("u", "B"),
+    )
     for k in ("u", "B"):
         assert_close(grads[k], rgrads[k], 1e-6, f"d{k} (reference rounded to float32)")
 
@@ -188,8 +215,9 @@ def test_gradcheck_float64_with_initial_and_last_state():
 
     def f(*args):
         kw = dict(zip(keys, args))
-        y, last = ss.selective_scan(**kw, delta_softplus=True, return_last_state=True, initial_state=args[-1],
-                                    backend=FAST)
+        y, last = ss.selective_scan(
+            **kw, delta_softplus=True, return_last_state=True, initial_state=args[-1], backend=FAST
+        )
         return y, last
 
     assert torch.autograd.gradcheck(f, [inputs[k] for k in keys] + [h0], eps=1e-6, atol=1e-7, rtol=1e-6)
@@ -205,14 +233,25 @@ def test_initial_state_equals_scanning_the_concatenated_sequence(dtype, rtol):
 
     def chunked(u, delta, A, B, C, D, z, delta_bias):
         kw = dict(A=A, D=D, delta_bias=delta_bias, delta_softplus=True, return_last_state=True, backend=FAST)
-        y1, h1 = ss.selective_scan(u[..., :split], delta[..., :split], B=B[..., :split], C=C[..., :split],
-                                   z=z[..., :split], **kw)
-        y2, h2 = ss.selective_scan(u[..., split:], delta[..., split:], B=B[..., split:], C=C[..., split:],
-                                   z=z[..., split:], initial_state=h1, **kw)
+        y1, h1 = ss.selective_scan(
+            u[..., :split], delta[..., :split], B=B[..., :split], C=C[..., :split], z=z[..., :split], **kw
+        )
+        y2, h2 = ss.selective_scan(
+            u[..., split:],
+            delta[..., split:],
+            B=B[..., split:],
+            C=C[..., split:],
+            z=z[..., split:],
+            initial_state=h1,
+            **kw,
+        )
         return torch.cat([y1, y2], -1), h2
 
-    ref = (lambda **kw: exact_scan(**kw, delta_softplus=True)) if dtype == torch.float64 else (
-        lambda **kw: ref_scan(**kw, delta_softplus=True, return_last_state=True))
+    ref = (
+        (lambda **kw: exact_scan(**kw, delta_softplus=True))
+        if dtype == torch.float64
+        else (lambda **kw: ref_scan(**kw, delta_softplus=True, return_last_state=True))
+    )
     check_against(chunked, ref, inputs, rtol, True)
 
 
@@ -223,8 +262,9 @@ def test_initial_state_gradient_matches_torch_backend():
     w = torch.randn(2, 10, 15, dtype=torch.float64), torch.randn(2, 10, 4, dtype=torch.float64)
     res = {}
     for backend in (FAST, "torch"):
-        y, h = ss.selective_scan(**inputs, delta_softplus=True, return_last_state=True, initial_state=h0,
-                                 backend=backend)
+        y, h = ss.selective_scan(
+            **inputs, delta_softplus=True, return_last_state=True, initial_state=h0, backend=backend
+        )
         loss = (y * w[0]).sum() + (h * w[1]).sum()
         res[backend] = [y, h] + list(torch.autograd.grad(loss, [h0] + [v for v in inputs.values() if v is not None]))
     for a, b in zip(res[FAST], res["torch"]):
@@ -241,10 +281,13 @@ def test_several_channel_blocks_in_one_work_item():
     torch.set_num_threads(1)
     try:
         check_against(
-            lambda **kw: ss.selective_scan(**kw, delta_softplus=True, return_last_state=True, initial_state=h0,
-                                           backend=FAST),
+            lambda **kw: ss.selective_scan(
+                **kw, delta_softplus=True, return_last_state=True, initial_state=h0, backend=FAST
+            ),
             lambda **kw: exact_scan(**kw, delta_softplus=True, initial_state=h0),
-            dict(inputs), 1e-10, True,
+            dict(inputs),
+            1e-10,
+            True,
         )
     finally:
         torch.set_num_threads(threads)
@@ -256,7 +299,9 @@ def test_other_backends_match_reference(backend):
     check_against(
         lambda **kw: ss.selective_scan(**kw, delta_softplus=True, return_last_state=True, backend=backend),
         lambda **kw: ref_scan(**kw, delta_softplus=True, return_last_state=True),
-        inputs, 1e-4, True,
+        inputs,
+        1e-4,
+        True,
     )
 
 
@@ -280,19 +325,38 @@ def test_decode_step_matches_reference_and_the_scan(dtype, rtol, ref_rtol):
     state, rstate = state0.clone(), state0.clone()
     ys = []
     for t in range(steps):
-        step = dict(x=inputs["u"][..., t], dt=inputs["delta"][..., t], A=inputs["A"], B=inputs["B"][..., t],
-                    C=inputs["C"][..., t], D=inputs["D"], z=inputs["z"][..., t], dt_bias=inputs["delta_bias"],
-                    dt_softplus=True)
+        step = dict(
+            x=inputs["u"][..., t],
+            dt=inputs["delta"][..., t],
+            A=inputs["A"],
+            B=inputs["B"][..., t],
+            C=inputs["C"][..., t],
+            D=inputs["D"],
+            z=inputs["z"][..., t],
+            dt_bias=inputs["delta_bias"],
+            dt_softplus=True,
+        )
         y = ss.selective_state_update(state, **step)
-        ry = reference_step()(rstate, step["x"], step["dt"], step["A"], step["B"], step["C"], D=step["D"],
-                              z=step["z"], dt_bias=step["dt_bias"], dt_softplus=True)
+        ry = reference_step()(
+            rstate,
+            step["x"],
+            step["dt"],
+            step["A"],
+            step["B"],
+            step["C"],
+            D=step["D"],
+            z=step["z"],
+            dt_bias=step["dt_bias"],
+            dt_softplus=True,
+        )
         assert y.shape == (bsz, dim) and y.dtype == dtype
         assert_close(y, ry, ref_rtol, f"y step {t}")
         assert_close(state, rstate, ref_rtol, f"state step {t}")
         ys.append(y)
     # the same tokens through the scan, started from the same state
-    y_scan, h_scan = ss.selective_scan(**inputs, delta_softplus=True, return_last_state=True, initial_state=state0,
-                                       backend=FAST)
+    y_scan, h_scan = ss.selective_scan(
+        **inputs, delta_softplus=True, return_last_state=True, initial_state=state0, backend=FAST
+    )
     assert_close(torch.stack(ys, -1), y_scan, 10 * rtol, "decode vs scan")
     assert_close(state, h_scan, 10 * rtol, "decode state vs scan state")
 

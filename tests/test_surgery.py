@@ -42,8 +42,10 @@ def test_cut_slices_parameters_and_optimizer_state(kind):
     keep = torch.tensor([1, 4, 6])
     rows = kept_x_proj_rows(mixer, keep)
     old_A, old_x = mixer.A_log.detach().clone(), mixer.x_proj.weight.detach().clone()
-    old_states = {name: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()}
-                  for name, p in (("A", mixer.A_log), ("x", mixer.x_proj.weight))}
+    old_states = {
+        name: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()}
+        for name, p in (("A", mixer.A_log), ("x", mixer.x_proj.weight))
+    }
     untouched = model.backbone.layers[1].mixer.A_log
     untouched_state = {k: torch.as_tensor(v).clone() for k, v in optimizer.state[untouched].items()}
 

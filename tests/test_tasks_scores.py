@@ -15,13 +15,13 @@ from helpers import random_ids, tiny_lm
 from transformers import Trainer, TrainingArguments
 
 from hf_compressssm import CompreSSMCallback, compress_model
-from hf_compressssm.tasks import data as D
 from hf_compressssm.compression.calibration import collect_statistics
 from hf_compressssm.compression.ranks import SELECTIONS
-from hf_compressssm.compression.scores import SCORES, selective_state_scores
-from hf_compressssm.families import MambaFamily
 from hf_compressssm.compression.scan_energy import scan_energy_scores, state_output_energy
-from hf_compressssm.families import find_mixers
+from hf_compressssm.compression.scores import SCORES, selective_state_scores
+from hf_compressssm.families import MambaFamily, find_mixers
+from hf_compressssm.tasks import data as D
+
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "scripts" / "score_study.py"
@@ -99,10 +99,13 @@ def _local_lookup_accuracy(name: str, window: int, **kwargs) -> tuple[float, flo
     return hits / total, chance
 
 
-@pytest.mark.parametrize("name,kwargs,window", [
-    ("mqar", dict(seq_len=48, vocab_size=17, num_pairs=8, num_queries=12), 1),  # the query key alone
-    ("selective_copying", dict(seq_len=24, vocab_size=8, num_tokens=8), 4),  # the conv window: markers only
-])
+@pytest.mark.parametrize(
+    "name,kwargs,window",
+    [
+        ("mqar", dict(seq_len=48, vocab_size=17, num_pairs=8, num_queries=12), 1),  # the query key alone
+        ("selective_copying", dict(seq_len=24, vocab_size=8, num_tokens=8), 4),  # the conv window: markers only
+    ],
+)
 def test_tasks_need_memory(name, kwargs, window):
     """No memoryless predictor beats chance by much: the answer is in the distant past, not in the local window."""
     acc, chance = _local_lookup_accuracy(name, window, **kwargs)
@@ -110,8 +113,9 @@ def test_tasks_need_memory(name, kwargs, window):
 
 
 def test_task_accuracy_chance_level_for_uniform_guess():
-    ds = D.build_task_dataset("selective_copying", "validation", seed=0, num_samples=200, seq_len=16, vocab_size=4,
-                              num_tokens=4)
+    ds = D.build_task_dataset(
+        "selective_copying", "validation", seed=0, num_samples=200, seq_len=16, vocab_size=4, num_tokens=4
+    )
     labels = torch.stack([ds[i]["labels"] for i in range(len(ds))])
     guess = torch.full_like(labels, D.SelectiveCopyingDataset.DATA_OFFSET)  # always the first symbol
     assert abs(D.task_accuracy(guess, labels) - 0.25) < 0.05
@@ -120,8 +124,9 @@ def test_task_accuracy_chance_level_for_uniform_guess():
 # ------------------------------------------------------------------------------------------------ scores end to end
 class _Copying(torch.utils.data.Dataset):
     def __init__(self):
-        self.ds = D.build_task_dataset("selective_copying", "train", seed=0, num_samples=32, seq_len=16,
-                                       vocab_size=6, num_tokens=4)
+        self.ds = D.build_task_dataset(
+            "selective_copying", "train", seed=0, num_samples=32, seq_len=16, vocab_size=6, num_tokens=4
+        )
 
     def __len__(self):
         return len(self.ds)
@@ -130,15 +135,32 @@ class _Copying(torch.utils.data.Dataset):
         return self.ds[i]
 
 
-@pytest.mark.parametrize("score,selection", [(s, "largest") for s in SCORES]
-                         + [("h2", sel) for sel in SELECTIONS if sel != "largest"])
+@pytest.mark.parametrize(
+    "score,selection", [(s, "largest") for s in SCORES] + [("h2", sel) for sel in SELECTIONS if sel != "largest"]
+)
 def test_every_score_and_selection_through_the_callback(tmp_path, score, selection):
     model = tiny_lm(vocab_size=8, state_sizes=[8, 8])
-    callback = CompreSSMCallback(mode="fixed", fixed_fraction=0.5, reduction_steps=[2], score=score,
-                                 selection=selection, compression_seed=3, calibration_batches=1)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
-                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
-                             logging_steps=100)
+    callback = CompreSSMCallback(
+        mode="fixed",
+        fixed_fraction=0.5,
+        reduction_steps=[2],
+        score=score,
+        selection=selection,
+        compression_seed=3,
+        calibration_batches=1,
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        logging_steps=100,
+    )
     Trainer(model=model, args=args, train_dataset=_Copying(), callbacks=[callback]).train()
     assert model.config.state_sizes == [4, 4]
     entry = model.compression_history[0]
@@ -173,8 +195,9 @@ def test_planted_dead_state_is_cut_first(row, dead, score):
         assert dead not in layer.kept, (row, score, dead)
         assert layer.scores[dead] == 0.0 and min(layer.scores[i] for i in layer.kept) > 0
     # the inverse ablation keeps it
-    report = compress_model(_planted(row, dead), batches, mode="fixed", fixed_fraction=1 / 8, gate=1.0, score=score,
-                            selection="smallest")
+    report = compress_model(
+        _planted(row, dead), batches, mode="fixed", fixed_fraction=1 / 8, gate=1.0, score=score, selection="smallest"
+    )
     assert all(dead in layer.kept for layer in report.layers)
 
 
@@ -204,8 +227,10 @@ def test_state_output_energy_matches_a_direct_recurrence():
         for t in range(L):
             if mask[i, t] == 0:
                 continue
-            h = np.exp(delta[i, t, :, None].numpy() * A.numpy()) * h + (delta[i, t] * u[i, t]).numpy()[:, None] * B[
-                i, t].numpy()[None, :]
+            h = (
+                np.exp(delta[i, t, :, None].numpy() * A.numpy()) * h
+                + (delta[i, t] * u[i, t]).numpy()[:, None] * B[i, t].numpy()[None, :]
+            )
             want += (C[i, t].numpy()[None, :] * h) ** 2
     assert float(count) == 7 + 4
     np.testing.assert_allclose(sum_sq.numpy(), want, rtol=1e-10)
@@ -223,8 +248,14 @@ def test_calibration_projections_shapes_for_scan_energy():
 def test_quick_study_writes_well_formed_outputs(tmp_path):
     out = tmp_path / "study"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, str(STUDY), "--quick", "--out", str(out)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, str(STUDY), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.with_suffix(".json").read_text())
     assert results["preset_name"] == "quick" and set(results["parts"]) == {"curve", "cuts", "tau", "protocol"}
@@ -238,7 +269,8 @@ def test_quick_study_writes_well_formed_outputs(tmp_path):
         assert 0.0 <= row["accuracy_after_cut"] <= 1.0 and 0.0 <= row["accuracy_after_recovery"] <= 1.0
         assert all(len(kept) == row["k"] for kept in row["kept"])
     assert {(r["score"], r["tau"]) for r in results["tau"]["rows"]} == {
-        (s, t) for s in p["tau_scores"] for t in p["tau_values"]}
+        (s, t) for s in p["tau_scores"] for t in p["tau_values"]
+    }
     proto = results["protocol"]
     assert len(proto["runs"]) == p["protocol_seeds"]
     for run in proto["runs"]:

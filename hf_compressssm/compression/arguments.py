@@ -51,7 +51,9 @@ class CompressionArguments:
     rollback_metric: str = field(
         default="eval_loss", metadata={"help": "Metric compared before/after a cut in pragmatic mode."}
     )
-    rollback_greater_is_better: bool = field(default=False, metadata={"help": "Whether higher rollback_metric is better."})
+    rollback_greater_is_better: bool = field(
+        default=False, metadata={"help": "Whether higher rollback_metric is better."}
+    )
     rollback_tolerance: float = field(
         default=0.02,
         metadata={"help": "Pragmatic mode rolls back when the metric is worse by more than this relative amount."},

@@ -30,9 +30,7 @@ def model_inputs(batch: Mapping[str, Any], device: torch.device) -> dict[str, An
 
 
 @torch.no_grad()
-def visit_mixer_projections(
-    model: nn.Module, batches: Iterable[Mapping[str, Any]], visit: ProjectionVisitor
-) -> None:
+def visit_mixer_projections(model: nn.Module, batches: Iterable[Mapping[str, Any]], visit: ProjectionVisitor) -> None:
     """Run ``model`` on ``batches`` (no grad, eval mode, train mode restored after) and call, for every mixer and
     batch, ``visit(layer_index, *projections, attention_mask)`` with that mixer's `SSMFamily.projections`.
     ``batches``: dicts of model inputs (``labels`` are dropped), moved to the model's device.

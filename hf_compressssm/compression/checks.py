@@ -27,8 +27,9 @@ def check_int(name: str, value: object, low: int, high: int | None = None) -> in
     return v
 
 
-def check_fraction(name: str, value: object, low: float, high: float, closed_low: bool, closed_high: bool,
-                    meaning: str) -> float:
+def check_fraction(
+    name: str, value: object, low: float, high: float, closed_low: bool, closed_high: bool, meaning: str
+) -> float:
     bad = isinstance(value, (bool, str, bytes))
     try:
         v = float(value)  # type: ignore[arg-type]

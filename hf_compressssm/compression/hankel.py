@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .checks import check_finite, check_int
 
+
 __all__ = [
     "diagonal_gramians",
     "hankel_singular_values",

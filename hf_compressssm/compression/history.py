@@ -60,7 +60,11 @@ def record_report(model: nn.Module, report, args: CompressionArguments) -> None:
     model.compression_history = list(getattr(model, "compression_history", []) or []) + [entry]
     record = update_compression_record(model, args)
     record["history"] = list(record.get("history", [])) + [
-        {"step": report.step, "sizes_before": report.sizes_before, "sizes_after": report.sizes_after,
-         "skipped": report.skipped}
+        {
+            "step": report.step,
+            "sizes_before": report.sizes_before,
+            "sizes_after": report.sizes_after,
+            "skipped": report.skipped,
+        }
     ]
     model.config.compression = record

@@ -177,8 +177,9 @@ class HNNTrainer(Trainer):
     Σσ per layer), ``hnn_first`` / ``hnn_last`` (the same for the first and the last step).
     """
 
-    def __init__(self, *args, hnn_lambda: float | None = None, hnn_ratio: float = 0.1, hnn_log_every: int = 10,
-                 **kwargs):
+    def __init__(
+        self, *args, hnn_lambda: float | None = None, hnn_ratio: float = 0.1, hnn_log_every: int = 10, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         if hnn_lambda is not None and (not math.isfinite(hnn_lambda) or hnn_lambda < 0):
             raise ValueError(f"hnn_lambda={hnn_lambda} must be a finite number >= 0.")
@@ -221,8 +222,13 @@ class HNNTrainer(Trainer):
 
     def hnn_summary(self) -> dict[str, Any]:
         """λ and the first/last regulariser values, for reports."""
-        return {"lambda": self.hnn_lambda, "ratio": self.hnn_ratio, "first": self.hnn_first, "last": self.hnn_last,
-                "history": list(self.hnn_history)}
+        return {
+            "lambda": self.hnn_lambda,
+            "ratio": self.hnn_ratio,
+            "first": self.hnn_first,
+            "last": self.hnn_last,
+            "history": list(self.hnn_history),
+        }
 
 
 def hankel_nuclear_norm_of_model(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[float]:
@@ -230,6 +236,7 @@ def hankel_nuclear_norm_of_model(model: nn.Module, batch: dict[str, torch.Tensor
     values: dict[int, float] = {}
     handles = []
     for index, mixer in enumerate(find_mixers(model)):
+
         def hook(module, args, kwargs, index=index, mixer=mixer):
             hidden = args[0] if args else kwargs["hidden_states"]
             values[index] = float(mixer_hankel_nuclear_norm(mixer, hidden))
@@ -242,4 +249,3 @@ def hankel_nuclear_norm_of_model(model: nn.Module, batch: dict[str, torch.Tensor
         for h in handles:
             h.remove()
     return [values[i] for i in sorted(values)]
-

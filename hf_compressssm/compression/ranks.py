@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .checks import check_finite, check_fraction, check_int
 
+
 __all__ = ["SELECTIONS", "fixed_fraction_rank", "layer_rank", "select_indices", "select_rank"]
 
 SELECTIONS: tuple[str, ...] = ("largest", "smallest", "random")

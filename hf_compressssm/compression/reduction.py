@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .arguments import CompressionArguments
 from ..families import FAMILIES, LayerStatistics, check_per_layer_model, family_of, find_mixers
+from .arguments import CompressionArguments
 from .calibration import all_reduce_statistics, collect_statistics
 from .distributed import broadcast_object
 from .history import record_report, update_compression_record
@@ -188,7 +188,9 @@ def _check_target_sizes(target_sizes: Any, layers: int, family) -> list[int]:
     if isinstance(target_sizes, (str, bytes)) or not isinstance(target_sizes, (list, tuple)):
         raise ValueError(f"target_sizes must be a list with one int per layer, got {type(target_sizes).__name__}.")
     if len(target_sizes) != layers:
-        raise ValueError(f"target_sizes has {len(target_sizes)} entries but the model has {layers} {family.name} layers.")
+        raise ValueError(
+            f"target_sizes has {len(target_sizes)} entries but the model has {layers} {family.name} layers."
+        )
     for layer, size in enumerate(target_sizes):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"target_sizes[{layer}]={size!r} must be an int >= 1.")

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .checks import check_finite, check_int
 
+
 __all__ = ["SCORES", "STAT_KEYS", "merge_statistics", "selective_state_scores", "selective_statistics"]
 
 SCORES: tuple[str, ...] = ("hankel", "h2")
@@ -128,8 +129,10 @@ def merge_statistics(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[s
     _check_stats("b", b)
     for k in STAT_KEYS:
         if a[k].shape != b[k].shape:
-            raise ValueError(f"cannot merge statistics of different layers: {k} has shapes {tuple(a[k].shape)} "
-                             f"and {tuple(b[k].shape)}.")
+            raise ValueError(
+                f"cannot merge statistics of different layers: {k} has shapes {tuple(a[k].shape)} "
+                f"and {tuple(b[k].shape)}."
+            )
     return {k: a[k] + b[k].to(device=a[k].device, dtype=a[k].dtype) for k in STAT_KEYS}
 
 
@@ -149,8 +152,10 @@ def selective_state_scores(stats: Mapping[str, Tensor], score: str = "h2") -> Te
         ``(N,)`` float64, ≥ 0. ``random`` / ``smallest`` ablations belong to :func:`select_indices`.
     """
     if score not in SCORES:
-        raise ValueError(f"unknown score {score!r}; valid: {', '.join(SCORES)} "
-                         "(random / smallest are selections: see select_indices).")
+        raise ValueError(
+            f"unknown score {score!r}; valid: {', '.join(SCORES)} "
+            "(random / smallest are selections: see select_indices)."
+        )
     _check_stats("stats", stats)
     f64 = torch.float64
     count = stats["count"].to(f64).reshape(())

@@ -90,7 +90,14 @@ def _attempts(record: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -
         else:
             outcome = "cut"
         step = entry.get("step")
-        rows.append({"step": "post hoc" if step is None else step, "sizes_before": before, "sizes_after": after, "outcome": outcome})
+        rows.append(
+            {
+                "step": "post hoc" if step is None else step,
+                "sizes_before": before,
+                "sizes_after": after,
+                "outcome": outcome,
+            }
+        )
     return rows
 
 

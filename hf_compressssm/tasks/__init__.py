@@ -2,8 +2,16 @@
 presets (``arguments``), each task's datasets (``task_data``), model building (``model_builder``), the run
 (``run``) and evaluation helpers (``evaluation``)."""
 
-from .arguments import PRESETS, TASKS, DataArguments, ModelArguments, UsageError, build_parser, parse_arguments
-from .arguments import preset_defaults
+from .arguments import (
+    PRESETS,
+    TASKS,
+    DataArguments,
+    ModelArguments,
+    UsageError,
+    build_parser,
+    parse_arguments,
+    preset_defaults,
+)
 from .model_builder import build_model
 from .run import RUN_FILE, eval_summary, planned_max_steps, run_info, run_training, validate_arguments
 from .task_data import TaskData, build_datasets, resolve_tokenizer

@@ -29,21 +29,23 @@ class UsageError(ValueError):
     """Bad arguments, missing data or an impossible combination, found before anything was written."""
 
 
-
-
 @dataclass
 class ModelArguments:
     """Which model to train: a new one (architecture fields) or ``model_name_or_path`` (stock Mamba or ours)."""
 
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Folder or Hub id of a stock Mamba (converted on the fly) or a CompreSSM Mamba model. "
-                  "When given, the architecture arguments below are ignored."},
+        metadata={
+            "help": "Folder or Hub id of a stock Mamba (converted on the fly) or a CompreSSM Mamba model. "
+            "When given, the architecture arguments below are ignored."
+        },
     )
     tokenizer_name: str | None = field(
         default=None,
-        metadata={"help": "causal_lm only: 'byte' (257 tokens), 'bpe' (trained on the training text), or a tokenizer "
-                  "folder / Hub id. Default: the model's own tokenizer if it has one, else 'byte'."},
+        metadata={
+            "help": "causal_lm only: 'byte' (257 tokens), 'bpe' (trained on the training text), or a tokenizer "
+            "folder / Hub id. Default: the model's own tokenizer if it has one, else 'byte'."
+        },
     )
     bpe_vocab_size: int = field(default=4096, metadata={"help": "Vocabulary size of --tokenizer_name bpe."})
     hidden_size: int = field(default=128, metadata={"help": "Model width of a new model."})
@@ -53,8 +55,9 @@ class ModelArguments:
     conv_kernel: int = field(default=4, metadata={"help": "Width of the causal depthwise convolution."})
     time_step_rank: int | None = field(default=None, metadata={"help": "Rank of dt; default ceil(hidden_size / 16)."})
     classifier_pooling: str = field(default="mean", metadata={"help": "pixel_classification pooling: mean or last."})
-    scan_backend: str = field(default="auto", metadata={"help": "Selective-scan kernel: auto, fast, torch, mambapy, "
-                                                         "mamba_ssm."})
+    scan_backend: str = field(
+        default="auto", metadata={"help": "Selective-scan kernel: auto, fast, torch, mambapy, mamba_ssm."}
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code when loading the model."})
 
 
@@ -63,12 +66,18 @@ class DataArguments:
     """What to train on. ``preset`` fills defaults of every argument group (explicit arguments win)."""
 
     task: str = field(default="causal_lm", metadata={"help": f"One of {', '.join(TASKS)}."})
-    preset: str = field(default="default", metadata={"help": f"Defaults bundle, one of {', '.join(PRESETS)} "
-                                                      "('tiny': a few steps of a tiny model, for tests)."})
+    preset: str = field(
+        default="default",
+        metadata={
+            "help": f"Defaults bundle, one of {', '.join(PRESETS)} ('tiny': a few steps of a tiny model, for tests)."
+        },
+    )
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "causal_lm: 'kjv' (default, offline) or a Hugging Face dataset name; pixel_classification: "
-                  f"one of {', '.join(data_lib.PIXEL_DATASETS)}."},
+        metadata={
+            "help": "causal_lm: 'kjv' (default, offline) or a Hugging Face dataset name; pixel_classification: "
+            f"one of {', '.join(data_lib.PIXEL_DATASETS)}."
+        },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Config of the Hugging Face dataset."})
     train_file: list[str] | None = field(
@@ -126,25 +135,68 @@ _COMMON_TRAINING = dict(
 )
 _PRESET_VALUES: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
-        "causal_lm": dict(hidden_size=128, num_hidden_layers=2, state_size=64, block_size=256,
-                          per_device_train_batch_size=8, max_steps=600, tau=0.25),
-        "pixel_classification": dict(dataset_name="fashion_mnist", hidden_size=64, num_hidden_layers=2,
-                                     state_size=64, per_device_train_batch_size=32, max_steps=300, tau=0.05),
-        "mqar": dict(hidden_size=64, num_hidden_layers=2, state_size=64, seq_len=128, synthetic_vocab_size=256,
-                     num_items=16, per_device_train_batch_size=32, max_steps=1000, tau=0.05),
-        "selective_copying": dict(hidden_size=64, num_hidden_layers=2, state_size=64, seq_len=256,
-                                  synthetic_vocab_size=16, num_items=16, per_device_train_batch_size=32,
-                                  max_steps=600, tau=0.05),
+        "causal_lm": dict(
+            hidden_size=128,
+            num_hidden_layers=2,
+            state_size=64,
+            block_size=256,
+            per_device_train_batch_size=8,
+            max_steps=600,
+            tau=0.25,
+        ),
+        "pixel_classification": dict(
+            dataset_name="fashion_mnist",
+            hidden_size=64,
+            num_hidden_layers=2,
+            state_size=64,
+            per_device_train_batch_size=32,
+            max_steps=300,
+            tau=0.05,
+        ),
+        "mqar": dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            state_size=64,
+            seq_len=128,
+            synthetic_vocab_size=256,
+            num_items=16,
+            per_device_train_batch_size=32,
+            max_steps=1000,
+            tau=0.05,
+        ),
+        "selective_copying": dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            state_size=64,
+            seq_len=256,
+            synthetic_vocab_size=16,
+            num_items=16,
+            per_device_train_batch_size=32,
+            max_steps=600,
+            tau=0.05,
+        ),
     },
     "tiny": {
-        "_all": dict(hidden_size=32, num_hidden_layers=2, state_size=16, per_device_train_batch_size=4,
-                     per_device_eval_batch_size=8, max_steps=6, logging_steps=2, reduction_steps=[2, 4], tau=0.2,
-                     calibration_batches=2, max_eval_samples=16, warmup_steps=0),
+        "_all": dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            state_size=16,
+            per_device_train_batch_size=4,
+            per_device_eval_batch_size=8,
+            max_steps=6,
+            logging_steps=2,
+            reduction_steps=[2, 4],
+            tau=0.2,
+            calibration_batches=2,
+            max_eval_samples=16,
+            warmup_steps=0,
+        ),
         "causal_lm": dict(block_size=64, max_train_samples=64),
         "pixel_classification": dict(dataset_name="digits", max_train_samples=64),
         "mqar": dict(seq_len=64, synthetic_vocab_size=64, num_items=8, num_train_samples=64, num_eval_samples=16),
-        "selective_copying": dict(seq_len=48, synthetic_vocab_size=8, num_items=8, num_train_samples=64,
-                                  num_eval_samples=16),
+        "selective_copying": dict(
+            seq_len=48, synthetic_vocab_size=8, num_items=8, num_train_samples=64, num_eval_samples=16
+        ),
     },
 }
 
@@ -210,7 +262,9 @@ def parse_arguments(
         if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
             values = _read_config_file(argv[0])
             defaults = preset_defaults(
-                values.get("task", "causal_lm"), values.get("preset", "default"), values.get("dataset_name"),
+                values.get("task", "causal_lm"),
+                values.get("preset", "default"),
+                values.get("dataset_name"),
                 values.get("train_file"),
             )
             parsed = parser.parse_dict({**defaults, **values})

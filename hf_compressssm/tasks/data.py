@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers.utils import logging
 
+
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 

@@ -102,8 +102,11 @@ def training_throughput(
             timings.append(time.perf_counter() - start)
     seconds = sorted(timings)[len(timings) // 2]
     tokens = batch["input_ids"].numel()
-    return {"train_step_seconds": seconds, "train_sequences_per_second": batch_size / seconds,
-            "train_tokens_per_second": tokens / seconds}
+    return {
+        "train_step_seconds": seconds,
+        "train_sequences_per_second": batch_size / seconds,
+        "train_tokens_per_second": tokens / seconds,
+    }
 
 
 @torch.no_grad()
@@ -128,14 +131,22 @@ def generation_throughput(
             seconds = time.perf_counter() - start
             return {"inference_sequences_per_second": batch_size / seconds}
         prompt = batch["input_ids"][:, :prompt_length].to(device)
-        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                      pad_token_id=model.config.pad_token_id)
+        kwargs = dict(
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=model.config.pad_token_id,
+        )
         model.generate(prompt, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
         start = time.perf_counter()
         out = model.generate(prompt, **kwargs)
         seconds = time.perf_counter() - start
         generated = (out.shape[1] - prompt.shape[1]) * batch_size
-        return {"generate_tokens_per_second": generated / seconds, "generate_ms_per_token": 1000 * seconds / max(1, generated / batch_size)}
+        return {
+            "generate_tokens_per_second": generated / seconds,
+            "generate_ms_per_token": 1000 * seconds / max(1, generated / batch_size),
+        }
     finally:
         model.train(was_training)
 

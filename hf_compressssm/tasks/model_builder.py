@@ -69,8 +69,11 @@ def build_model(model_args: ModelArguments, task_data: TaskData) -> PreTrainedMo
             if not classify:
                 return lm
             new_config = CompreSSMMambaConfig.from_dict(
-                {**lm.config.to_dict(), "num_labels": task_data.num_labels,
-                 "classifier_pooling": model_args.classifier_pooling}
+                {
+                    **lm.config.to_dict(),
+                    "num_labels": task_data.num_labels,
+                    "classifier_pooling": model_args.classifier_pooling,
+                }
             )
             model = CompreSSMMambaForSequenceClassification(new_config)
             model.backbone.load_state_dict(lm.backbone.state_dict())

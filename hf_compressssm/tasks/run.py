@@ -33,7 +33,9 @@ def planned_max_steps(training_args: TrainingArguments, num_train_items: int) ->
         return int(training_args.max_steps)
     per_step = training_args.per_device_train_batch_size * max(1, training_args.gradient_accumulation_steps)
     per_step *= max(1, training_args.world_size)
-    batches = num_train_items // per_step if training_args.dataloader_drop_last else math.ceil(num_train_items / per_step)
+    batches = (
+        num_train_items // per_step if training_args.dataloader_drop_last else math.ceil(num_train_items / per_step)
+    )
     return max(1, math.ceil(training_args.num_train_epochs * batches))
 
 
@@ -165,19 +167,24 @@ def run_training(
             metrics=eval_metrics,
             eval_split=task_data.eval_description,
             model_name=Path(out).name,
-            training={"max_steps": max_steps, "train_seconds": round(train_seconds, 1),
-                      "per_device_train_batch_size": training_args.per_device_train_batch_size,
-                      "learning_rate": training_args.learning_rate,
-                      "sequence_length": task_data.sequence_length},
+            training={
+                "max_steps": max_steps,
+                "train_seconds": round(train_seconds, 1),
+                "per_device_train_batch_size": training_args.per_device_train_batch_size,
+                "learning_rate": training_args.learning_rate,
+                "sequence_length": task_data.sequence_length,
+            },
             repo_id=training_args.hub_model_id,
         )
-        write_json_atomic(os.path.join(out, RUN_FILE), {**run_info(model_args, data_args), "results": results,
-                                                        "card": card})
+        write_json_atomic(
+            os.path.join(out, RUN_FILE), {**run_info(model_args, data_args), "results": results, "card": card}
+        )
         save_model_card(model, out, **card)
         if push:
             from ..hub.publish import upload_folder
 
-            results["hub_url"] = upload_folder(out, training_args.hub_model_id, token=training_args.hub_token,
-                                               private=training_args.hub_private_repo)
+            results["hub_url"] = upload_folder(
+                out, training_args.hub_model_id, token=training_args.hub_token, private=training_args.hub_private_repo
+            )
     trainer.accelerator.wait_for_everyone()
     return results

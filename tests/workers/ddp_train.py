@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helpers import random_ids, tiny_lm  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
@@ -57,9 +58,7 @@ def main(out_dir: str, accumulation: int) -> None:
     checksums = {
         name: hashlib.sha256(p.detach().cpu().numpy().tobytes()).hexdigest() for name, p in model.named_parameters()
     }
-    kept = [
-        [layer["kept"] for layer in entry["layers"]] for entry in getattr(model, "compression_history", [])
-    ]
+    kept = [[layer["kept"] for layer in entry["layers"]] for entry in getattr(model, "compression_history", [])]
     result = {
         "rank": rank,
         "world_size": world,

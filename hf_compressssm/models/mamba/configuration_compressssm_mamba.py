@@ -58,9 +58,7 @@ class CompreSSMMambaConfig(MambaConfig):
         else:
             self.state_sizes = self.check_state_sizes(self.state_sizes)
         if self.classifier_pooling not in ("mean", "last"):
-            raise ValueError(
-                f"classifier_pooling must be 'mean' or 'last', got {self.classifier_pooling!r}."
-            )
+            raise ValueError(f"classifier_pooling must be 'mean' or 'last', got {self.classifier_pooling!r}.")
 
     def check_state_sizes(self, state_sizes: Sequence[int]) -> list[int]:
         """Check a per-layer state-size list against this config and return it as a new list of ints.
@@ -68,9 +66,7 @@ class CompreSSMMambaConfig(MambaConfig):
         Raises `ValueError` naming the first offending layer and the rule it breaks.
         """
         if isinstance(state_sizes, (str, bytes)) or not isinstance(state_sizes, Sequence):
-            raise ValueError(
-                f"state_sizes must be a list with one int per layer, got {type(state_sizes).__name__}."
-            )
+            raise ValueError(f"state_sizes must be a list with one int per layer, got {type(state_sizes).__name__}.")
         if len(state_sizes) != self.num_hidden_layers:
             raise ValueError(
                 f"state_sizes has {len(state_sizes)} entries but the model has num_hidden_layers="
@@ -79,9 +75,7 @@ class CompreSSMMambaConfig(MambaConfig):
         checked = []
         for layer, size in enumerate(state_sizes):
             if isinstance(size, bool) or not isinstance(size, int):
-                raise ValueError(
-                    f"state_sizes[{layer}] must be an int, got {size!r} ({type(size).__name__})."
-                )
+                raise ValueError(f"state_sizes[{layer}] must be an int, got {size!r} ({type(size).__name__}).")
             if size < 1:
                 raise ValueError(f"state_sizes[{layer}]={size} is invalid: every layer needs at least 1 state.")
             if size > self.state_size:

@@ -17,7 +17,6 @@ from transformers import MambaConfig, MambaForCausalLM
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.mamba.modeling_mamba import (
     MambaBlock,
-    MambaForCausalLM as _StockMambaForCausalLM,
     MambaMixer,
     MambaModel,
     MambaPreTrainedModel,
@@ -25,6 +24,9 @@ from transformers.models.mamba.modeling_mamba import (
     apply_mask_to_padding_states,
     causal_conv1d_fn,
     causal_conv1d_update,
+)
+from transformers.models.mamba.modeling_mamba import (
+    MambaForCausalLM as _StockMambaForCausalLM,
 )
 from transformers.utils import logging
 
@@ -117,9 +119,7 @@ class CompreSSMMambaMixer(MambaMixer):
                 x = x[:, :, -seq_len:]
 
         x = apply_mask_to_padding_states(x.transpose(1, 2), attention_mask)  # (b, L, D)
-        dt, B, C = torch.split(
-            self.x_proj(x), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
-        )
+        dt, B, C = torch.split(self.x_proj(x), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
         dt = self.dt_proj.weight @ dt.transpose(1, 2)  # (b, D, L), bias added inside the scan
         dt_bias = self.dt_proj.bias.float() if self.dt_proj.bias is not None else None
 

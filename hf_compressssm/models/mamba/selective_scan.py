@@ -59,6 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+
 __all__ = [
     "ENV_VAR",
     "BACKENDS",
@@ -71,8 +72,16 @@ __all__ = [
 
 ENV_VAR = "HF_COMPRESSSSM_SCAN_BACKEND"
 BACKENDS = ("numba", "mamba_ssm", "mambapy", "torch")
-_ALIASES = {"auto": "auto", "": "auto", "fast": "numba", "numba": "numba", "torch": "torch", "mambapy": "mambapy",
-            "mamba_ssm": "mamba_ssm", "mamba-ssm": "mamba_ssm"}
+_ALIASES = {
+    "auto": "auto",
+    "": "auto",
+    "fast": "numba",
+    "numba": "numba",
+    "torch": "torch",
+    "mambapy": "mambapy",
+    "mamba_ssm": "mamba_ssm",
+    "mamba-ssm": "mamba_ssm",
+}
 
 # --------------------------------------------------------------------------------------------------------------
 # optional dependencies, imported lazily and at most once
@@ -91,7 +100,9 @@ def _try_import(name):
                 try:
                     mod = importlib.import_module(name)
                 except Exception as exc:  # a broken install counts as unavailable
-                    warnings.warn(f"selective_scan: importing {name} failed ({exc!r}); backend unavailable")
+                    warnings.warn(
+                        f"selective_scan: importing {name} failed ({exc!r}); backend unavailable", stacklevel=2
+                    )
             _IMPORTS[name] = mod
         return _IMPORTS[name]
 
@@ -162,18 +173,25 @@ def resolve_scan_backend(device, requested=None) -> str:
         return "torch"
     if choice == "numba":
         if dev != "cpu":
-            raise RuntimeError(f"selective scan: {source} forces the numba kernel, which runs on CPU tensors only "
-                               f"(got device {dev!r}); use 'auto', 'torch' or 'mamba_ssm'")
+            raise RuntimeError(
+                f"selective scan: {source} forces the numba kernel, which runs on CPU tensors only "
+                f"(got device {dev!r}); use 'auto', 'torch' or 'mamba_ssm'"
+            )
         if not _numba_importable():
-            raise RuntimeError(f"selective scan: {source} forces the numba kernel but numba is not installed "
-                               "(pip install numba), or unset it / use 'auto' or 'torch'")
+            raise RuntimeError(
+                f"selective scan: {source} forces the numba kernel but numba is not installed "
+                "(pip install numba), or unset it / use 'auto' or 'torch'"
+            )
     elif choice == "mamba_ssm":
         if dev != "cuda":
-            raise RuntimeError(f"selective scan: {source} forces mamba_ssm, which runs on CUDA tensors only "
-                               f"(got device {dev!r})")
+            raise RuntimeError(
+                f"selective scan: {source} forces mamba_ssm, which runs on CUDA tensors only (got device {dev!r})"
+            )
         if not _mamba_ssm_importable():
-            raise RuntimeError(f"selective scan: {source} forces mamba_ssm but it is not importable "
-                               "(pip install mamba-ssm --no-build-isolation, with a CUDA torch)")
+            raise RuntimeError(
+                f"selective scan: {source} forces mamba_ssm but it is not importable "
+                "(pip install mamba-ssm --no-build-isolation, with a CUDA torch)"
+            )
     elif choice == "mambapy":
         if not _mambapy_importable():
             raise RuntimeError(f"selective scan: {source} forces mambapy but it is not installed (pip install mambapy)")
@@ -302,20 +320,46 @@ _FM_EXP = {"contract", "arcp", "nsz"}  # no reassoc: it would undo the Cody-Wait
 
 # exp(x) = p(r) * 2**k, k = round(x / ln2), r = x - k*ln2 (two-part ln2), p = Taylor polynomial (Horner).
 _F32 = np.float32
-_E32 = dict(lo=_F32(-88.0), hi=_F32(88.72283935546875), l2e=_F32(1.4426950408889634), half=_F32(0.5),
-            ln2hi=_F32(0.693145751953125), ln2lo=_F32(1.428606765330187e-06),
-            c=[_F32(1.0 / math.factorial(i)) for i in range(8)])
-_E64 = dict(lo=-710.0, hi=709.782712893384, l2e=1.4426950408889634, half=0.5,
-            ln2hi=6.93147180369123816490e-01, ln2lo=1.90821492927058770002e-10,
-            c=[1.0 / math.factorial(i) for i in range(14)])
+_E32 = dict(
+    lo=_F32(-88.0),
+    hi=_F32(88.72283935546875),
+    l2e=_F32(1.4426950408889634),
+    half=_F32(0.5),
+    ln2hi=_F32(0.693145751953125),
+    ln2lo=_F32(1.428606765330187e-06),
+    c=[_F32(1.0 / math.factorial(i)) for i in range(8)],
+)
+_E64 = dict(
+    lo=-710.0,
+    hi=709.782712893384,
+    l2e=1.4426950408889634,
+    half=0.5,
+    ln2hi=6.93147180369123816490e-01,
+    ln2lo=1.90821492927058770002e-10,
+    c=[1.0 / math.factorial(i) for i in range(14)],
+)
 
 _E32_LO, _E32_HI, _E32_L2E, _E32_HALF = _E32["lo"], _E32["hi"], _E32["l2e"], _E32["half"]
 _E32_LN2HI, _E32_LN2LO = _E32["ln2hi"], _E32["ln2lo"]
 (_E32_C0, _E32_C1, _E32_C2, _E32_C3, _E32_C4, _E32_C5, _E32_C6, _E32_C7) = _E32["c"]
 _E64_LO, _E64_HI, _E64_L2E, _E64_HALF = _E64["lo"], _E64["hi"], _E64["l2e"], _E64["half"]
 _E64_LN2HI, _E64_LN2LO = _E64["ln2hi"], _E64["ln2lo"]
-(_E64_C0, _E64_C1, _E64_C2, _E64_C3, _E64_C4, _E64_C5, _E64_C6, _E64_C7, _E64_C8, _E64_C9, _E64_C10, _E64_C11,
- _E64_C12, _E64_C13) = _E64["c"]
+(
+    _E64_C0,
+    _E64_C1,
+    _E64_C2,
+    _E64_C3,
+    _E64_C4,
+    _E64_C5,
+    _E64_C6,
+    _E64_C7,
+    _E64_C8,
+    _E64_C9,
+    _E64_C10,
+    _E64_C11,
+    _E64_C12,
+    _E64_C13,
+) = _E64["c"]
 
 _bits_to_float = None  # numba intrinsic (int32 -> float32, int64 -> float64 bit cast), set by _numba_kernels()
 
@@ -330,8 +374,9 @@ def _exp_f32(x):
     xc = xc if xc < _E32_HI else _E32_HI
     kf = np.floor(xc * _E32_L2E + _E32_HALF)
     r = (xc - kf * _E32_LN2HI) - kf * _E32_LN2LO
-    p = ((((((_E32_C7 * r + _E32_C6) * r + _E32_C5) * r + _E32_C4) * r + _E32_C3) * r + _E32_C2) * r
-         + _E32_C1) * r + _E32_C0
+    p = (
+        (((((_E32_C7 * r + _E32_C6) * r + _E32_C5) * r + _E32_C4) * r + _E32_C3) * r + _E32_C2) * r + _E32_C1
+    ) * r + _E32_C0
     e = np.int32(np.int32(kf) + np.int32(127))
     ec = e if e < np.int32(254) else np.int32(254)
     res = p * _bits_to_float(np.int32(ec << np.int32(23)))
@@ -345,9 +390,38 @@ def _exp_f64(x):
     xc = xc if xc < _E64_HI else _E64_HI
     kf = np.floor(xc * _E64_L2E + _E64_HALF)
     r = (xc - kf * _E64_LN2HI) - kf * _E64_LN2LO
-    p = ((((((((((((_E64_C13 * r + _E64_C12) * r + _E64_C11) * r + _E64_C10) * r + _E64_C9) * r + _E64_C8) * r
-                 + _E64_C7) * r + _E64_C6) * r + _E64_C5) * r + _E64_C4) * r + _E64_C3) * r + _E64_C2) * r
-         + _E64_C1) * r + _E64_C0
+    p = (
+        (
+            (
+                (
+                    (
+                        (
+                            (
+                                (
+                                    ((((_E64_C13 * r + _E64_C12) * r + _E64_C11) * r + _E64_C10) * r + _E64_C9) * r
+                                    + _E64_C8
+                                )
+                                * r
+                                + _E64_C7
+                            )
+                            * r
+                            + _E64_C6
+                        )
+                        * r
+                        + _E64_C5
+                    )
+                    * r
+                    + _E64_C4
+                )
+                * r
+                + _E64_C3
+            )
+            * r
+            + _E64_C2
+        )
+        * r
+        + _E64_C1
+    ) * r + _E64_C0
     e = np.int64(np.int64(kf) + np.int64(1023))
     ec = e if e < np.int64(2046) else np.int64(2046)
     res = p * _bits_to_float(np.int64(ec << np.int64(52)))
@@ -421,9 +495,34 @@ def _scan_fwd_kernel(item0, item1, u, dt, A, B, C, Dv, z, h0, y, hlast, has_D, h
                     y[b, d, t] = yv
 
 
-def _scan_bwd_kernel(item0, item1, u, dt, A, B, C, Dv, z, h0, dout, dlast,
-                     has_D, has_z, has_h0, has_dlast, ngrp, one,
-                     du, ddt, dz, dh0, dA_part, dD_part, dB_part, dC_part):
+def _scan_bwd_kernel(
+    item0,
+    item1,
+    u,
+    dt,
+    A,
+    B,
+    C,
+    Dv,
+    z,
+    h0,
+    dout,
+    dlast,
+    has_D,
+    has_z,
+    has_h0,
+    has_dlast,
+    ngrp,
+    one,
+    du,
+    ddt,
+    dz,
+    dh0,
+    dA_part,
+    dD_part,
+    dB_part,
+    dC_part,
+):
     """Backward for work items item0 <= item < item1 of batch * ngrp, item = (batch row, group of channel blocks).
 
     Inputs as in _scan_fwd_kernel plus dout (b, D, L) and dlast (b, D, N). Writes du, ddt (w.r.t. the discretised
@@ -605,8 +704,10 @@ def _numba_kernels():
             return None
 
         opts = dict(cache=True, fastmath=_FM_KERNEL, nogil=True)
-        _KERNELS = (numba.njit(**opts)(_cache_named(_scan_fwd_kernel)),
-                    numba.njit(**opts)(_cache_named(_scan_bwd_kernel)))
+        _KERNELS = (
+            numba.njit(**opts)(_cache_named(_scan_fwd_kernel)),
+            numba.njit(**opts)(_cache_named(_scan_bwd_kernel)),
+        )
         return _KERNELS
 
 
@@ -629,8 +730,9 @@ def _run_parallel(kernel, n_items, *args):
         if _POOL is None or _POOL_PID != os.getpid() or _POOL._max_workers < nthreads - 1:
             from concurrent.futures import ThreadPoolExecutor
 
-            _POOL = ThreadPoolExecutor(max_workers=max(nthreads - 1, os.cpu_count() or 1),
-                                       thread_name_prefix="selective_scan")
+            _POOL = ThreadPoolExecutor(
+                max_workers=max(nthreads - 1, os.cpu_count() or 1), thread_name_prefix="selective_scan"
+            )
             _POOL_PID = os.getpid()
         pool = _POOL
     bounds = [(i * n_items) // nthreads for i in range(nthreads + 1)]
@@ -680,10 +782,22 @@ class SelectiveScanFunction(torch.autograd.Function):
         with torch.no_grad():
             dt = _discretised_dt(delta.detach(), delta_bias, delta_softplus, cd)
         _run_parallel(
-            fwd, bsz * nb,
-            _np_in(u, cd, 3), _np_in(dt, cd, 3), _np_in(A, cd, 2), _np_in(B, cd, 3), _np_in(C, cd, 3),
-            _np_in(D, cd, 1), _np_in(z, cd, 3), _np_in(initial_state, cd, 3), y.numpy(), hlast.numpy(),
-            D is not None, z is not None, initial_state is not None, _one(cd),
+            fwd,
+            bsz * nb,
+            _np_in(u, cd, 3),
+            _np_in(dt, cd, 3),
+            _np_in(A, cd, 2),
+            _np_in(B, cd, 3),
+            _np_in(C, cd, 3),
+            _np_in(D, cd, 1),
+            _np_in(z, cd, 3),
+            _np_in(initial_state, cd, 3),
+            y.numpy(),
+            hlast.numpy(),
+            D is not None,
+            z is not None,
+            initial_state is not None,
+            _one(cd),
         )
         del dt
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -714,12 +828,32 @@ class SelectiveScanFunction(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros(bsz, dim, seqlen, dtype=cd)
         _run_parallel(
-            bwd, bsz * ngrp,
-            _np_in(u, cd, 3), _np_in(dt, cd, 3), _np_in(A, cd, 2), _np_in(B, cd, 3), _np_in(C, cd, 3),
-            _np_in(D, cd, 1), _np_in(z, cd, 3), _np_in(initial_state, cd, 3), _np_in(dout, cd, 3),
-            _np_in(dlast, cd, 3), D is not None, z is not None, initial_state is not None, dlast is not None, ngrp,
-            _one(cd), du.numpy(), ddt.numpy(), dz.numpy() if dz is not None else _np_in(None, cd, 3), dh0.numpy(),
-            dA_part.numpy(), dD_part.numpy(), dB_part.numpy(), dC_part.numpy(),
+            bwd,
+            bsz * ngrp,
+            _np_in(u, cd, 3),
+            _np_in(dt, cd, 3),
+            _np_in(A, cd, 2),
+            _np_in(B, cd, 3),
+            _np_in(C, cd, 3),
+            _np_in(D, cd, 1),
+            _np_in(z, cd, 3),
+            _np_in(initial_state, cd, 3),
+            _np_in(dout, cd, 3),
+            _np_in(dlast, cd, 3),
+            D is not None,
+            z is not None,
+            initial_state is not None,
+            dlast is not None,
+            ngrp,
+            _one(cd),
+            du.numpy(),
+            ddt.numpy(),
+            dz.numpy() if dz is not None else _np_in(None, cd, 3),
+            dh0.numpy(),
+            dA_part.numpy(),
+            dD_part.numpy(),
+            dB_part.numpy(),
+            dC_part.numpy(),
         )
         del dt
         if ctx.delta_softplus:  # softplus'(x) = sigmoid(x), exactly 1 above torch's threshold 20
@@ -753,8 +887,20 @@ def _scan_numba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_sta
 # --------------------------------------------------------------------------------------------------------------
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None, backend=None):
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    initial_state=None,
+    backend=None,
+):
     """Selective scan with the semantics of transformers' ``mamba_selective_scan`` (see the module docstring).
 
     Args:
@@ -802,8 +948,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if name == "mamba_ssm":
         mod = _try_import("mamba_ssm.ops.triton.selective_state_update")
         if mod is not None:
-            return mod.selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
-                                              dt_softplus=dt_softplus)
+            return mod.selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     cd = _compute_dtype(state, x, dt, A, B, C)
     dt = dt.to(cd)
     if dt_bias is not None:
