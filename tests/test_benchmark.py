@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -37,7 +36,6 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path):
         "MKL_NUM_THREADS": "1",
         "NUMBA_NUM_THREADS": "1",
     }
-    start = time.perf_counter()
     proc = subprocess.run(
         [
             sys.executable,
@@ -63,9 +61,7 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path):
         text=True,
         timeout=300,
     )
-    elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert elapsed < 300
 
     report = json.loads((out / "benchmark.json").read_text())
     assert report["meta"]["quick"] is True and report["meta"]["seeds"] == [0]
