@@ -4,9 +4,9 @@ Layout: ``models/`` (one Hugging Face unit per SSM family), ``families/`` (what 
 each family), ``compression/`` (the pipeline, one module per stage, and the `Trainer` callback), ``tasks/`` (data,
 synthetic tasks and training helpers the scripts use), ``hub/`` (cards, upload) and ``peft_utils``.
 
-Importing the package registers the model family with the Auto classes (``AutoConfig``, ``AutoModel``,
-``AutoModelForCausalLM``, ``AutoModelForSequenceClassification``) and marks the classes for remote-code export, so
-``save_pretrained`` writes ``auto_map`` and the self-contained configuration/modeling files next to the weights.
+Importing the package registers the model families (Mamba-1, Mamba-2) with the Auto classes (``AutoConfig``,
+``AutoModel``, ``AutoModelForCausalLM``, ``AutoModelForSequenceClassification`` for Mamba-1) and marks the classes
+for remote-code export, so ``save_pretrained`` writes ``auto_map`` and the self-contained configuration/modeling files next to the weights.
 """
 
 __version__ = "0.2.0"
@@ -26,6 +26,12 @@ from .models.mamba import (
     CompreSSMMambaModel,
     CompreSSMMambaPreTrainedModel,
 )
+from .models.mamba2 import (
+    CompreSSMMamba2Config,
+    CompreSSMMamba2ForCausalLM,
+    CompreSSMMamba2Model,
+    CompreSSMMamba2PreTrainedModel,
+)
 
 
 def _register() -> None:
@@ -38,6 +44,14 @@ def _register() -> None:
         auto_class.register(CompreSSMMambaConfig, model_class, exist_ok=True)
         model_class.register_for_auto_class(auto_class.__name__)
     CompreSSMMambaConfig.register_for_auto_class()
+    AutoConfig.register(CompreSSMMamba2Config.model_type, CompreSSMMamba2Config, exist_ok=True)
+    for auto_class, model_class in (
+        (AutoModel, CompreSSMMamba2Model),
+        (AutoModelForCausalLM, CompreSSMMamba2ForCausalLM),
+    ):
+        auto_class.register(CompreSSMMamba2Config, model_class, exist_ok=True)
+        model_class.register_for_auto_class(auto_class.__name__)
+    CompreSSMMamba2Config.register_for_auto_class()
 
 
 _register()
@@ -52,5 +66,9 @@ __all__ = [
     "CompreSSMMambaForSequenceClassification",
     "CompreSSMMambaModel",
     "CompreSSMMambaPreTrainedModel",
+    "CompreSSMMamba2Config",
+    "CompreSSMMamba2ForCausalLM",
+    "CompreSSMMamba2Model",
+    "CompreSSMMamba2PreTrainedModel",
     "__version__",
 ]
