@@ -1,12 +1,39 @@
 """`CompressionArguments`: every knob of in-training compression, as a dataclass `HfArgumentParser` accepts."""
 
-from dataclasses import asdict, dataclass, field
+import math
+import numbers
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+
+from transformers.utils import logging
 
 from .ranks import SELECTIONS
 from .scores import SCORES
 
 
+logger = logging.get_logger(__name__)
+
 MODES = ("tolerance", "fixed", "pragmatic")
+
+
+def _base_type(annotation) -> tuple[type, bool]:
+    """``(int, True)`` for ``int | None``; ``(list, False)`` for ``list[int]``; ``(float, False)`` for ``float``."""
+    if isinstance(annotation, types.UnionType):
+        args = [a for a in annotation.__args__ if a is not type(None)]
+        return _base_type(args[0])[0], True
+    return getattr(annotation, "__origin__", annotation), False
+
+
+def _type_error(name: str, value, expected: str) -> ValueError:
+    hint = ""
+    if isinstance(value, str) and not expected.startswith("a list"):
+        hint = f" (a string: write {name}={value} without quotes, or convert it first)"
+    return ValueError(f"{name} must be {expected}; got {value!r} of type {type(value).__name__}{hint}.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass
@@ -69,8 +96,39 @@ class CompressionArguments:
     def __post_init__(self):
         self.validate()
 
+    def check_types(self) -> None:
+        """Raise `ValueError` for a field of the wrong type (a number given as a string, a float for an integer,
+        a string for ``reduction_steps``): such a run would otherwise die at its first cut."""
+        hints = typing.get_type_hints(type(self))  # HfArgumentParser rewrites Field.type; annotations stay
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind, optional = _base_type(hints[f.name])
+            if value is None:
+                if not optional:
+                    raise _type_error(f.name, value, f"a {kind.__name__}")
+                continue
+            if kind is bool:
+                if not isinstance(value, bool):
+                    raise _type_error(f.name, value, "True or False")
+            elif kind is int:
+                if not _is_int(value):
+                    raise _type_error(f.name, value, "an integer")
+                setattr(self, f.name, int(value))
+            elif kind is float:
+                if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                    raise _type_error(f.name, value, "a finite number")
+                setattr(self, f.name, float(value))
+            elif kind is str:
+                if not isinstance(value, str):
+                    raise _type_error(f.name, value, "a string")
+            elif kind is list:
+                if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
+                    raise _type_error(f.name, value, "a list of integers (optimisation steps), e.g. [15, 30]")
+                setattr(self, f.name, [int(v) for v in value])
+
     def validate(self) -> None:
-        """Raise `ValueError` naming the bad argument and its valid range."""
+        """Raise `ValueError` naming the bad argument (wrong type, or outside its valid range)."""
+        self.check_types()
         if not 0.0 <= float(self.tau) < 1.0:
             raise ValueError(f"tau={self.tau} is outside [0, 1): it is the fraction of Hankel energy discarded.")
         if self.mode not in MODES:
@@ -110,6 +168,10 @@ class CompressionArguments:
         """
         if self.reduction_steps is not None:
             steps = sorted({int(s) for s in self.reduction_steps})
+            if len(steps) < len(self.reduction_steps):
+                logger.warning(
+                    f"CompreSSM: reduction_steps {list(self.reduction_steps)} repeat a step; the schedule is {steps}."
+                )
             if steps[-1] > max_steps:
                 raise ValueError(
                     f"reduction_steps {steps} go beyond max_steps={max_steps}: no reduction would happen at step "
@@ -121,7 +183,14 @@ class CompressionArguments:
         for i in range(1, int(self.num_reductions) + 1):
             frac = float(self.schedule_start) + span * i / int(self.num_reductions)
             steps.append(max(1, int(round(frac * max_steps))))
-        return sorted(set(steps))
+        distinct = sorted(set(steps))
+        if len(distinct) < int(self.num_reductions):
+            logger.warning(
+                f"CompreSSM: num_reductions={self.num_reductions} attempts in the window ({self.schedule_start}, "
+                f"{self.schedule_end}] of {max_steps} steps collapse to {len(distinct)} distinct steps {distinct}. "
+                "Train longer, widen the window, or lower num_reductions."
+            )
+        return distinct
 
     def to_dict(self) -> dict:
         return asdict(self)
