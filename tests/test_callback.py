@@ -368,6 +368,7 @@ def _torchrun(out, accumulation, negative_control=False):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_stay_bit_identical_after_cuts(tmp_path):
     rank0, rank1 = _torchrun(tmp_path / "ddp", accumulation=2)
     assert rank0["world_size"] == 2
@@ -376,6 +377,7 @@ def test_ddp_two_processes_stay_bit_identical_after_cuts(tmp_path):
     assert rank0["checksums"] == rank1["checksums"]
 
 
+@pytest.mark.slow
 def test_ddp_negative_control_detects_drift(tmp_path):
     """Without our design (DDP manages the shrinkable tensors), the replicas drift: the check above can fail."""
     rank0, rank1 = _torchrun(tmp_path / "naive", accumulation=1, negative_control=True)

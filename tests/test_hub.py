@@ -122,6 +122,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_load_from_hf_cache_offline_without_package(upload_dir, compressed, tmp_path):
     home = tmp_path / "hf_home"
     cache = home / "hub"

@@ -169,6 +169,7 @@ def test_sequence_classification_auto_round_trip(tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+@pytest.mark.slow
 def test_remote_code_load_without_package(tmp_path):
     """A process that cannot import hf_compressssm loads the folder with trust_remote_code=True."""
     model = tiny_lm(state_sizes=[8, 3]).eval()

@@ -245,6 +245,7 @@ def test_calibration_projections_shapes_for_scan_energy():
 
 
 # ------------------------------------------------------------------------------------------------ the study script
+@pytest.mark.slow
 def test_quick_study_writes_well_formed_outputs(tmp_path):
     out = tmp_path / "study"
     env = dict(os.environ, PYTHONPATH=str(REPO))
