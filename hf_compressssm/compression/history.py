@@ -31,6 +31,19 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> str:
     return path
 
 
+def write_safetensors_atomic(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> str:
+    """Write ``tensors`` (name → tensor, made contiguous on CPU) as safetensors through a temporary file + rename."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 def write_history(model: nn.Module, directory: str | os.PathLike) -> str:
     """Write ``model.compression_history`` to ``directory/compression_history.json``; returns the path."""
     os.makedirs(directory, exist_ok=True)
@@ -57,7 +70,7 @@ def record_report(model: nn.Module, report, args: CompressionArguments) -> None:
     """Append a `ReductionReport` to ``model.compression_history`` (full detail) and ``config.compression["history"]``."""
     entry = report.to_dict()
     entry.update({"tau": args.tau, "mode": args.mode, "score": args.score, "selection": args.selection})
-    model.compression_history = list(getattr(model, "compression_history", []) or []) + [entry]
+    history = list(getattr(model, "compression_history", []) or []) + [entry]
     record = update_compression_record(model, args)
     record["history"] = list(record.get("history", [])) + [
         {
@@ -65,6 +78,13 @@ def record_report(model: nn.Module, report, args: CompressionArguments) -> None:
             "sizes_before": report.sizes_before,
             "sizes_after": report.sizes_after,
             "skipped": report.skipped,
+            "unchanged": report.sizes_after == report.sizes_before,
+            # what this attempt was done with (resuming with other arguments never rewrites it)
+            "tau": args.tau,
+            "mode": args.mode,
+            "score": args.score,
+            "selection": args.selection,
         }
     ]
     model.config.compression = record
+    model.compression_history = history

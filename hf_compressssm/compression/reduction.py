@@ -1,8 +1,9 @@
 """One reduction attempt: statistics → per-layer ranks and kept indices → cut. Also `compress_model` (post hoc)."""
 
+import copy
 import itertools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,7 +16,7 @@ from .arguments import CompressionArguments
 from .calibration import all_reduce_statistics, collect_statistics
 from .distributed import broadcast_object
 from .history import record_report, update_compression_record
-from .ranks import layer_rank, select_indices
+from .ranks import layer_rank, select_group_indices, select_indices
 from .surgery import shrink_mixers
 
 
@@ -24,7 +25,10 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class LayerDecision:
-    """What one attempt decided for one layer. ``scores`` are per original state index (length ``old_size``)."""
+    """What one attempt decided for one layer. ``scores`` are per original state index (length ``old_size``).
+
+    Grouped families (Mamba-2): ``scores`` and ``kept`` are one list per group (``G × old_size``, ``G × new_size``).
+    """
 
     layer: int
     old_size: int
@@ -50,6 +54,11 @@ class ReductionReport:
     skipped: str | None = None
 
     @property
+    def unchanged(self) -> bool:
+        """True when the attempt changed no layer (skipped, gated, or nothing to cut)."""
+        return self.sizes_after == self.sizes_before
+
+    @property
     def mean_size_before(self) -> float:
         return sum(self.sizes_before) / len(self.sizes_before)
 
@@ -61,6 +70,7 @@ class ReductionReport:
         out = asdict(self)
         out["mean_size_before"] = self.mean_size_before
         out["mean_size_after"] = self.mean_size_after
+        out["unchanged"] = self.unchanged
         return out
 
 
@@ -81,12 +91,31 @@ def plan_reduction(
     decisions = []
     for layer, (layer_stats, size) in enumerate(zip(stats, sizes)):
         scores = family.scores(layer_stats, args.score)
-        rank = min(size, target_sizes[layer]) if target_sizes is not None else layer_rank(scores, size, args)
+        total = float(scores.sum())
+        if total <= 0:
+            # Every state scored 0: nothing tells the states apart, so no choice of kept states is informed.
+            logger.warning(
+                f"CompreSSM: every state of layer {layer} scored 0 (its B or C projection rows are all zero, or the "
+                "calibration batches carried no signal); the layer is left unchanged."
+            )
+            rank = size
+        elif target_sizes is not None:
+            rank = min(size, target_sizes[layer])
+        else:
+            rank = layer_rank(scores, size, args)
+        if scores.ndim == 2:  # grouped (Mamba-2): the same count in every group
+            if rank < size:
+                kept = select_group_indices(scores, rank, args.selection, generator=generator)
+            else:
+                kept = torch.arange(size).expand(scores.shape[0], -1)
+            energy = float(scores.gather(1, kept.to(scores.device)).sum()) / total if total > 0 else 1.0
+            decisions.append(LayerDecision(layer, size, int(kept.shape[1]), kept.tolist(), scores.tolist(), energy))
+            continue
         if rank < size:
             kept = select_indices(scores, rank, args.selection, generator=generator)
         else:
             kept = torch.arange(size)
-        total = float(scores.sum())
+        # The fraction of score energy the kept states hold; a layer kept whole (all-zero scores included) keeps 1.
         energy = float(scores[kept].sum()) / total if total > 0 else 1.0
         decisions.append(
             LayerDecision(
@@ -122,32 +151,55 @@ def reduce_once(
     step: int | None = None,
     generator: torch.Generator | None = None,
     target_sizes: list[int] | None = None,
+    on_commit: Callable[[ReductionReport], None] | None = None,
 ) -> ReductionReport:
     """Calibrate on ``batches``, decide per-layer ranks (identical on every rank), and cut ``model`` (+ optimizer).
 
-    NaN/Inf in the weights or statistics skips the cut with a warning; the model is never left half cut.
+    ``on_commit(report)`` (e.g. record the history) runs inside the cut, so that a failure there undoes it too; it
+    also runs when nothing is cut. NaN/Inf in the weights or statistics skips the cut with a warning. Atomic: when
+    anything fails, model, optimizer, config (``state_sizes``, ``compression``), ``compression_history`` and
+    ``generator`` are exactly as before, and the error is raised.
     """
     start = time.perf_counter()
     family = family_of(model)
     sizes = [family.state_size(m) for m in find_mixers(model)]
-    stats = all_reduce_statistics(collect_statistics(model, batches))
-    reason = _non_finite_reason(model, stats)
-    reason = broadcast_object(reason)
-    if reason is not None:
-        logger.warning(f"CompreSSM: reduction at step {step} skipped: {reason}. The model is unchanged.")
-        return ReductionReport(step, sizes, sizes, [], time.perf_counter() - start, skipped=reason)
-    decisions = plan_reduction(stats, sizes, args, generator, family, target_sizes)
-    decisions = broadcast_object(decisions)  # rank 0 decides: every replica keeps exactly the same indices
-    kept = {d.layer: torch.tensor(d.kept, dtype=torch.long) for d in decisions if d.reduced}
-    if kept:
-        shrink_mixers(model, kept, optimizer)
-    report = ReductionReport(
-        step=step,
-        sizes_before=sizes,
-        sizes_after=[d.new_size for d in decisions],
-        layers=decisions,
-        seconds=time.perf_counter() - start,
+    saved = (
+        copy.deepcopy(model.config.compression),
+        list(getattr(model, "compression_history", []) or []),
+        generator.get_state() if generator is not None else None,
     )
+    try:
+        stats = all_reduce_statistics(collect_statistics(model, batches))
+        reason = _non_finite_reason(model, stats)
+        reason = broadcast_object(reason)
+        if reason is not None:
+            logger.warning(f"CompreSSM: reduction at step {step} skipped: {reason}. The model is unchanged.")
+            report = ReductionReport(step, sizes, sizes, [], time.perf_counter() - start, skipped=reason)
+            if on_commit is not None:
+                on_commit(report)
+            return report
+        decisions = plan_reduction(stats, sizes, args, generator, family, target_sizes)
+        decisions = broadcast_object(decisions)  # rank 0 decides: every replica keeps exactly the same indices
+        kept = {d.layer: torch.tensor(d.kept, dtype=torch.long) for d in decisions if d.reduced}
+        report = ReductionReport(
+            step=step,
+            sizes_before=sizes,
+            sizes_after=[d.new_size for d in decisions],
+            layers=decisions,
+            seconds=time.perf_counter() - start,
+        )
+        commit = (lambda: on_commit(report)) if on_commit is not None else None
+        if kept:
+            shrink_mixers(model, kept, optimizer, on_commit=commit)
+        elif commit is not None:
+            commit()
+    except BaseException:
+        model.config.compression, history, generator_state = saved
+        model.compression_history = history
+        if generator is not None:
+            generator.set_state(generator_state)
+        raise
+    report.seconds = time.perf_counter() - start
     return report
 
 
@@ -178,10 +230,21 @@ def compress_model(
     batches = list(itertools.islice(iter(dataloader), args.calibration_batches))
     if not batches:
         raise ValueError("the dataloader yielded no batch: compression needs real inputs to calibrate on.")
+    record = copy.deepcopy(model.config.compression)
     update_compression_record(model, args)
-    report = reduce_once(model, batches, args, optimizer=optimizer, generator=generator, target_sizes=target_sizes)
-    record_report(model, report, args)
-    return report
+    try:
+        return reduce_once(
+            model,
+            batches,
+            args,
+            optimizer=optimizer,
+            generator=generator,
+            target_sizes=target_sizes,
+            on_commit=lambda report: record_report(model, report, args),
+        )
+    except BaseException:
+        model.config.compression = record
+        raise
 
 
 def _check_target_sizes(target_sizes: Any, layers: int, family) -> list[int]:
