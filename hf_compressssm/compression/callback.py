@@ -14,13 +14,16 @@ Trainer's log history and, when enabled, in TensorBoard.
 import copy
 import os
 from collections import deque
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from ..families import check_per_layer_model, find_mixers
 from .arguments import CompressionArguments, check_min_state_size, check_training_setup
+from .checkpoint import CALLBACK_NAME, find_state_file, load_state_file, save_state_file, state_file_name
 from .distributed import (
     GradientAllReducer,
     exclude_shrinkable_from_ddp,
@@ -29,13 +32,13 @@ from .distributed import (
 )
 from .history import record_report, update_compression_record, write_history
 from .reduction import ReductionReport, reduce_once
-from .surgery import restore_parameters, unwrap_optimizer
+from .surgery import SurgeryError, check_cut_supported, restore_parameters, unwrap_optimizer
 
 
 logger = logging.get_logger(__name__)
 
 
-class CompreSSMCallback(TrainerCallback):
+class CompreSSMCallback(TrainerCallback, ExportableState):
     """Compress the SSM layers of the model being trained, a few times early in training.
 
     Args:
@@ -43,6 +46,12 @@ class CompreSSMCallback(TrainerCallback):
 
     Multi-process: add the callback when building the `Trainer` (``callbacks=[...]``) so that ``on_init_end`` can
     keep the shrinkable parameters out of DDP before it wraps the model (see `hf_compressssm.distributed`).
+
+    Resume: every checkpoint carries the callback's state (`hf_compressssm.compression.checkpoint`), so
+    ``trainer.train(resume_from_checkpoint=folder)`` with a model built from that folder (its reduced sizes:
+    ``from_pretrained(folder)``) continues exactly as the uninterrupted run. The state file is looked for in
+    ``TrainingArguments.resume_from_checkpoint``, in the folder it was saved to and in ``output_dir/checkpoint-N``.
+    Resuming with other `CompressionArguments` warns with the changed fields; the new ones apply from then on.
     """
 
     def __init__(self, args: CompressionArguments | None = None, **kwargs):
@@ -58,6 +67,10 @@ class CompreSSMCallback(TrainerCallback):
         self._tb_writer = None
         self._pending_check: dict | None = None
         self._last_eval: tuple[int, float] | None = None
+        self._done_steps: set[int] = set()
+        self._resume_state: dict | None = None  # set by Trainer(restore_callback_states_from_checkpoint=True)
+        self._trainer_state = None
+        self._trainer_args = None
 
     # ------------------------------------------------------------------ setup
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -66,11 +79,23 @@ class CompreSSMCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._check_supported(args, model)
+        self._trainer_state, self._trainer_args = state, args
         self.schedule = self.args.schedule(state.max_steps)
+        saved = self._saved_state(state)
+        previous_args = saved["args"] if saved else None
         record = update_compression_record(model, self.args, self.schedule)
-        done = {h["step"] for h in record.get("history", [])}
-        self._done_steps = {s for s in self.schedule if s <= state.global_step or s in done}
-        self._recent_batches.clear()
+        if state.global_step == 0:
+            self._done_steps = set()
+            self._recent_batches.clear()
+            self._generator = torch.Generator().manual_seed(self.args.compression_seed)
+            self._pending_check, self._last_eval = None, None
+        else:
+            done = {h["step"] for h in record.get("history", [])}
+            self._done_steps = {s for s in self.schedule if s <= state.global_step or s in done}
+            self._restore(args, state, model, saved)
+        if previous_args is not None:
+            self._warn_changed_arguments(model, state, previous_args)
+        self._resume_state = None
         if self._recorder is not None:
             self._recorder.remove()
         self._recorder = model.register_forward_pre_hook(self._record_batch, with_kwargs=True)
@@ -85,11 +110,118 @@ class CompreSSMCallback(TrainerCallback):
                 logger.warning("CompreSSM: report_to includes tensorboard but it is not installed.")
         logger.info(f"CompreSSM: reductions scheduled at steps {self.schedule} of {state.max_steps}.")
 
+    # ------------------------------------------------------------------ checkpoints (ExportableState + file)
+    def state(self) -> dict[str, Any]:
+        """What ``trainer_state.json`` keeps of the callback (`ExportableState`): its arguments and, once training
+        has started, the bookkeeping that a resumed run needs (the tensors go to the state file in ``on_save``)."""
+        resume = None
+        if self._trainer_state is not None and self._trainer_state.global_step > 0:
+            args = self._trainer_args
+            resume = {
+                "version": 1,
+                "global_step": int(self._trainer_state.global_step),
+                "args": self.args.to_dict(),
+                "done_steps": sorted(self._done_steps),
+                "last_eval": list(self._last_eval) if self._last_eval is not None else None,
+                "pending_check": (
+                    {k: v for k, v in self._pending_check.items() if k != "snapshot"} if self._pending_check else None
+                ),
+                "folder": os.path.abspath(
+                    os.path.join(args.output_dir, f"checkpoint-{self._trainer_state.global_step}")
+                ),
+                "world_size": int(getattr(args, "world_size", 1) or 1),
+            }
+        return {"args": self.args.to_dict(), "attributes": {"_resume_state": resume}}
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        snapshot = self._pending_check["snapshot"] if self._pending_check else None
+        payload = {
+            "batches": list(self._recent_batches),
+            "generator": self._generator.get_state(),
+            "snapshot": snapshot,
+        }
+        save_state_file(folder, payload, state.global_step, int(getattr(args, "process_index", 0) or 0))
+        return control
+
+    def _saved_state(self, state) -> dict | None:
+        """The callback state of the checkpoint being resumed (None for a fresh run)."""
+        if self._resume_state is not None:
+            return self._resume_state
+        if state.global_step == 0:
+            return None
+        saved = (state.stateful_callbacks or {}).get(CALLBACK_NAME)
+        if isinstance(saved, list):
+            saved = saved[0] if saved else None
+        if isinstance(saved, dict):
+            return (saved.get("attributes") or {}).get("_resume_state")
+        return None
+
+    def _restore(self, args, state, model, saved: dict | None) -> None:
+        if saved is None:
+            logger.warning(
+                f"CompreSSM: the checkpoint at step {state.global_step} holds no CompreSSM callback state (saved by "
+                "an older version or without the callback): cuts already recorded in the config are not redone, "
+                "but the calibration batches, the random-selection generator and any pending pragmatic check are "
+                "not restored, so the run can differ from an uninterrupted one."
+            )
+            return
+        self._done_steps |= {int(s) for s in saved["done_steps"]}
+        self._last_eval = tuple(saved["last_eval"]) if saved["last_eval"] is not None else None
+        candidates = [
+            args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None,
+            saved.get("folder"),
+            os.path.join(args.output_dir, f"checkpoint-{state.global_step}"),
+        ]
+        rank = int(getattr(args, "process_index", 0) or 0)
+        path = find_state_file(candidates, state.global_step, rank)
+        if path is None:
+            raise ValueError(
+                f"CompreSSM: resuming at step {state.global_step} needs the callback state saved with the "
+                f"checkpoint ({state_file_name(rank)}), found in none of {[c for c in candidates if c]}. Pass the "
+                "checkpoint folder in TrainingArguments(resume_from_checkpoint=...) as well as to trainer.train(), "
+                "or copy that file along with the checkpoint."
+            )
+        _, payload = load_state_file(path)
+        self._recent_batches.clear()
+        self._recent_batches.extend(payload["batches"][-self._recent_batches.maxlen :])
+        self._generator = torch.Generator()
+        self._generator.set_state(payload["generator"])
+        self._pending_check = None
+        if saved["pending_check"] is not None:
+            if payload["snapshot"] is None:
+                raise ValueError(f"CompreSSM: {path} lacks the snapshot of the pending pragmatic check.")
+            self._pending_check = {**saved["pending_check"], "snapshot": payload["snapshot"]}
+        logger.info(f"CompreSSM: restored the callback state of step {state.global_step} from {path}.")
+
+    def _warn_changed_arguments(self, model, state, previous: dict) -> None:
+        now = self.args.to_dict()
+        changed = {k: [previous.get(k), v] for k, v in now.items() if previous.get(k) != v}
+        if not changed:
+            return
+        listing = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        logger.warning(
+            f"CompreSSM: resuming at step {state.global_step} with CompressionArguments that differ from the "
+            f"checkpoint's: {listing}. The new values apply from now on; the recorded history keeps what each "
+            "earlier attempt was done with."
+        )
+        record = dict(model.config.compression or {})
+        record["argument_changes"] = list(record.get("argument_changes", [])) + [
+            {"step": int(state.global_step), "changed": changed}
+        ]
+        model.config.compression = record
+
     def _check_supported(self, args, model) -> None:
         if model is None:
             raise ValueError("CompreSSMCallback needs the model: the Trainer passes it to on_train_begin.")
         check_per_layer_model(model)
         check_training_setup(self.args, args)
+        check_cut_supported(model)  # e.g. an adapter that cannot follow a cut: refused before any step
+        if is_distributed() and any(hasattr(m, "base_layer") for m in model.modules()):
+            raise ValueError(
+                "CompreSSM does not support PEFT adapters in multi-process training (DDP would manage adapter "
+                "weights whose shapes a cut changes). Train the adapters in one process, or compress first."
+            )
         if is_distributed() and not shrinkable_excluded_from_ddp(model):
             raise ValueError(
                 "In multi-process training the callback must be passed to the Trainer constructor "
@@ -123,15 +255,21 @@ class CompreSSMCallback(TrainerCallback):
             logger.warning(f"CompreSSM: no training batch recorded before step {step}; reduction skipped.")
             return control
         snapshot = self._snapshot(model, optimizer) if self.args.mode == "pragmatic" else None
-        report = reduce_once(
-            model,
-            list(self._recent_batches),
-            self.args,
-            optimizer=optimizer,
-            step=step,
-            generator=self._generator,
-        )
-        self._reducer.attach(model)  # new parameters need their gradient hooks
+        try:
+            report = reduce_once(
+                model,
+                list(self._recent_batches),
+                self.args,
+                optimizer=optimizer,
+                step=step,
+                generator=self._generator,
+                on_commit=lambda r: record_report(model, r, self.args),
+            )
+        except SurgeryError as err:  # undone: the model, optimizer, config and history are as before the attempt
+            logger.warning(f"CompreSSM: the cut at step {step} failed and was undone; training goes on. {err}")
+            return control
+        finally:
+            self._reducer.attach(model)  # new parameters need their gradient hooks
         self._log_report(model, args, state, report)
         if snapshot is not None and report.sizes_after != report.sizes_before:
             self._pending_check = {
@@ -204,8 +342,6 @@ class CompreSSMCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ logging
     def _log_report(self, model, args, state, report: ReductionReport) -> None:
-        record_report(model, report, self.args)
-
         logs = {
             "compression/mean_state_size": report.mean_size_after,
             "compression/seconds": report.seconds,
@@ -218,12 +354,15 @@ class CompreSSMCallback(TrainerCallback):
             for key, value in logs.items():
                 self._tb_writer.add_scalar(key, value, state.global_step)
             for d in report.layers:
-                spectrum = torch.tensor(sorted(d.scores, reverse=True))
+                spectrum = torch.tensor(d.scores).flatten().sort(descending=True).values  # (G, N) for Mamba-2
                 self._tb_writer.add_histogram(f"compression/layer_{d.layer}/spectrum", spectrum, state.global_step)
             self._tb_writer.flush()
         if state.is_world_process_zero:
-            write_history(model, args.output_dir)
-        verb = "skipped" if report.skipped else "reduced"
+            try:
+                write_history(model, args.output_dir)
+            except OSError as err:  # the record stays in the model and config; never stop training for the file
+                logger.warning(f"CompreSSM: could not write the history to {args.output_dir}: {err}")
+        verb = "skipped" if report.skipped else ("left unchanged" if report.unchanged else "reduced")
         logger.warning(
             f"CompreSSM step {report.step}: {verb} state sizes {report.sizes_before} -> {report.sizes_after} "
             f"(mean {report.mean_size_before:.1f} -> {report.mean_size_after:.1f}) in {report.seconds:.2f}s"

@@ -18,7 +18,15 @@ from torch import Tensor
 from .checks import check_finite, check_fraction, check_int
 
 
-__all__ = ["SELECTIONS", "fixed_fraction_rank", "layer_rank", "select_indices", "select_rank"]
+__all__ = [
+    "SELECTIONS",
+    "fixed_fraction_rank",
+    "group_profile",
+    "layer_rank",
+    "select_group_indices",
+    "select_indices",
+    "select_rank",
+]
 
 SELECTIONS: tuple[str, ...] = ("largest", "smallest", "random")
 """Valid ``selection`` names for :func:`select_indices`."""
@@ -131,12 +139,38 @@ def fixed_fraction_rank(current_size: int, fraction: float, min_size: int = 1, m
     return min(r, current_size)
 
 
+def group_profile(scores: Tensor) -> Tensor:
+    """``(N,)`` energy profile of grouped scores ``(G, N)``: entry i is the sum over groups of each group's i-th
+    largest score. Keeping the top k of every group keeps the first k entries' sum, so :func:`select_rank` on the
+    profile gives the smallest per-group k that holds ``1 − τ`` of the energy (for G = 1: the sorted scores)."""
+    s = torch.as_tensor(scores)
+    if s.ndim != 2 or s.numel() < 1:
+        raise ValueError(f"grouped scores must have shape (groups, N); got {tuple(s.shape)}.")
+    return torch.sort(s.detach().to(torch.float64), dim=-1, descending=True).values.sum(0)
+
+
+def select_group_indices(
+    scores: Tensor,
+    rank: int,
+    selection: str = "largest",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """:func:`select_indices` in every group of ``(G, N)`` scores: ``(G, rank)`` kept indices, rows ascending."""
+    s = torch.as_tensor(scores)
+    if s.ndim != 2:
+        raise ValueError(f"grouped scores must have shape (groups, N); got {tuple(s.shape)}.")
+    return torch.stack([select_indices(row, rank, selection, generator=generator) for row in s])
+
+
 def layer_rank(scores: Tensor, size: int, args) -> int:
     """The rank one layer of present size ``size`` keeps under the mode of ``args`` (a `CompressionArguments`).
 
-    ``tolerance``: :func:`select_rank` with τ; ``fixed`` / ``pragmatic``: :func:`fixed_fraction_rank`. In every
-    mode a layer is left unchanged when the new rank is not below ``gate · size``.
+    ``tolerance``: :func:`select_rank` with τ (grouped ``(G, N)`` scores: on their :func:`group_profile`, the rank
+    is then the count every group keeps); ``fixed`` / ``pragmatic``: :func:`fixed_fraction_rank`. In every mode a
+    layer is left unchanged when the new rank is not below ``gate · size``.
     """
+    if torch.as_tensor(scores).ndim == 2:
+        scores = group_profile(scores)
     if args.mode == "tolerance":
         return select_rank(scores, args.tau, size, args.gate, args.min_state_size, args.multiple_of)
     rank = fixed_fraction_rank(size, args.fixed_fraction, args.min_state_size, args.multiple_of)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..families import find_mixers
+from ..families import family_of, find_mixers
 from .calibration import visit_mixer_projections
 
 
@@ -63,7 +63,8 @@ def state_output_energy(
 
 @torch.no_grad()
 def scan_energy_scores(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> list[torch.Tensor]:
-    """Per-layer ``(N_layer,)`` float64 scores ``s_n = Σ_d sqrt(mean_t (C_{t,n} h_{t,d,n})²)`` on ``batches``.
+    """Per-layer ``(N_layer,)`` float64 scores ``s_n = Σ_d sqrt(mean_t (C_{t,n} h_{t,d,n})²)`` on ``batches``
+    (``(G, N_layer)`` for a grouped family such as Mamba-2: `SSMFamily.scan_energy_scores`).
 
     ``batches``: dicts of model inputs (``labels`` ignored). The model runs in eval mode (restored after); each
     mixer's projections are recomputed from its input exactly as in `calibration.collect_statistics`.
@@ -71,15 +72,17 @@ def scan_energy_scores(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -
     mixers = find_mixers(model)
     if not mixers:
         raise ValueError(f"{type(model).__name__} has no Mamba mixers.")
+    family = family_of(model)
     sums: list[torch.Tensor | None] = [None] * len(mixers)
     counts = [0.0] * len(mixers)
 
-    def accumulate(index, u, delta, A, B, C, mask) -> None:
-        sum_sq, count = state_output_energy(u, delta, A, B, C, mask)
+    def accumulate(index, *projections_and_mask) -> None:
+        *projections, mask = projections_and_mask
+        sum_sq, count = family.scan_energy(tuple(projections), mask)
         sums[index] = sum_sq if sums[index] is None else sums[index] + sum_sq
         counts[index] += float(count)
 
     visit_mixer_projections(model, batches, accumulate)
     if any(s is None for s in sums) or min(counts) <= 0:
         raise ValueError("scan_energy_scores saw no token: pass at least one batch of inputs.")
-    return [(s / c).sqrt().sum(0) for s, c in zip(sums, counts)]
+    return [family.scan_energy_scores(m, s, c) for m, s, c in zip(mixers, sums, counts)]

@@ -9,9 +9,10 @@ from torch import nn
 
 from .base import LayerStatistics, ShrinkAxis, SSMFamily
 from .mamba import MambaFamily
+from .mamba2 import Mamba2Family
 
 
-FAMILIES: list[SSMFamily] = [MambaFamily()]
+FAMILIES: list[SSMFamily] = [MambaFamily(), Mamba2Family()]
 
 
 def family_of_mixer(module: nn.Module) -> SSMFamily | None:
@@ -57,6 +58,7 @@ def check_per_layer_model(model: nn.Module) -> SSMFamily:
 __all__ = [
     "FAMILIES",
     "LayerStatistics",
+    "Mamba2Family",
     "MambaFamily",
     "SSMFamily",
     "ShrinkAxis",

@@ -45,6 +45,9 @@ class SSMFamily:
     #: PEFT: mixer submodules called as modules (LoRA works there), and those whose weights are read directly.
     lora_targets: tuple[str, ...] = ()
     never_lora_targets: tuple[str, ...] = ()
+    #: Whether states come in groups cut separately (Mamba-2: B/C per group). Grouped families score states as
+    #: ``(G, N)`` and take kept indices as ``(G, k)`` (the same count k per group); others as ``(N,)`` / ``(k,)``.
+    grouped: bool = False
 
     def is_mixer(self, module: nn.Module) -> bool:
         raise NotImplementedError
@@ -52,6 +55,10 @@ class SSMFamily:
     def state_size(self, mixer: nn.Module) -> int:
         """The mixer's present state size, read from its parameters (the one source of truth)."""
         raise NotImplementedError
+
+    def state_groups(self, mixer: nn.Module) -> int:
+        """Number of state groups of the mixer (1 for an ungrouped family)."""
+        return 1
 
     def sync_state_size(self, mixer: nn.Module) -> None:
         """Bring the mixer's cached size attributes in line with its parameters after a cut or a restore."""
@@ -62,7 +69,8 @@ class SSMFamily:
         raise NotImplementedError
 
     def shrink_axes(self, mixer: nn.Module, keep: torch.Tensor) -> list[ShrinkAxis]:
-        """For kept state indices ``keep`` (ascending, distinct, validated), what each shrinkable parameter keeps."""
+        """For kept state indices ``keep`` (ascending, distinct, validated; ``(G, k)`` rows for a grouped family),
+        what each shrinkable parameter keeps."""
         raise NotImplementedError
 
     def projections(
@@ -83,7 +91,18 @@ class SSMFamily:
         raise NotImplementedError
 
     def scores(self, stats: Mapping[str, torch.Tensor], score: str) -> torch.Tensor:
-        """One non-negative importance score per state, ``(N,)`` float64."""
+        """One non-negative importance score per state, ``(N,)`` float64 (``(G, N)`` for a grouped family)."""
+        raise NotImplementedError
+
+    def scan_energy(
+        self, projections: tuple[torch.Tensor, ...], mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference (slow): per-channel, per-state sums of squared state output contributions from the exact
+        sequential recurrence, and the number of tokens counted."""
+        raise NotImplementedError
+
+    def scan_energy_scores(self, mixer: nn.Module, sum_sq: torch.Tensor, count: float) -> torch.Tensor:
+        """Scan-measured scores (the shape of `scores`) from summed `scan_energy` results."""
         raise NotImplementedError
 
     def per_layer_config(self, config) -> bool:

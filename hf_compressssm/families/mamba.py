@@ -23,7 +23,12 @@ class MambaFamily(SSMFamily):
     stock_model_type = "mamba"
     model_type = "compressssm_mamba"
     convert_hint = "CompreSSMMambaForCausalLM.from_mamba(model)"
-    remote_code_files = ("configuration_compressssm_mamba.py", "modeling_compressssm_mamba.py", "selective_scan.py")
+    remote_code_files = (
+        "configuration_compressssm_mamba.py",
+        "modeling_compressssm_mamba.py",
+        "selective_scan.py",
+        "kernel_policy.py",
+    )
     lora_targets = ("in_proj", "x_proj", "out_proj")
     never_lora_targets = ("dt_proj", "conv1d")
     #: The only module call of the fused CUDA training path (``mamba_inner_fn`` reads every other weight directly).
@@ -89,6 +94,16 @@ class MambaFamily(SSMFamily):
 
     def scores(self, stats: Mapping[str, torch.Tensor], score: str) -> torch.Tensor:
         return selective_state_scores(stats, score)
+
+    def scan_energy(
+        self, projections: tuple[torch.Tensor, ...], mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..compression.scan_energy import state_output_energy  # scan_energy imports the families
+
+        return state_output_energy(*projections, mask)
+
+    def scan_energy_scores(self, mixer: nn.Module, sum_sq: torch.Tensor, count: float) -> torch.Tensor:
+        return (sum_sq / count).sqrt().sum(0)
 
 
 def kept_x_proj_rows(mixer: nn.Module, keep: torch.Tensor) -> torch.Tensor:
