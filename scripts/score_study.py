@@ -53,7 +53,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from hf_compressssm import CompreSSMCallback, CompreSSMMambaConfig, CompreSSMMambaForCausalLM  # noqa: E402
@@ -64,7 +63,9 @@ from hf_compressssm.compression.reduction import compress_model  # noqa: E402
 from hf_compressssm.compression.scan_energy import scan_energy_scores  # noqa: E402
 from hf_compressssm.compression.scores import selective_state_scores  # noqa: E402
 from hf_compressssm.compression.surgery import shrink_mixers  # noqa: E402
-from hf_compressssm.tasks.data import build_task_dataset, task_accuracy  # noqa: E402
+from hf_compressssm.tasks.data import build_task_dataset  # noqa: E402
+from hf_compressssm.tasks.evaluation import evaluate_quality  # noqa: E402
+from hf_compressssm.tasks.experiment import train_and_measure, training_arguments  # noqa: E402
 
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -191,34 +192,9 @@ def state_sizes(model) -> list[int]:
     return list(model.config.state_sizes)
 
 
-@torch.no_grad()
 def accuracy(model, dataset, batch_size: int = 100) -> float:
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
-        ids = torch.stack([x["input_ids"] for x in items])
-        labels = torch.stack([x["labels"] for x in items])
-        logits = model(input_ids=ids, use_cache=False).logits
-        mask = labels[:, 1:] != -100
-        n = int(mask.sum())
-        correct += task_accuracy(logits, labels) * n
-        total += n
-    model.train(was_training)
-    return correct / total
-
-
-class _StopAfter(TrainerCallback):
-    """Stop training after a given optimisation step (keeps the learning-rate schedule of the full run)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-        return control
+    """Accuracy on the scored positions of ``dataset`` (`evaluate_quality`)."""
+    return evaluate_quality(model, dataset, "synthetic", batch_size)["accuracy"]
 
 
 def train(
@@ -232,36 +208,21 @@ def train(
     warmup: float | None = None,
     callbacks: list | None = None,
     stop_after: int | None = None,
-) -> float:
-    """Train ``model`` in place with the HF Trainer (AdamW); returns wall seconds."""
+):
+    """Train ``model`` in place with the HF Trainer (AdamW, `train_and_measure`); returns (model, wall seconds)."""
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out,
-            max_steps=steps,
-            per_device_train_batch_size=p.batch_size,
+        args = training_arguments(
+            out,
+            steps=steps,
+            batch_size=p.batch_size,
             learning_rate=learning_rate if learning_rate is not None else p.learning_rate,
-            lr_scheduler_type=schedule,
-            warmup_steps=p.warmup if warmup is None else warmup,
-            weight_decay=p.weight_decay,
-            max_grad_norm=1.0,
-            logging_steps=10**9,
-            save_strategy="no",
-            eval_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            use_cpu=not torch.cuda.is_available(),
             seed=seed,
-            data_seed=seed,
-            dataloader_num_workers=0,
+            schedule=schedule,
+            warmup=p.warmup if warmup is None else warmup,
+            weight_decay=p.weight_decay,
         )
-        cbs = list(callbacks or [])
-        if stop_after is not None:
-            cbs.append(_StopAfter(stop_after))
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=cbs)
-        trainer.remove_callback(PrinterCallback)
-        start = time.perf_counter()
-        trainer.train()
-        return time.perf_counter() - start
+        run = train_and_measure(model, dataset, args, callbacks=list(callbacks or []), stop_after=stop_after)
+    return run.model, run.train_seconds
 
 
 def calibration_batches(p: Preset, count: int, seed: int = 12345) -> list[dict[str, torch.Tensor]]:
@@ -274,20 +235,16 @@ def calibration_batches(p: Preset, count: int, seed: int = 12345) -> list[dict[s
 
 def cut_to(model, k: int, batches, score: str, selection: str, seed: int = 0):
     """Cut every layer of ``model`` to exactly ``k`` states (or fewer if a layer has fewer) in place."""
-    n = max(state_sizes(model))
-    fraction = 1.0 - (k - 0.5) / n  # ceil(n (1 - fraction)) == k
     report = compress_model(
         model,
         batches,
-        mode="fixed",
-        fixed_fraction=fraction,
+        target_sizes=[k] * len(state_sizes(model)),
         score=score,
         selection=selection,
         compression_seed=seed,
         calibration_batches=len(batches),
-        gate=1.0,
     )
-    if any(s != k for s in report.sizes_after):
+    if any(s != min(k, n) for s, n in zip(report.sizes_after, report.sizes_before)):
         raise RuntimeError(f"cut to {k} states gave sizes {report.sizes_after}")
     return report
 
@@ -326,10 +283,7 @@ def _log(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 def train_from_scratch(p: Preset, seed: int, sizes: list[int] | None = None, callbacks=None, stop_after=None):
     model = new_model(p, seed=seed, state_sizes=sizes)
-    seconds = train(
-        model, p, train_set(p, seed, p.steps), p.steps, seed=seed, callbacks=callbacks, stop_after=stop_after
-    )
-    return model, seconds
+    return train(model, p, train_set(p, seed, p.steps), p.steps, seed=seed, callbacks=callbacks, stop_after=stop_after)
 
 
 def part_curve(p: Preset, ev, results: dict, keep: dict) -> None:
@@ -396,7 +350,7 @@ def part_cuts(p: Preset, ev, results: dict, keep: dict) -> None:
                 else:
                     kept = [d.kept for d in cut_to(model, k, batches, score, selection, seed).layers]
                 after_cut = accuracy(model, ev)
-                seconds = train(
+                model, seconds = train(
                     model,
                     p,
                     train_set(p, 100 + seed, p.recovery_steps),
