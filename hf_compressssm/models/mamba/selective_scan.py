@@ -1,8 +1,8 @@
 """Selective scan (Mamba-1 SSM recurrence) with a fast CPU kernel, the CUDA kernels, and a pure-torch fallback.
 
 This file stands on its own: it is copied next to saved weights as Hugging Face remote code, so it imports only
-``torch``, ``numpy`` and the standard library; ``numba``, ``mamba_ssm`` and ``mambapy`` are optional and imported
-lazily, only when their backend is used.
+``torch``, ``numpy``, the standard library and its sibling ``kernel_policy.py`` (which picks the backend);
+``numba``, ``mamba_ssm`` and ``mambapy`` are optional and imported lazily, only when their backend is used.
 
 Semantics (identical to ``transformers.models.mamba.modeling_mamba.mamba_selective_scan``)::
 
@@ -14,7 +14,7 @@ Semantics (identical to ``transformers.models.mamba.modeling_mamba.mamba_selecti
 with ``u, delta, z: (batch, D, L)``, ``A: (D, N)`` (already negative, ``-exp(A_log)``), ``B, C: (batch, N, L)``,
 ``D, delta_bias: (D,)``, states ``(batch, D, N)``.
 
-Backends (:func:`resolve_scan_backend`), chosen by the tensors' device at *call* time:
+Backends, chosen by ``kernel_policy.plan_kernels`` from the tensors' device and dtype at *call* time:
 
 * ``"numba"`` (alias ``"fast"``) -- CPU. :class:`SelectiveScanFunction`, a ``torch.autograd.Function`` with an
   exact hand-written backward. Inside the kernels channels are laid out in blocks of 64 SIMD lanes; the forward
@@ -27,17 +27,19 @@ Backends (:func:`resolve_scan_backend`), chosen by the tensors' device at *call*
   row) plus O(L*64) scratch per thread. ``exp`` is a vectorisable Cody-Waite + Taylor polynomial (about 1 ulp;
   results below the smallest normal number flush to zero). float32 and float64 are supported (float64 inputs
   are computed in float64; float16/bfloat16 inputs in float32).
-* ``"mamba_ssm"`` -- CUDA, when ``mamba_ssm`` is importable (its kernels accept any state size <= 256).
-  A call with ``initial_state`` (not supported by that kernel) falls back to ``"torch"`` on the same device.
+* ``"mamba_ssm"`` -- CUDA, when ``mamba_ssm`` is importable and the inputs are within its limits (float32,
+  float16 or bfloat16; state size <= 256). A call with ``initial_state`` (not supported by that kernel) falls back
+  to ``"torch"`` on the same device.
 * ``"mambapy"`` -- ``mambapy``'s parallel scan (O(batch*D*L*N) memory), only when forced.
 * ``"torch"`` -- pure torch, any device: a sequential scan in time chunks, each chunk recomputed in the backward
   (activation checkpointing), so its memory is O(batch*D*L + batch*D*N*L/chunk + batch*D*N*chunk).
 
-``"auto"`` picks ``mamba_ssm`` on CUDA when importable, ``numba`` on CPU when importable, else ``torch``.
-A backend is forced by the ``backend`` argument (e.g. from the model config's ``scan_backend``) or by the
-environment variable ``HF_COMPRESSSSM_SCAN_BACKEND`` (``auto``, ``fast``/``numba``, ``torch``, ``mambapy``,
+``"auto"`` picks ``mamba_ssm`` on CUDA when importable and within its limits, ``numba`` on CPU when importable,
+else ``torch``. A backend is forced by the ``backend`` argument (e.g. from the model config's ``scan_backend``) or
+by the environment variable ``HF_COMPRESSSSM_SCAN_BACKEND`` (``auto``, ``fast``/``numba``, ``torch``, ``mambapy``,
 ``mamba_ssm``), which overrides the argument when set to anything but ``auto``. A forced backend that cannot run
-(not installed, or the wrong device) raises a ``RuntimeError``.
+(not installed, wrong device, or inputs outside a kernel's limits) raises a ``RuntimeError``; see
+``kernel_policy.py`` for the whole policy.
 
 JIT warm-up: the numba kernels compile on their first use in a process -- about 8 s per dtype (float32,
 float64) for the forward and backward kernels together on a busy 2-core machine -- and are cached on disk
@@ -47,17 +49,37 @@ about half a second. Importing this module does not import numba.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import os
-import threading
-import warnings
 import zlib
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+try:
+    from . import kernel_policy as _policy
+except ImportError:  # this file loaded by path, on its own (no package): load its sibling the same way
+    import importlib.util as _ilu
+    import sys as _sys
+
+    _spec = _ilu.spec_from_file_location(
+        f"{__name__}_kernel_policy", os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_policy.py")
+    )
+    _policy = _ilu.module_from_spec(_spec)
+    _sys.modules[_spec.name] = _policy
+    _spec.loader.exec_module(_policy)
+
+ENV_VAR = _policy.ENV_VAR
+BACKENDS = _policy.BACKENDS
+KERNEL_DTYPES = _policy.KERNEL_DTYPES
+available_backends = _policy.available_backends
+resolve_scan_backend = _policy.resolve_scan_backend
+_LOCK = _policy._LOCK
+_IMPORTS = _policy._IMPORTS
+_try_import = _policy._try_import
+_mamba_ssm_importable = _policy._mamba_ssm_importable
 
 
 __all__ = [
@@ -69,133 +91,6 @@ __all__ = [
     "selective_scan",
     "selective_state_update",
 ]
-
-ENV_VAR = "HF_COMPRESSSSM_SCAN_BACKEND"
-BACKENDS = ("numba", "mamba_ssm", "mambapy", "torch")
-_ALIASES = {
-    "auto": "auto",
-    "": "auto",
-    "fast": "numba",
-    "numba": "numba",
-    "torch": "torch",
-    "mambapy": "mambapy",
-    "mamba_ssm": "mamba_ssm",
-    "mamba-ssm": "mamba_ssm",
-}
-
-# --------------------------------------------------------------------------------------------------------------
-# optional dependencies, imported lazily and at most once
-# --------------------------------------------------------------------------------------------------------------
-
-_LOCK = threading.RLock()
-_IMPORTS: dict = {}
-
-
-def _try_import(name):
-    """Import ``name`` once; return the module or None (remembering the failure)."""
-    with _LOCK:
-        if name not in _IMPORTS:
-            mod = None
-            if importlib.util.find_spec(name.split(".")[0]) is not None:
-                try:
-                    mod = importlib.import_module(name)
-                except Exception as exc:  # a broken install counts as unavailable
-                    warnings.warn(
-                        f"selective_scan: importing {name} failed ({exc!r}); backend unavailable", stacklevel=2
-                    )
-            _IMPORTS[name] = mod
-        return _IMPORTS[name]
-
-
-def _numba_importable():
-    return _try_import("numba") is not None
-
-
-def _mambapy_importable():
-    return _try_import("mambapy.pscan") is not None
-
-
-def _mamba_ssm_importable():
-    return _try_import("mamba_ssm.ops.selective_scan_interface") is not None
-
-
-def _device_type(device):
-    if isinstance(device, torch.Tensor):
-        device = device.device
-    if device is None:
-        return "cpu"
-    return torch.device(device).type
-
-
-def available_backends(device=None) -> list[str]:
-    """Backends that can run here (on ``device`` if given, else on any device), fastest first."""
-    dtype = None if device is None else _device_type(device)
-    out = []
-    if (dtype in (None, "cpu")) and _numba_importable():
-        out.append("numba")
-    if (dtype in (None, "cuda")) and _mamba_ssm_importable():
-        out.append("mamba_ssm")
-    if _mambapy_importable():
-        out.append("mambapy")
-    out.append("torch")
-    return out
-
-
-def _normalise(name):
-    key = str(name).strip().lower()
-    if key not in _ALIASES:
-        raise ValueError(
-            f"unknown selective-scan backend {name!r}; expected one of auto, fast, numba, torch, mambapy, mamba_ssm"
-        )
-    return _ALIASES[key]
-
-
-def resolve_scan_backend(device, requested=None) -> str:
-    """Name of the backend that runs a scan on ``device`` (a ``torch.device``, string, or tensor).
-
-    ``requested`` (e.g. a config's ``scan_backend``) forces a backend unless it is ``None``/``"auto"``; the
-    environment variable ``HF_COMPRESSSSM_SCAN_BACKEND``, when set to anything but ``auto``, overrides it.
-    ``"auto"``: ``mamba_ssm`` on CUDA if importable, ``numba`` on CPU if importable, else ``torch``.
-    Raises ``RuntimeError`` when a forced backend cannot run on ``device``; ``ValueError`` for an unknown name.
-    """
-    dev = _device_type(device)
-    env = os.environ.get(ENV_VAR, "")
-    choice = _normalise(env) if env.strip() else "auto"
-    source = f"environment variable {ENV_VAR}={env!r}"
-    if choice == "auto":
-        choice = _normalise(requested) if requested is not None else "auto"
-        source = f"backend={requested!r}"
-    if choice == "auto":
-        if dev == "cuda" and _mamba_ssm_importable():
-            return "mamba_ssm"
-        if dev == "cpu" and _numba_importable():
-            return "numba"
-        return "torch"
-    if choice == "numba":
-        if dev != "cpu":
-            raise RuntimeError(
-                f"selective scan: {source} forces the numba kernel, which runs on CPU tensors only "
-                f"(got device {dev!r}); use 'auto', 'torch' or 'mamba_ssm'"
-            )
-        if not _numba_importable():
-            raise RuntimeError(
-                f"selective scan: {source} forces the numba kernel but numba is not installed "
-                "(pip install numba), or unset it / use 'auto' or 'torch'"
-            )
-    elif choice == "mamba_ssm":
-        if dev != "cuda":
-            raise RuntimeError(
-                f"selective scan: {source} forces mamba_ssm, which runs on CUDA tensors only (got device {dev!r})"
-            )
-        if not _mamba_ssm_importable():
-            raise RuntimeError(
-                f"selective scan: {source} forces mamba_ssm but it is not importable "
-                "(pip install mamba-ssm --no-build-isolation, with a CUDA torch)"
-            )
-    elif choice == "mambapy":
-        if not _mambapy_importable():
-            raise RuntimeError(f"selective scan: {source} forces mambapy but it is not installed (pip install mambapy)")
-    return choice
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -307,8 +202,21 @@ def _scan_mambapy(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_s
 
 
 def _scan_mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """``selective_scan_fn`` with its dtype contract met: delta, B, C, z in ``u``'s dtype; A, D, delta_bias float32."""
     fn = _try_import("mamba_ssm.ops.selective_scan_interface").selective_scan_fn
-    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True)
+    dt = u.dtype
+    return fn(
+        u,
+        delta.to(dt),
+        A.float(),
+        B.to(dt),
+        C.to(dt),
+        None if D is None else D.float(),
+        None if z is None else z.to(dt),
+        None if delta_bias is None else delta_bias.float(),
+        delta_softplus,
+        True,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -913,7 +821,7 @@ def selective_scan(
         ``(batch, D, N)`` in float32 (float64 for float64 inputs). Differentiable in every tensor input.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    name = resolve_scan_backend(u.device, backend)
+    name = resolve_scan_backend(u.device, backend, dtype=u.dtype, d_state=A.shape[1])
     if name == "mamba_ssm" and initial_state is not None:
         name = "torch"  # mamba_ssm's selective_scan_fn has no initial state
     if u.shape[2] == 0:
@@ -934,6 +842,9 @@ def selective_scan(
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, backend=None):
     """One decode step, as transformers' ``mamba_selective_state_update``; updates ``state`` in place.
 
+    The backend follows the same policy as :func:`selective_scan` (``backend`` argument, environment variable,
+    device, dtype): ``mamba_ssm``'s triton step on CUDA, else the torch step.
+
     Args:
         state: ``(batch, D, N)``, overwritten with the new state. x, dt, z: ``(batch, D)``. A: ``(D, N)``.
         B, C: ``(batch, N)``. D, dt_bias: ``(D,)``.
@@ -941,11 +852,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     Returns:
         ``y`` of shape ``(batch, D)`` in ``x``'s dtype.
     """
-    if backend is not None or os.environ.get(ENV_VAR, "").strip():
-        name = resolve_scan_backend(state.device, backend)
-    else:
-        name = "mamba_ssm" if state.device.type == "cuda" and _mamba_ssm_importable() else "torch"
-    if name == "mamba_ssm":
+    name = resolve_scan_backend(state.device, backend, dtype=x.dtype, d_state=A.shape[1])
+    if name == "mamba_ssm" and state.dtype in KERNEL_DTYPES:
         mod = _try_import("mamba_ssm.ops.triton.selective_state_update")
         if mod is not None:
             return mod.selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
