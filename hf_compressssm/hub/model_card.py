@@ -30,6 +30,23 @@ TASK_LABELS = {
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _METRIC_LABELS = {"loss": "loss (nats/token)", "perplexity": "perplexity", "accuracy": "accuracy"}
+# What the card says per SSM family (`SSMFamily.name`): label, stock class and converter, scan kernels.
+_FAMILY_FACTS = {
+    "mamba": {
+        "family_label": "Mamba-1",
+        "stock_class": "MambaForCausalLM",
+        "to_stock": "to_mamba",
+        "kernels": "The selective scan picks its kernel at run time: the `mamba_ssm` CUDA kernels when installed on a "
+        "GPU, a numba CPU kernel when `numba` is installed, otherwise a pure PyTorch scan (correct, slower).",
+    },
+    "mamba2": {
+        "family_label": "Mamba-2",
+        "stock_class": "Mamba2ForCausalLM",
+        "to_stock": "to_mamba2",
+        "kernels": "The SSD scan is transformers' own: `mamba_ssm`'s kernels on a GPU when installed, otherwise the "
+        "chunked PyTorch path (correct, slower). Each of the layer's groups keeps N states (B and C are groups x N).",
+    },
+}
 
 
 def find_template(name: str = TEMPLATE_NAME, template_path: str | os.PathLike | None = None) -> Path:
@@ -128,7 +145,11 @@ def render_model_card(
         speed: measured throughput, e.g. ``{"train tokens/s (cpu)": 5400.0}``.
         training: training settings shown as a table (``max_steps`` is also shown with the schedule).
     """
+    from ..families import family_of
+
     config = model.config
+    family = family_of(model).name
+    facts = _FAMILY_FACTS.get(family, _FAMILY_FACTS["mamba"])
     task = _task_of(model, task)
     record = dict(getattr(config, "compression", None) or {})
     history = list(getattr(model, "compression_history", None) or [])
@@ -160,7 +181,7 @@ def render_model_card(
     card_data = ModelCardData(
         library_name="transformers",
         license=license,
-        tags=list(dict.fromkeys([*BASE_TAGS, *tags, task.replace("_", "-")])),
+        tags=list(dict.fromkeys([*BASE_TAGS, family, *tags, task.replace("_", "-")])),
         datasets=list(datasets) if datasets else None,
         metrics=metric_names or None,
         base_model=_hub_id(base_model),
@@ -179,7 +200,8 @@ def render_model_card(
         base_model=base_model,
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
+        intermediate_size=getattr(config, "intermediate_size", None) or int(config.expand * config.hidden_size),
+        **facts,
         vocab_size=config.vocab_size,
         num_labels=config.num_labels if not is_causal_lm else None,
         pooling=getattr(config, "classifier_pooling", "mean"),

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 from transformers.utils import logging
 
-from ..families import MambaFamily
+from ..families import FAMILIES, MambaFamily
 from .model_card import CARD_FILE, save_model_card
 
 
@@ -22,9 +23,21 @@ logger = logging.get_logger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-REMOTE_CODE_FILES = MambaFamily.remote_code_files
+REMOTE_CODE_FILES = MambaFamily.remote_code_files  # Mamba-1; `remote_code_files` gives any folder's
 # Folders and files a training output dir may hold that do not belong on the Hub.
 _IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.bin", "*.pt", "*.pth", "__pycache__/**"]
+
+
+def remote_code_files(directory: str | os.PathLike) -> tuple[str, ...]:
+    """The remote-code files a saved folder needs, from its ``config.json`` ``model_type`` (Mamba-1 by default)."""
+    try:
+        model_type = json.loads((Path(directory) / CONFIG_FILE).read_text()).get("model_type")
+    except (OSError, ValueError):
+        model_type = None
+    for family in FAMILIES:
+        if model_type == family.model_type:
+            return family.remote_code_files
+    return REMOTE_CODE_FILES
 
 
 def missing_hub_files(directory: str | os.PathLike) -> list[str]:
@@ -33,7 +46,8 @@ def missing_hub_files(directory: str | os.PathLike) -> list[str]:
     Sharded checkpoints count when ``model.safetensors.index.json`` is present.
     """
     folder = Path(directory)
-    missing = [name for name in (CONFIG_FILE, CARD_FILE, *REMOTE_CODE_FILES) if not (folder / name).is_file()]
+    code = remote_code_files(folder)
+    missing = [name for name in (CONFIG_FILE, CARD_FILE, *code) if not (folder / name).is_file()]
     if not (folder / WEIGHTS_FILE).is_file() and not (folder / f"{WEIGHTS_FILE}.index.json").is_file():
         missing.append(WEIGHTS_FILE)
     return missing
@@ -99,4 +113,11 @@ def push_to_hub(
         return upload_folder(tmp, repo_id, token=token, private=private, commit_message=commit_message)
 
 
-__all__ = ["REMOTE_CODE_FILES", "missing_hub_files", "prepare_folder", "push_to_hub", "upload_folder"]
+__all__ = [
+    "REMOTE_CODE_FILES",
+    "missing_hub_files",
+    "remote_code_files",
+    "prepare_folder",
+    "push_to_hub",
+    "upload_folder",
+]
