@@ -446,6 +446,8 @@ def test_module_is_importable_on_its_own(tmp_path):
     """Copied next to weights as remote code: only torch/numpy/stdlib at import, numba not imported eagerly."""
     target = tmp_path / "selective_scan.py"
     target.write_text(SCAN_MODULE.read_text())
+    policy = SCAN_MODULE.parent / "kernel_policy.py"  # its one sibling, copied with it as remote code
+    (tmp_path / "kernel_policy.py").write_text(policy.read_text())
     code = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('standalone_scan', {str(target)!r})\n"
@@ -461,5 +463,6 @@ def test_module_is_importable_on_its_own(tmp_path):
     env.pop(ss.ENV_VAR, None)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
-    src = SCAN_MODULE.read_text()
-    assert "from ." not in src and "import hf_compressssm" not in src and "from hf_compressssm" not in src
+    for src in (SCAN_MODULE.read_text(), policy.read_text()):
+        assert "import hf_compressssm" not in src and "from hf_compressssm" not in src
+        assert src.count("from .") == src.count("from . import kernel_policy")
