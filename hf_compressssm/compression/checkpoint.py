@@ -1,0 +1,196 @@
+"""What `CompreSSMCallback` keeps in a Trainer checkpoint, and which checkpoint folders are complete.
+
+The callback's JSON-able state (schedule progress, the pending pragmatic check's bookkeeping, the arguments) travels
+the HF way, in ``trainer_state.json`` (``stateful_callbacks``, via `transformers.trainer_callback.ExportableState`).
+Its tensors (the recent calibration batches, the random-selection generator, a pending check's model and optimizer
+snapshot) are written by ``on_save`` into the checkpoint folder as ``compressssm_state.safetensors`` (one file per
+process: ``compressssm_state-rank{r}.safetensors`` for ranks > 0), atomically (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+from .history import write_safetensors_atomic
+
+
+logger = logging.get_logger(__name__)
+
+STATE_FILE = "compressssm_state.safetensors"
+CALLBACK_NAME = "CompreSSMCallback"
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def state_file_name(process_index: int = 0) -> str:
+    return STATE_FILE if process_index == 0 else STATE_FILE.replace(".safetensors", f"-rank{process_index}.safetensors")
+
+
+# ---------------------------------------------------------------- nested structures <-> flat tensors + JSON
+def flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """``obj`` (dicts, lists, tensors, JSON scalars) as JSON, each tensor replaced by ``{"__tensor__": name}``."""
+    if torch.is_tensor(obj):
+        tensors[prefix] = obj.detach()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {
+            "__dict__": [
+                [flatten(k, f"{prefix}.k{i}", tensors), flatten(v, f"{prefix}.{i}", tensors)]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
+    if isinstance(obj, (list, tuple)):
+        items = [flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a CompreSSM checkpoint ({prefix}).")
+
+
+def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten`."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(unflatten(v, tensors) for v in obj["__tuple__"])
+        return {unflatten(k, tensors): unflatten(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def save_state_file(folder: str, payload: dict[str, Any], global_step: int, process_index: int = 0) -> str:
+    """Write ``payload`` (nested dicts/lists of tensors and JSON scalars) to ``folder`` atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta = flatten(payload, "t", tensors)
+    os.makedirs(folder, exist_ok=True)
+    metadata = {"global_step": str(int(global_step)), "payload": json.dumps(meta)}
+    return write_safetensors_atomic(os.path.join(folder, state_file_name(process_index)), tensors, metadata)
+
+
+def load_state_file(path: str) -> tuple[int, dict[str, Any]]:
+    """``(global_step, payload)`` of a file written by :func:`save_state_file` (tensors on CPU)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if "payload" not in metadata or "global_step" not in metadata:
+        raise ValueError(f"{path} is not a CompreSSM callback state file.")
+    return int(metadata["global_step"]), unflatten(json.loads(metadata["payload"]), tensors)
+
+
+def find_state_file(candidates: list[str | None], global_step: int, process_index: int = 0) -> str | None:
+    """The first candidate folder holding this process's state file saved at ``global_step``, or None."""
+    from safetensors import safe_open
+
+    name = state_file_name(process_index)
+    seen = set()
+    for folder in candidates:
+        if not folder or folder in seen:
+            continue
+        seen.add(folder)
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with safe_open(path, framework="pt") as f:
+                step = int((f.metadata() or {}).get("global_step", -1))
+        except Exception as err:  # an unreadable file is the wrong one; keep looking
+            logger.warning(f"CompreSSM: cannot read {path}: {err}")
+            continue
+        if step == global_step:
+            return path
+    return None
+
+
+# ---------------------------------------------------------------- complete checkpoints
+def _safetensors_problem(path: str) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+            if keys:  # the last tensor's data must be in the file (a truncated file fails here)
+                f.get_slice(keys[-1])
+    except Exception as err:
+        return f"{os.path.basename(path)} is unreadable ({err})"
+    return None
+
+
+def checkpoint_problem(folder: str) -> str | None:
+    """Why ``folder`` is not a complete Trainer checkpoint (a kill during a save leaves it half-written), or None.
+
+    Complete: ``trainer_state.json`` (written last by the Trainer) and ``config.json`` parse, the model weights are
+    there and readable, and, when the checkpoint was saved with `CompreSSMCallback`, its state file is readable too.
+    """
+    if not os.path.isdir(folder):
+        return "it is not a folder"
+    try:
+        with open(os.path.join(folder, TRAINER_STATE)) as f:
+            trainer_state = json.load(f)
+    except FileNotFoundError:
+        return f"{TRAINER_STATE} is missing"
+    except (OSError, ValueError) as err:
+        return f"{TRAINER_STATE} is unreadable ({err})"
+    config_path = os.path.join(folder, "config.json")
+    adapter = os.path.isfile(os.path.join(folder, "adapter_config.json"))
+    if not adapter:
+        try:
+            with open(config_path) as f:
+                json.load(f)
+        except FileNotFoundError:
+            return "config.json is missing"
+        except (OSError, ValueError) as err:
+            return f"config.json is unreadable ({err})"
+    weights = [
+        n
+        for n in ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json")
+        if os.path.isfile(os.path.join(folder, n))
+    ]
+    if not weights and not os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
+        return "no model weights (model.safetensors) in it"
+    for name in weights:
+        if name.endswith(".safetensors"):
+            problem = _safetensors_problem(os.path.join(folder, name))
+            if problem:
+                return problem
+    saved = (trainer_state.get("stateful_callbacks") or {}).get(CALLBACK_NAME)
+    if isinstance(saved, list):
+        saved = saved[0] if saved else None
+    if isinstance(saved, dict) and (saved.get("attributes") or {}).get("_resume_state"):
+        world = int(saved["attributes"]["_resume_state"].get("world_size", 1))
+        for rank in range(world):
+            path = os.path.join(folder, state_file_name(rank))
+            if not os.path.isfile(path):
+                return f"{state_file_name(rank)} (CompreSSM callback state) is missing"
+            problem = _safetensors_problem(path)
+            if problem:
+                return problem
+    return None
+
+
+def checkpoint_folders(output_dir: str) -> list[str]:
+    """``checkpoint-N`` folders of ``output_dir``, newest (largest N) first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), n) for n in os.listdir(output_dir) if (m := _CHECKPOINT.match(n))]
+    return [os.path.join(output_dir, n) for _, n in sorted(found, reverse=True)]
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint of ``output_dir`` (None if there is none); every newer half-written one is
+    skipped with a warning that names it and says what is wrong."""
+    for folder in checkpoint_folders(output_dir):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        logger.warning(f"CompreSSM: skipping the incomplete checkpoint {folder}: {problem}.")
+    return None
