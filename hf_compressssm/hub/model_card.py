@@ -233,7 +233,9 @@ def save_model_card(model: Any, directory: str | os.PathLike, **kwargs: Any) -> 
     card = render_model_card(model, **kwargs)
     os.makedirs(directory, exist_ok=True)
     path = Path(directory) / CARD_FILE
-    card.save(path)
+    tmp = path.with_name(f"{CARD_FILE}.tmp-{os.getpid()}")
+    card.save(tmp)
+    os.replace(tmp, path)  # never a half-written card
     return path
 
 
