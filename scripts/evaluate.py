@@ -18,7 +18,9 @@ import sys
 from dataclasses import fields
 
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
+# Run from a source checkout; and scripts/ itself off the path, or this folder's evaluate.py would shadow the library.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hf_compressssm  # noqa: E402,F401  (registers the Auto classes)
 from hf_compressssm.tasks import RUN_FILE, TASKS, DataArguments, UsageError  # noqa: E402

