@@ -12,7 +12,7 @@ sums (the Hub's ``perplexity`` loads a model itself and needs the network).
 
 from __future__ import annotations
 
-from functools import cache, lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
