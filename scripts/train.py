@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Train a Mamba model with in-training CompreSSM state-size compression.
+"""Train a Mamba (Mamba-1 or Mamba-2) model with in-training CompreSSM state-size compression.
 
     python scripts/train.py                                # the main job: small Mamba on the KJV Bible, ~5-10 min on CPU
     python scripts/train.py --preset tiny                  # a few steps of a tiny model (smoke test)
+    python scripts/train.py --preset mamba2                # the main job with a Mamba-2 model at N=128
     python scripts/train.py --task pixel_classification --dataset_name fashion_mnist
     python scripts/train.py --model_name_or_path ./my-mamba --train_file corpus.txt --tau 0.1
     python scripts/train.py args.yaml                      # every argument from a .json / .yaml file
