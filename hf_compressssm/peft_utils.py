@@ -10,6 +10,10 @@ PEFT has no default targets for Mamba. For Mamba-1: Which adapters take effect d
 
 A compressed model has a different ``x_proj`` output size per layer (``R + 2 N_i``); PEFT sizes each adapter from
 its own module, so LoRA works unchanged. Reload adapters onto the reduced base loaded from the compressed folder.
+
+Mamba-2 (`families.mamba2.Mamba2Family`): ``in_proj`` and ``out_proj`` on the torch path, only ``in_proj`` under the
+fused ``mamba_split_conv1d_scan_combined`` CUDA training kernel, ``conv1d`` never. Its ``in_proj`` output size is
+``2I + 2 G N_i + H`` per layer.
 """
 
 from __future__ import annotations
