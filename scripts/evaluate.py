@@ -14,23 +14,25 @@ Perplexity is exp(mean token loss) on the fixed validation split; accuracy is ov
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import fields
 
 
-# Run from a source checkout; and scripts/ itself off the path, or this folder's evaluate.py would shadow the library.
+# Run from a source checkout; and scripts/ itself off the path, or this file would shadow the `evaluate` library.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import hf_compressssm  # noqa: E402,F401  (registers the Auto classes)
-from hf_compressssm.tasks import RUN_FILE, TASKS, DataArguments, UsageError  # noqa: E402
-
-
+# Copies of hf_compressssm.tasks.TASKS / RUN_FILE (checked once the package is imported): the argument checks run
+# before torch and transformers are imported, so that a wrong path fails at once.
+TASKS = ("causal_lm", "pixel_classification", "mqar", "selective_copying")
+RUN_FILE = "compressssm_run.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 REPORT_FILE = "evaluation.json"
 
 
 def _arguments(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("model", help="model folder or Hub id")
     p.add_argument("--task", choices=TASKS, help="default: from compressssm_run.json, else from the architecture")
     p.add_argument("--dataset_name", help="causal_lm: 'kjv' or an HF dataset; pixel_classification: the dataset")
@@ -49,6 +51,20 @@ def _arguments(argv):
     return p.parse_args(argv)
 
 
+def _missing_folder(model: str) -> str | None:
+    """Why ``model`` cannot be a model, decided without importing anything heavy or asking the Hub: a path that
+    is not a folder (absolute, relative with ./ ../ ~, under an existing local folder, or not a Hub id)."""
+    if os.path.isdir(model):
+        return None
+    if os.path.exists(model):
+        return f"{model} is a file, not a model folder."
+    first = model.split("/", 1)[0]
+    local = model.startswith((".", "/", "~")) or not _HUB_ID.match(model) or ("/" in model and os.path.isdir(first))
+    if local:
+        return f"model folder {model} does not exist (give the folder written by scripts/train.py, or a Hub id)."
+    return None
+
+
 def _run_file(model: str) -> dict:
     if os.path.isdir(model):
         path = os.path.join(model, RUN_FILE)
@@ -65,11 +81,11 @@ def _prepare(args):
     """Everything that can fail because of the input, before anything is measured or written."""
     from transformers import AutoConfig
 
-    from hf_compressssm.tasks import ModelArguments, build_datasets, resolve_tokenizer
+    from hf_compressssm import tasks
+    from hf_compressssm.tasks import DataArguments, ModelArguments, UsageError, build_datasets, resolve_tokenizer
 
-    looks_local = args.model.startswith((".", "/", "~")) or os.path.exists(args.model)
-    if looks_local and not os.path.isdir(args.model):
-        raise UsageError(f"model folder {args.model} does not exist.")
+    assert (tuple(tasks.TASKS), tasks.RUN_FILE) == (TASKS, RUN_FILE), "scripts/evaluate.py: copies out of date"
+
     try:
         config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as err:
@@ -113,6 +129,14 @@ def _prepare(args):
 
 def main(argv=None) -> int:
     args = _arguments(argv)
+    problem = _missing_folder(args.model)
+    if problem:  # at once: before torch/transformers are imported and before any Hub lookup
+        print(f"evaluate.py: error: {problem}", file=sys.stderr)
+        return 2
+
+    import hf_compressssm  # noqa: F401  (registers the Auto classes)
+    from hf_compressssm.tasks import UsageError
+
     try:
         config, classifier, task, task_data, run, output = _prepare(args)
     except UsageError as err:

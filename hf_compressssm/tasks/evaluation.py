@@ -1,13 +1,12 @@
 """Measure a trained model: quality on the matching split, size, per-layer state sizes and throughput.
 
-Quality is computed here rather than with the ``evaluate`` library: ``evaluate.load("accuracy")`` and
-``evaluate.load("perplexity")`` download their metric scripts from the Hub and fail offline.
+Quality goes through the package's offline ``evaluate`` modules (`hf_compressssm.metrics`: ``perplexity``,
+``accuracy``, ``token_accuracy``), the same ones the Trainer's ``compute_metrics`` uses.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -18,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import default_data_collator
 from transformers.utils import logging
 
+from .. import metrics
 from ..families import layer_state_sizes
-from .data import IGNORE_INDEX
 
 
 logger = logging.get_logger(__name__)
@@ -38,40 +37,42 @@ def _is_classifier(model: nn.Module) -> bool:
 def evaluate_quality(model: nn.Module, dataset: Dataset, task: str, batch_size: int = 32) -> dict[str, float]:
     """Loss and perplexity (``causal_lm``) or loss and accuracy (classification, synthetic tasks) over ``dataset``.
 
-    Causal-LM loss is the mean over all scored tokens (``labels[:, 1:] != -100``); accuracy for synthetic tasks counts
-    labelled positions only (as `hf_compressssm.data.task_accuracy`).
+    Causal-LM loss is the mean over all scored tokens (``labels[:, 1:] != -100``), perplexity its exp (the
+    ``perplexity`` module); accuracy is the ``accuracy`` module for classifiers and ``token_accuracy`` (labelled
+    positions, causal shift) for synthetic tasks.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=default_data_collator)
-    total_loss = 0.0
-    scored = correct = examples = 0
+    classifier = _is_classifier(model)
+    metric = metrics.load("perplexity" if task == "causal_lm" else "accuracy" if classifier else "token_accuracy")
+    total_loss, batches = 0.0, 0
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
-        if _is_classifier(model):
+        batches += 1
+        if classifier:
             total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(-1) == labels).sum())
-            scored += labels.numel()
+            metric.add_batch(predictions=logits.argmax(-1).cpu(), references=labels.cpu())
             continue
-        targets = labels[:, 1:]
-        mask = targets != IGNORE_INDEX
-        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
-        total_loss += float(
-            nn.functional.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-        )
-        correct += int(((logits[:, :-1].argmax(-1) == targets) & mask).sum())
-        scored += int(mask.sum())
-        examples += labels.shape[0]
+        sums = metrics.token_nll_sums(logits, labels).cpu()
+        total_loss += float(sums[:, 0].sum())
+        if task == "causal_lm":
+            metric.add_batch(nll_sums=sums[:, 0], token_counts=sums[:, 1].long())
+        else:
+            metric.add_batch(predictions=logits.argmax(-1).cpu(), references=labels.cpu())
     model.train(was_training)
+    if batches == 0:
+        raise ValueError("the evaluation set is empty.")
+    result = metric.compute()
+    if task == "causal_lm":
+        return {"loss": result["loss"], "perplexity": result["perplexity"], "tokens": result["tokens"]}
+    scored = len(dataset) if classifier else result["scored"]
     if scored == 0:
         raise ValueError("the evaluation set has no scored position.")
-    loss = total_loss / scored
-    if task == "causal_lm":
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": scored}
-    return {"loss": loss, "accuracy": correct / scored, "scored": scored}
+    return {"loss": total_loss / scored, "accuracy": result["accuracy"], "scored": scored}
 
 
 def _example_batch(dataset: Dataset, batch_size: int) -> dict[str, torch.Tensor]:
