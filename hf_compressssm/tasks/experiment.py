@@ -123,7 +123,8 @@ class StepTimer(TrainerCallback):
 class LearningCurve(TrainerCallback):
     """Evaluates the model (`evaluate_quality`) after the given optimisation steps and records the points with the
     state sizes; the time it spends is kept in ``wall_seconds`` / ``cpu_seconds`` so that it can be taken out of
-    the run's time."""
+    the run's time. The global torch RNG is restored after each evaluation (a DataLoader draws from it), so a run
+    with a curve sees the same data order as one without."""
 
     def __init__(self, steps: Iterable[int], dataset: Dataset, task: str, batch_size: int):
         self.steps = sorted({int(s) for s in steps})
@@ -134,7 +135,11 @@ class LearningCurve(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.steps and model is not None:
             wall, cpu = time.perf_counter(), time.process_time()
-            quality = evaluate_quality(model, self.dataset, self.task, self.batch_size)
+            rng = torch.get_rng_state()
+            try:
+                quality = evaluate_quality(model, self.dataset, self.task, self.batch_size)
+            finally:
+                torch.set_rng_state(rng)
             sizes = list(getattr(model.config, "state_sizes", []) or [])
             self.points.append({"step": int(state.global_step), "state_sizes": sizes, **quality})
             self.wall_seconds += time.perf_counter() - wall
