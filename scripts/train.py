@@ -7,7 +7,8 @@
     python scripts/train.py --task pixel_classification --dataset_name fashion_mnist
     python scripts/train.py --model_name_or_path ./my-mamba --train_file corpus.txt --tau 0.1
     python scripts/train.py args.yaml                      # every argument from a .json / .yaml file
-    torchrun --nproc_per_node 2 scripts/train.py ...       # or: accelerate launch scripts/train.py ...
+    torchrun --nproc_per_node 2 scripts/train.py ...       # 2 processes (DDP; gloo on CPU)
+    accelerate launch --config_file configs/accelerate_cpu_2proc.yaml scripts/train.py ...   # the same with accelerate
 
 Arguments: ModelArguments and DataArguments (hf_compressssm.tasks), transformers' TrainingArguments and
 CompressionArguments; see --help. Bad input prints one error line and exits with status 2, writing nothing.
@@ -25,6 +26,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_compressssm.tasks import UsageError, parse_arguments, run_training  # noqa: E402
+from hf_compressssm.tasks.launcher import launcher_mismatch  # noqa: E402
 
 
 def _print_summary(results: dict) -> None:
@@ -45,6 +47,9 @@ def _print_summary(results: dict) -> None:
 def main(argv=None) -> int:
     try:
         model_args, data_args, training_args, comp_args = parse_arguments(argv)
+        mismatch = launcher_mismatch(int(os.environ.get("WORLD_SIZE", "1")), __file__)
+        if mismatch:
+            print(f"train.py: warning: {mismatch}", file=sys.stderr)
         results = run_training(model_args, data_args, training_args, comp_args)
     except UsageError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
