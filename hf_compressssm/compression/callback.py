@@ -30,7 +30,7 @@ from .distributed import (
     is_distributed,
     shrinkable_excluded_from_ddp,
 )
-from .history import record_report, update_compression_record, write_history
+from .history import record_report, set_history, update_compression_record, write_history
 from .reduction import ReductionReport, reduce_once
 from .surgery import SurgeryError, check_cut_supported, restore_parameters, unwrap_optimizer
 
@@ -328,7 +328,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         history = list(model.compression_history)
         for entry in history[snap["history_len"] :]:
             entry["rolled_back"] = True
-        model.compression_history = history
+        set_history(model, history)
         record = dict(model.config.compression)
         record["stopped"] = True
         record["history"] = [h for h in record.get("history", []) if h["step"] != check["step"]]

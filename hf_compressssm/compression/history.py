@@ -23,25 +23,45 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> str:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 
 def write_safetensors_atomic(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> str:
     """Write ``tensors`` (name → tensor, made contiguous on CPU) as safetensors through a temporary file + rename."""
-    from safetensors.torch import save_file
+    from safetensors import torch as safetensors_torch
 
+    save_file = safetensors_torch.save_file
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
+
+
+def history_owner(model: nn.Module) -> nn.Module:
+    """The model that holds ``compression_history`` (and saves it): a PEFT model's base model, else ``model``."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def set_history(model: nn.Module, history: list) -> None:
+    """Replace the full per-attempt history of ``model`` (on its base model when PEFT-wrapped)."""
+    history_owner(model).compression_history = list(history)
 
 
 def write_history(model: nn.Module, directory: str | os.PathLike) -> str:
@@ -87,4 +107,4 @@ def record_report(model: nn.Module, report, args: CompressionArguments) -> None:
         }
     ]
     model.config.compression = record
-    model.compression_history = history
+    set_history(model, history)

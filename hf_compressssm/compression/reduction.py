@@ -15,7 +15,7 @@ from ..families import FAMILIES, LayerStatistics, check_per_layer_model, family_
 from .arguments import CompressionArguments
 from .calibration import all_reduce_statistics, collect_statistics
 from .distributed import broadcast_object
-from .history import record_report, update_compression_record
+from .history import history_owner, record_report, set_history, update_compression_record
 from .ranks import layer_rank, select_group_indices, select_indices
 from .surgery import shrink_mixers
 
@@ -165,7 +165,7 @@ def reduce_once(
     sizes = [family.state_size(m) for m in find_mixers(model)]
     saved = (
         copy.deepcopy(model.config.compression),
-        list(getattr(model, "compression_history", []) or []),
+        copy.copy(getattr(history_owner(model), "compression_history", None)),
         generator.get_state() if generator is not None else None,
     )
     try:
@@ -195,7 +195,10 @@ def reduce_once(
             commit()
     except BaseException:
         model.config.compression, history, generator_state = saved
-        model.compression_history = history
+        if history is not None:
+            set_history(model, history)
+        elif "compression_history" in vars(history_owner(model)):
+            del history_owner(model).compression_history
         if generator is not None:
             generator.set_state(generator_state)
         raise
