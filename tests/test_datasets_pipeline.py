@@ -1,0 +1,205 @@
+"""The data through `datasets`: raw text loaders, the fixed split, tokenization map, block grouping, the Arrow cache,
+streaming, and the pixel / synthetic tasks as Dataset objects (checked against the in-memory reference code)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from hf_compressssm.tasks import DataArguments, ModelArguments, UsageError, build_datasets
+from hf_compressssm.tasks import data as D
+from hf_compressssm.tasks import hf_datasets as H
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Each test gets its own datasets cache (so cache hits are the test's own doing)."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    datasets.disable_progress_bars()
+
+
+def _reference_blocks(text: str, tokenizer, block: int) -> torch.Tensor:
+    return D.LMBlockDataset.from_text(text, tokenizer, block).blocks
+
+
+def test_kjv_split_and_blocks_equal_the_in_memory_reference():
+    """The datasets pipeline gives the same validation text and the same blocks as split_text + encode_text."""
+    rows = H.load_raw_text("kjv")
+    train_rows, val_rows = H.split_by_characters(rows, 0.05)
+    text = D.load_kjv_text()
+    train_text, val_text = D.split_text(text, 0.05)
+    assert "".join(val_rows["text"]) == val_text + "\n"  # every row ends with a line break, the last one too
+    assert "".join(train_rows["text"]) == train_text
+    assert val_rows[0]["text"].startswith("Who hath delivered us from the power of darkness")  # Colossians 1:13
+    tokenizer = D.build_byte_tokenizer()
+    for part_rows, part_text in ((train_rows, train_text), (val_rows, val_text)):
+        blocks = H.group_blocks(H.tokenize_rows(part_rows, tokenizer), 256)
+        assert torch.equal(blocks[:]["input_ids"], _reference_blocks(part_text, tokenizer, 256))
+        assert torch.equal(blocks[:]["labels"], blocks[:]["input_ids"])
+
+
+def test_blocks_continue_across_row_batches(tmp_path):
+    """Grouping carries the remainder from one batch of rows to the next (no token dropped mid-stream)."""
+    lines = [f"{'x' * (i % 37)} line {i}\n" for i in range(2500)]  # > 2 batches of 1000 rows
+    path = tmp_path / "lines.txt"
+    path.write_text("".join(lines))
+    tokenizer = D.build_byte_tokenizer()
+    blocks = H.group_blocks(H.tokenize_rows(H.load_raw_text(path), tokenizer), 50)
+    flat = np.frombuffer("".join(lines).encode(), dtype=np.uint8).astype(np.int64)
+    expected = torch.from_numpy(flat[: len(flat) // 50 * 50].reshape(-1, 50).copy())
+    assert torch.equal(blocks[:]["input_ids"], expected)
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "csv"])
+def test_local_files_through_load_dataset(tmp_path, kind):
+    docs = [f"document {i}: " + "lorem ipsum " * (i % 5 + 1) for i in range(40)]
+    path = tmp_path / f"corpus.{kind}"
+    if kind == "txt":
+        path.write_text("\n".join(docs) + "\n")
+    elif kind == "jsonl":
+        path.write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    else:
+        path.write_text("id,body\n" + "".join(f'{i},"{d}"\n' for i, d in enumerate(docs)))
+    rows = H.load_raw_text(path, text_column="body")
+    assert rows.column_names == ["text"]
+    assert rows["text"] == [d + "\n" for d in docs]
+    args = DataArguments(train_file=[str(path)], text_column="body", block_size=16, validation_split_fraction=0.2)
+    task = build_datasets(args, model_args=ModelArguments(tokenizer_name="byte"))
+    text = "".join(d + "\n" for d in docs)
+    train_text, val_text = D.split_text(text, 0.2)
+    tokenizer = task.tokenizer
+    assert torch.equal(task.train_dataset[:]["input_ids"], _reference_blocks(train_text, tokenizer, 16))
+    assert torch.equal(task.eval_dataset[:]["input_ids"], _reference_blocks(val_text, tokenizer, 16))
+    assert task.dataset_ids == [] and "corpus" in task.dataset_description
+
+
+def test_bad_text_sources(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        H.load_raw_text(tmp_path / "missing.txt")
+    (tmp_path / "a.txt").write_text("a\n")
+    (tmp_path / "b.csv").write_text("text\nb\n")
+    with pytest.raises(ValueError, match="mixed file types"):
+        H.load_raw_text([tmp_path / "a.txt", tmp_path / "b.csv"])
+    (tmp_path / "c.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(ValueError, match="no column 'text'.*--text_column"):
+        H.load_raw_text(tmp_path / "c.jsonl")
+    with pytest.raises(UsageError, match="too long"):
+        build_datasets(DataArguments(train_file=[str(tmp_path / "a.txt")], validation_file=[str(tmp_path / "a.txt")]))
+
+
+_CACHE_PROBE = """
+import sys, datasets
+datasets.config.HF_DATASETS_CACHE = sys.argv[1]
+datasets.disable_progress_bars()
+from hf_compressssm.tasks import DataArguments, build_datasets
+task = build_datasets(DataArguments(train_file=[sys.argv[2]], block_size=32))
+print([c["filename"] for c in task.train_dataset.cache_files])
+"""
+
+
+@pytest.mark.slow
+def test_arrow_cache_reused_by_a_second_run(tmp_path):
+    """A second process with the same inputs reads this one's Arrow files instead of writing new ones (the
+    fingerprints of the rows, the tokenizer and the grouping are the same across processes)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"verse {i} of a small corpus\n" for i in range(3000)))
+    cache = tmp_path / "cache"
+    datasets.config.HF_DATASETS_CACHE = cache
+    task = build_datasets(DataArguments(train_file=[str(corpus)], block_size=32))
+    first = str([c["filename"] for c in task.train_dataset.cache_files])
+    assert "generator" in first
+    arrow_files = sorted((str(p), p.stat().st_mtime_ns) for p in cache.rglob("*.arrow"))
+    out = subprocess.run(
+        [sys.executable, "-c", _CACHE_PROBE, str(cache), str(corpus)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == first
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in cache.rglob("*.arrow")) == arrow_files, "nothing rewritten"
+
+
+def test_streaming_is_lazy_and_matches_the_map_style_blocks(tmp_path):
+    corpus = tmp_path / "big.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox\n" for i in range(5000)))
+    args = DataArguments(train_file=[str(corpus)], block_size=32, streaming=True, max_eval_samples=5)
+    task = build_datasets(args, model_args=ModelArguments(tokenizer_name="byte"))
+    assert isinstance(task.train_dataset, datasets.IterableDataset)
+    assert not hasattr(task.train_dataset, "__len__") or isinstance(
+        task.train_dataset, torch.utils.data.IterableDataset
+    )
+    reference = _reference_blocks(corpus.read_text(), task.tokenizer, 32)
+    assert torch.equal(task.eval_dataset[:]["input_ids"], reference[:5]), "validation: the head of the stream"
+    first = [row["input_ids"] for _, row in zip(range(7), task.train_dataset)]
+    assert torch.equal(torch.stack(first), reference[5:12]), "training skips the held-out blocks"
+    assert "first 5 blocks of the stream" in task.dataset_description
+    with pytest.raises(ValueError, match="--streaming is for task causal_lm"):
+        DataArguments(task="mqar", streaming=True)
+
+
+@pytest.mark.slow
+def test_streaming_training_run(tmp_path):
+    """scripts/train.py --streaming on a generated file: trains max_steps steps, cuts, evaluates, saves."""
+    corpus = tmp_path / "generated.txt"
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    corpus.write_text("".join(" ".join(rng.choice(words, 8)) + "\n" for _ in range(20000)))
+    out = tmp_path / "out"
+    env = {"HF_DATASETS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--preset", "tiny", "--streaming"]
+    cmd += ["--train_file", str(corpus), "--max_steps", "8", "--output_dir", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+    config = json.loads((out / "config.json").read_text())
+    assert sum(config["state_sizes"]) < sum(config["compression"]["initial_state_sizes"])
+    assert "of the stream" in json.loads((out / "compressssm_run.json").read_text())["card"]["eval_split"]
+
+
+def test_streaming_needs_max_steps(tmp_path):
+    from hf_compressssm.tasks import parse_arguments, run_training
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"line {i}\n" for i in range(500)))
+    args = parse_arguments(
+        ["--preset", "tiny", "--streaming", "--train_file", str(corpus), "--max_steps", "-1"]
+        + ["--output_dir", str(tmp_path / "o")]
+    )
+    with pytest.raises(UsageError, match="--streaming needs --max_steps"):
+        run_training(*args)
+    assert not (tmp_path / "o").exists()
+
+
+def test_pixel_and_synthetic_tasks_as_datasets():
+    pixels = D.load_pixel_classification("digits", "test")
+    ds = H.pixel_dataset(pixels)
+    assert isinstance(ds, datasets.Dataset) and ds.features["labels"].names == pixels.class_names
+    for i in (0, 17, len(pixels) - 1):
+        item, ref = ds[i], pixels[i]
+        assert item["input_ids"].dtype == torch.int64 and torch.equal(item["input_ids"], ref["input_ids"])
+        assert int(item["labels"]) == ref["labels"]
+    for task, kwargs in (
+        ("mqar", dict(seq_len=64, vocab_size=64, num_pairs=8, num_queries=8)),
+        ("selective_copying", {}),
+    ):
+        ref = D.build_task_dataset(task, "validation", seed=3, num_samples=20, **kwargs)
+        ds = H.synthetic_dataset(task, "validation", seed=3, num_samples=20, **kwargs)
+        assert len(ds) == 20
+        for i in (0, 7, 19):
+            assert torch.equal(ds[i]["input_ids"], ref[i]["input_ids"])
+            assert torch.equal(ds[i]["labels"], ref[i]["labels"])
+    task = build_datasets(DataArguments(task="selective_copying", num_train_samples=30, max_eval_samples=4))
+    assert isinstance(task.train_dataset, datasets.Dataset) and len(task.eval_dataset) == 4
+    assert task.vocab_size == D.SelectiveCopyingDataset().model_vocab_size
