@@ -12,6 +12,11 @@
 
 Arguments: ModelArguments and DataArguments (hf_compressssm.tasks), transformers' TrainingArguments and
 CompressionArguments; see --help. Bad input prints one error line and exits with status 2, writing nothing.
+
+Resume (like the transformers examples): with --save_strategy steps, rerunning the same command continues from the
+newest complete checkpoint-N in --output_dir (a half-written one, left by a kill, is skipped with a warning), with
+the model built from it (its reduced state sizes); --resume_from_checkpoint PATH picks a checkpoint;
+--overwrite_output_dir starts afresh.
 """
 
 import os

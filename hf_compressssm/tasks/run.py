@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -10,11 +11,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
 from ..compression.arguments import CompressionArguments, check_min_state_size, check_training_setup
 from ..compression.callback import CompreSSMCallback
+from ..compression.checkpoint import checkpoint_folders, checkpoint_problem, last_complete_checkpoint
 from ..compression.history import write_json_atomic
 from ..hub.model_card import find_template, save_model_card
 from .arguments import DataArguments, ModelArguments, UsageError
@@ -65,18 +68,57 @@ def validate_arguments(
 
 
 def _validate_with_model(model: PreTrainedModel, task_data: TaskData, training_args, comp_args) -> int:
-    max_steps = planned_max_steps(training_args, len(task_data.train_dataset))
+    if not hasattr(task_data.train_dataset, "__len__"):  # a stream (--streaming): only max_steps can end the run
+        if training_args.max_steps <= 0:
+            raise UsageError("--streaming needs --max_steps N (a stream has no length to count epochs over).")
+        max_steps = int(training_args.max_steps)
+    else:
+        max_steps = planned_max_steps(training_args, len(task_data.train_dataset))
     try:
         comp_args.schedule(max_steps)
         check_min_state_size(comp_args.min_state_size, model.config.state_size)
     except ValueError as err:
         raise UsageError(str(err)) from err
+    if not hasattr(task_data.train_dataset, "__len__"):
+        return max_steps
     if len(task_data.train_dataset) < training_args.per_device_train_batch_size and training_args.dataloader_drop_last:
         raise UsageError(
             f"only {len(task_data.train_dataset)} training items for a batch of "
             f"{training_args.per_device_train_batch_size}: lower --per_device_train_batch_size."
         )
     return max_steps
+
+
+def resume_checkpoint(model_args: ModelArguments, training_args: TrainingArguments) -> str | None:
+    """The checkpoint this run resumes from, as the transformers examples choose it.
+
+    ``--resume_from_checkpoint PATH`` (must be a complete checkpoint, else `UsageError`); otherwise the newest
+    complete ``checkpoint-N`` of ``--output_dir`` (newer half-written ones are skipped with a warning naming them),
+    unless ``--overwrite_output_dir`` asks for a fresh start. None: start fresh.
+    """
+    explicit = training_args.resume_from_checkpoint
+    if explicit:
+        problem = checkpoint_problem(explicit)
+        if problem is not None:
+            raise UsageError(
+                f"--resume_from_checkpoint {explicit} is not a complete checkpoint: {problem}. Pick another "
+                f"checkpoint-N folder, or omit the option to resume from the newest complete one in --output_dir."
+            )
+        return explicit
+    output_dir = training_args.output_dir
+    if model_args.overwrite_output_dir or not checkpoint_folders(output_dir):
+        return None
+    found = last_complete_checkpoint(output_dir)
+    if found is None:
+        logger.warning(f"CompreSSM: no complete checkpoint in {output_dir}; starting a fresh run.")
+    return found
+
+
+def _parameters_of_initial_model(model: PreTrainedModel, sizes: list[int]) -> int:
+    """Parameter count of ``model``'s architecture at per-layer state sizes ``sizes`` (built on the meta device)."""
+    config = model.config.__class__.from_dict({**model.config.to_dict(), "state_sizes": list(sizes)})
+    with torch.device("meta"):
+        return sum(p.numel() for p in type(model)(config).parameters())
 
 
 def eval_summary(metrics: dict[str, float], metric: str) -> dict[str, float]:
@@ -111,15 +153,23 @@ def run_training(
     """
     validate_arguments(model_args, data_args, training_args, comp_args)
     find_template()  # the card is written at the end: fail now if the template is missing
+    checkpoint = resume_checkpoint(model_args, training_args)
     task_data = build_datasets(data_args, model_args=model_args)
     set_seed(training_args.seed)
-    model = build_model(model_args, task_data)
+    if checkpoint is None:
+        model = build_model(model_args, task_data)
+    else:  # the checkpoint's architecture: the state sizes it was cut to
+        model = build_model(dataclasses.replace(model_args, model_name_or_path=checkpoint), task_data)
+        training_args.resume_from_checkpoint = checkpoint  # where the callback finds its saved state
     max_steps = _validate_with_model(model, task_data, training_args, comp_args)
     push = bool(training_args.push_to_hub)
     training_args.push_to_hub = False  # the Trainer would overwrite our card; we upload the folder ourselves
 
-    sizes_before = list(model.config.state_sizes)
-    params_before = sum(p.numel() for p in model.parameters())
+    sizes_before = list((model.config.compression or {}).get("initial_state_sizes") or model.config.state_sizes)
+    if sizes_before == list(model.config.state_sizes):
+        params_before = sum(p.numel() for p in model.parameters())
+    else:
+        params_before = _parameters_of_initial_model(model, sizes_before)
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -135,8 +185,13 @@ def run_training(
             f"CompreSSM {task_data.task}: {params_before:,} parameters, state sizes {sizes_before}, {max_steps} steps, "
             f"reductions at {comp_args.schedule(max_steps)}; data: {task_data.dataset_description}."
         )
+        if checkpoint is not None:
+            logger.warning(
+                f"CompreSSM: resuming from {checkpoint} (state sizes {list(model.config.state_sizes)}); pass "
+                "--overwrite_output_dir to start afresh instead."
+            )
     start = time.perf_counter()
-    train_output = trainer.train()
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - start
     model = trainer.model
     eval_metrics = eval_summary(trainer.evaluate(), task_data.metric)
