@@ -19,6 +19,7 @@ the model built from it (its reduced state sizes); --resume_from_checkpoint PATH
 --overwrite_output_dir starts afresh.
 """
 
+import logging
 import os
 import sys
 
@@ -52,6 +53,9 @@ def _print_summary(results: dict) -> None:
 def main(argv=None) -> int:
     try:
         model_args, data_args, training_args, comp_args = parse_arguments(argv)
+        # The package's loggers (the "CompreSSM step ..." lines) follow the Trainer's per-process level: replicas
+        # log at --log_level_replica (error in the presets), so each line appears once, from the main process.
+        logging.getLogger("hf_compressssm").setLevel(training_args.get_process_log_level())
         mismatch = launcher_mismatch(int(os.environ.get("WORLD_SIZE", "1")), __file__)
         if mismatch:
             print(f"train.py: warning: {mismatch}", file=sys.stderr)
