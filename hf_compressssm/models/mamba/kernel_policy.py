@@ -118,8 +118,10 @@ def _state_update_importable() -> bool:
 
 def _fused_importable() -> bool:
     """``mamba_inner_fn`` can run: mamba_ssm imported *with* causal_conv1d's compiled functions."""
-    mod = _try_import(_SCAN_MODULE)
-    return mod is not None and getattr(mod, "causal_conv1d_fwd_function", None) is not None
+    mod = _try_import(_SCAN_MODULE)  # the name differs across mamba_ssm versions (None when causal_conv1d is absent)
+    return mod is not None and any(
+        getattr(mod, name, None) is not None for name in ("causal_conv1d_fwd_function", "causal_conv1d_cuda")
+    )
 
 
 def _device_type(device) -> str:
