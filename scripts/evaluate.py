@@ -5,6 +5,7 @@
     python scripts/evaluate.py owner/name                          # Hub id (or HF cache with HF_HUB_OFFLINE=1)
     python scripts/evaluate.py MODEL --task causal_lm --validation_file held_out.txt --output report.json
     python scripts/evaluate.py MODEL --update_card                 # also put the measurements in MODEL/README.md
+    python scripts/evaluate.py MODEL --compare_to FULL_MODEL --update_card   # + a full-vs-compressed table
 
 The task and data come from the model's ``compressssm_run.json`` (written by the train script) unless given.
 Perplexity is exp(mean token loss) on the fixed validation split; accuracy is over the test split
@@ -47,6 +48,9 @@ def _arguments(argv):
     p.add_argument("--no_speed", action="store_true", help="skip the throughput measurements")
     p.add_argument("--output", help=f"JSON report path (default: MODEL/{REPORT_FILE} for a folder, else ./)")
     p.add_argument("--update_card", action="store_true", help="re-render MODEL/README.md with these measurements")
+    p.add_argument(
+        "--compare_to", help="a full-size (uncompressed) model folder evaluated on the same split, for comparison"
+    )
     p.add_argument("--trust_remote_code", action="store_true", help="allow remote code for non-CompreSSM models")
     return p.parse_args(argv)
 
@@ -129,7 +133,7 @@ def _prepare(args):
 
 def main(argv=None) -> int:
     args = _arguments(argv)
-    problem = _missing_folder(args.model)
+    problem = _missing_folder(args.model) or (_missing_folder(args.compare_to) if args.compare_to else None)
     if problem:  # at once: before torch/transformers are imported and before any Hub lookup
         print(f"evaluate.py: error: {problem}", file=sys.stderr)
         return 2
@@ -183,7 +187,25 @@ def main(argv=None) -> int:
         ("state sizes", " ".join(map(str, sizes))),
         ("initial state sizes", " ".join(map(str, report["initial_state_sizes"]))),
     ]
+    if args.compare_to:
+        full = auto.from_pretrained(args.compare_to, trust_remote_code=args.trust_remote_code).to(device)
+        full_quality = evaluate_quality(full, task_data.eval_dataset, task, batch_size=args.batch_size)
+        keep = ("loss", "perplexity", "accuracy")
+        full_sizes = layer_state_sizes(full)
+        report["comparison"] = {
+            f"full model (N={' '.join(map(str, full_sizes))})": {
+                **{k: v for k, v in full_quality.items() if k in keep},
+                "parameters": count_parameters(full),
+            },
+            f"this model (N={' '.join(map(str, sizes))})": {
+                **{k: v for k, v in report["quality"].items() if k in keep},
+                "parameters": report["parameters"],
+            },
+        }
+        del full
     rows += [(k, v) for k, v in report["quality"].items()]
+    for name, values in report.get("comparison", {}).items():
+        rows += [(f"{name}: {k}", v) for k, v in values.items()]
     rows += [(f"{k} ({device})", v) for k, v in report.get("speed", {}).items()]
     print(format_table(rows, title=f"Evaluation on {task_data.eval_description}"))
     with open(output, "w") as f:
@@ -205,6 +227,8 @@ def main(argv=None) -> int:
             for k, v in report.get("speed", {}).items()
             if k in speed_names
         }
+        if "comparison" in report:
+            card["comparison"] = report["comparison"]
         print(f"Updated {save_model_card(model, args.model, **card)}")
     return 0
 

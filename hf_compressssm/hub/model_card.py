@@ -28,6 +28,15 @@ TASK_LABELS = {
     "selective_copying": "selective copying",
     "sequence_classification": "sequence classification",
 }
+CITATION = """@inproceedings{compressssm2026,
+  title         = {The Curious Case of In-Training Compression of State Space Models},
+  author        = {Chahine and Nazari and Rus and Rusch},
+  booktitle     = {International Conference on Learning Representations (ICLR)},
+  year          = {2026},
+  eprint        = {2510.02823},
+  archivePrefix = {arXiv},
+  url           = {https://arxiv.org/abs/2510.02823}
+}"""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _METRIC_LABELS = {"loss": "loss (nats/token)", "perplexity": "perplexity", "accuracy": "accuracy"}
 # What the card says per SSM family (`SSMFamily.name`): label, stock class and converter, scan kernels.
@@ -69,6 +78,24 @@ def _hub_id(name: Any) -> str | None:
     if not isinstance(name, str) or not _HUB_ID.match(name) or os.path.exists(name):
         return None
     return name
+
+
+def describe_hardware() -> str:
+    """This machine in a few words, e.g. ``"CPU: Intel Xeon ... (2 cores), torch 2.13.0"`` or the GPU's name."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU: {torch.cuda.get_device_name(0)} ×{torch.cuda.device_count()}, torch {torch.__version__}"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), name)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"CPU: {name} ({cores} cores available), torch {torch.__version__}"
 
 
 def _task_of(model: Any, task: str | None) -> str:
@@ -130,6 +157,9 @@ def render_model_card(
     eval_split: str | None = None,
     speed: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
+    hardware: str | None = None,
+    comparison: Mapping[str, Mapping[str, Any]] | None = None,
+    local_path: str | os.PathLike | None = None,
     license: str = "apache-2.0",
     tags: Iterable[str] = (),
     template_path: str | os.PathLike | None = None,
@@ -139,11 +169,15 @@ def render_model_card(
     Args:
         model: a CompreSSM Mamba model (its config gives the per-layer sizes, τ, schedule and ``base_model``).
         task: ``causal_lm``, ``pixel_classification``, ``mqar``, ``selective_copying`` (default: from the class).
-        repo_id: Hub id shown in the loading snippets (default ``"path/to/model"``).
+        repo_id: Hub id shown in the loading snippets (default: ``local_path``, the folder the card is saved in).
         dataset_description / datasets: free text, and dataset ids for the YAML ``datasets`` field.
         metrics: measured quality, e.g. ``{"loss": 1.4, "perplexity": 4.1}`` or ``{"accuracy": 0.83}``.
         speed: measured throughput, e.g. ``{"train tokens/s (cpu)": 5400.0}``.
         training: training settings shown as a table (``max_steps`` is also shown with the schedule).
+        hardware: where timings and speeds were measured (default: this machine, `describe_hardware`, when the card
+            shows a timing or a speed).
+        comparison: measured rows, e.g. ``{"full model (N=64)": {"perplexity": 4.0, "parameters": 900000},
+            "this model": {...}}``: a full-vs-compressed table (shown only when given).
     """
     from ..families import family_of
 
@@ -165,12 +199,12 @@ def render_model_card(
     name = model_name or (repo_id.split("/")[-1] if repo_id else "CompreSSM Mamba")
 
     eval_results = None
-    if metrics:
+    if metrics and datasets:  # the model-index names a Hub dataset id; data without one is described in the body
         eval_results = [
             EvalResult(
                 task_type="text-generation" if is_causal_lm else "text-classification",
-                dataset_type=(list(datasets or []) or [task])[0],
-                dataset_name=(list(datasets or []) or [task])[0],
+                dataset_type=list(datasets)[0],
+                dataset_name=list(datasets)[0],
                 metric_type=key,
                 metric_value=float(value),
                 dataset_split="validation" if task == "causal_lm" else "test",
@@ -191,11 +225,20 @@ def render_model_card(
     )
     training = dict(training or {})
     has_tokenizer = task == "causal_lm"
+    if hardware is None and (speed or "train_seconds" in training):
+        hardware = describe_hardware()
+    columns = list(dict.fromkeys(k for row in (comparison or {}).values() for k in row))
+    comparison_rows = [(name, [_fmt(row.get(k, "–")) for k in columns]) for name, row in (comparison or {}).items()]
+    load_from = repo_id or (str(local_path) if local_path is not None else "path/to/model")
     card = ModelCard.from_template(
         card_data,
         template_path=str(find_template(template_path=template_path)),
         model_name=name,
-        repo_id=repo_id or "path/to/model",
+        repo_id=load_from,
+        hardware=hardware,
+        comparison_columns=columns,
+        comparison_rows=comparison_rows,
+        citation=CITATION,
         task_label=TASK_LABELS.get(task, task.replace("_", " ")),
         base_model=base_model,
         num_layers=config.num_hidden_layers,
@@ -230,6 +273,7 @@ def render_model_card(
 
 def save_model_card(model: Any, directory: str | os.PathLike, **kwargs: Any) -> Path:
     """Render the card (see `render_model_card`) and write it to ``directory/README.md``; returns the path."""
+    kwargs.setdefault("local_path", str(directory))
     card = render_model_card(model, **kwargs)
     os.makedirs(directory, exist_ok=True)
     path = Path(directory) / CARD_FILE
@@ -239,4 +283,13 @@ def save_model_card(model: Any, directory: str | os.PathLike, **kwargs: Any) -> 
     return path
 
 
-__all__ = ["BASE_TAGS", "CARD_FILE", "TEMPLATE_NAME", "find_template", "render_model_card", "save_model_card"]
+__all__ = [
+    "BASE_TAGS",
+    "CARD_FILE",
+    "CITATION",
+    "TEMPLATE_NAME",
+    "describe_hardware",
+    "find_template",
+    "render_model_card",
+    "save_model_card",
+]
