@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark CompreSSM against its baselines at a budget where the cuts happen after learning (issues 7 and 16).
 
-    python scripts/benchmark.py                 # default presets, 3 seeds (~2.4 h on 2 cores: resumable, see below)
+    python scripts/benchmark.py                 # default presets, 3 seeds (~2.2 h on 2 cores: resumable, see below)
+    python scripts/benchmark.py --estimate      # time a few steps per preset: the estimated time still to run
     python scripts/benchmark.py --quick         # every variant of every preset, tiny (a minute; numbers meaningless)
     python scripts/benchmark.py --tasks causal_lm --seeds 0 --taus 0.1,0.25 --set causal_lm.steps=500
 
@@ -107,8 +108,9 @@ class TaskPreset:
 
 
 def default_presets() -> dict[str, TaskPreset]:
-    """Sized from per-step CPU times measured on this machine (one thread; see the README): ≈ 63 min causal_lm,
-    ≈ 36 min pixel_classification, ≈ 30 min ssm_dominant, ≈ 10 min HNN, probes and curves: ~2.3 h in all."""
+    """Sized with ``--estimate`` (per-step CPU times of short runs, one thread, 2-core machine): causal_lm 0.128 s
+    per step at N0 / 0.053 s at N0/10 / HNN 1.8 s, ≈ 58 min; pixel_classification 0.113 / 0.041 / 1.3 s, ≈ 44 min;
+    ssm_dominant 0.261 / 0.047 s, ≈ 29 min: ≈ 2.2 h for 3 seeds, two sittings (the results file resumes)."""
     return {
         "causal_lm": TaskPreset(
             task="causal_lm", hidden_size=64, state_size=128, block_size=256, eval_blocks=200, steps=3000, batch_size=8
@@ -245,6 +247,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no_probe", action="store_true", help="skip the step-time probes")
     parser.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--fresh", action="store_true", help="discard the runs already in the results file")
+    parser.add_argument(
+        "--estimate",
+        action="store_true",
+        help="no benchmark: time a few steps per preset and print the estimated duration of the runs still to do",
+    )
     parser.add_argument("--note", action="append", default=[], help="a note to add to the report")
     parser.add_argument(
         "--report_from", default=None, help="no training: rebuild tables, verdicts and plots from this benchmark.json"
@@ -269,12 +276,12 @@ if __name__ == "__main__":
         os.environ[_var] = str(_ARGS.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-sys.path.insert(0, str(REPO))  # run from a source checkout
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# scripts/ leaves sys.path (its evaluate.py would shadow the `evaluate` library); the package is used from the checkout
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from benchmark_report import finish_report  # noqa: E402
 from transformers import Trainer, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -291,10 +298,14 @@ from hf_compressssm.tasks.experiment import (  # noqa: E402
     fingerprint,
     git_state,
     in_child,
+    load_script,
     peak_rss_mb,
     train_and_measure,
     training_arguments,
 )
+
+
+finish_report = load_script(Path(__file__).resolve().parent / "benchmark_report.py").finish_report
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -530,6 +541,59 @@ def run_probe(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, threads:
     return out
 
 
+def time_steps(task_data: TaskData, p: TaskPreset, threads: int, steps: int = 6) -> dict[str, float]:
+    """CPU seconds per training step at N0, at a tenth of N0 (about CompreSSM's final sizes) and with the HNN
+    regulariser, and of one evaluation at N0 (short runs; the estimate of `estimate_seconds`)."""
+    torch.set_num_threads(threads)
+    hf_logging.set_verbosity_error()
+    _warm_up(task_data, p)
+    out: dict[str, float] = {}
+    small = [max(1, p.state_size // 10)] * p.num_layers
+    for label, sizes, trainer_cls in (("full", None, Trainer), ("small", small, Trainer), ("hnn", None, HNNTrainer)):
+        model = new_model(task_data, p, 0, sizes)
+        with tempfile.TemporaryDirectory() as tmp:
+            args = training_arguments(
+                tmp, steps=p.steps, batch_size=p.batch_size, learning_rate=p.learning_rate, seed=0, use_cpu=True
+            )
+            run = train_and_measure(model, task_data.train_dataset, args, trainer_cls=trainer_cls, stop_after=steps)
+        out[label] = statistics.median(run.step_cpu_times[1:])  # the first step pays one-off set-up
+    cpu = time.process_time()
+    evaluate_quality(new_model(task_data, p, 0), task_data.eval_dataset, p.task, p.eval_batch_size)
+    out["eval"] = time.process_time() - cpu
+    return out
+
+
+def estimate_seconds(spec: dict[str, Any], p: TaskPreset, t: dict[str, float]) -> float:
+    """Estimated seconds of one planned run from per-step times ``t`` (`time_steps`), on an otherwise idle core."""
+    evals = 1 + (len(curve_steps(p)) if spec.get("curve") else 0)
+    if spec["variant"] == "full":
+        train = p.steps * t["full"]
+    elif spec["variant"] == "scratch":
+        train = p.steps * t["small"]
+    elif spec["variant"] == "hnn":
+        train, evals = min(p.hnn_steps, p.steps) * t["hnn"] + 4 * t["full"], 2
+    else:  # cuts spread over the first 10 %: about half-way between N0 and the final sizes there
+        train = p.steps * (0.05 * (t["full"] + t["small"]) + 0.9 * t["small"]) + 4 * 4 * t["full"]
+    return train + evals * t["eval"]
+
+
+def print_estimate(presets, datasets, specs, store: ResultsStore, threads: int) -> int:
+    total = 0.0
+    for name, p in presets.items():
+        t = in_child(time_steps, datasets[name], p, threads)
+        todo = [s for s in specs if s["task"] == name and store.get(run_id(name, s["key"], s["seed"])) is None]
+        seconds = sum(estimate_seconds(s, p, t) for s in todo)
+        probe = 0.0 if store.get(run_id(name, "probe", None)) else (p.probe_reps + 3) * 3 * t["full"]
+        total += seconds + probe
+        print(
+            f"{name}: CPU s/step {t['full']:.3f} at N0, {t['small']:.3f} at N0/10, HNN {t['hnn']:.3f}; one evaluation "
+            f"{t['eval']:.1f} s; {len(todo)} runs to do: ~{(seconds + probe) / 60:.0f} min",
+            flush=True,
+        )
+    print(f"estimated time still to run: ~{total / 60:.0f} min on an otherwise idle core", flush=True)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Orchestration
 # ----------------------------------------------------------------------------------------------------------------
@@ -606,7 +670,7 @@ def main(args: argparse.Namespace) -> int:
             out_dir / RUNS_FILE,
             {n: preset_fingerprint(p, args.threads) for n, p in presets.items()},
             commit=code["commit"],
-            fresh=args.fresh,
+            fresh=args.fresh and not args.estimate,
         )
     except ResultsMismatchError as err:
         raise SystemExit(f"benchmark.py: {err}") from err
@@ -635,6 +699,8 @@ def main(args: argparse.Namespace) -> int:
     failures: list[dict[str, Any]] = []
     plan = [(name, s, i) for i, s in enumerate(args.seeds) for name in presets]
     specs = [spec for name, s, i in plan for spec in plan_seed(name, presets[name], s, i, args.variants)]
+    if args.estimate:
+        return print_estimate(presets, datasets, specs, store, args.threads)
     for count, spec in enumerate(specs, 1):
         name, seed, key = spec["task"], spec["seed"], spec["key"]
         ident = run_id(name, key, seed)

@@ -7,7 +7,7 @@
                                                 # mostly the start-up of its 8 worker processes
 
 Variants, each timed in a fresh subprocess on the same model (same seed, same batch):
-  * ``ours``    -- transformers' ``mamba_selective_scan`` replaced by ``hf_compressssm/selective_scan.py``'s
+  * ``ours``    -- transformers' ``mamba_selective_scan`` replaced by ``hf_compressssm/models/mamba/selective_scan.py``'s
                    ``selective_scan(backend="numba")``. The mixer looks the module-level name up at call time (the
                    ``use_kernelized_func`` decorator is an identity without the ``kernels`` package; the worker
                    checks that the patched function is really called);
@@ -37,7 +37,7 @@ import time
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCAN_FILE = os.path.join(ROOT, "hf_compressssm", "selective_scan.py")
+SCAN_FILE = os.path.join(ROOT, "hf_compressssm", "models", "mamba", "selective_scan.py")
 RESULTS = os.path.join(ROOT, "scripts", "results")
 
 FULL = dict(hidden=256, layers=4, batch=8, length=256, vocab=1024, states=[128, 64, 32, 16, 8], eager_length=64)
@@ -57,7 +57,7 @@ def _maxrss_mb():
 
 
 def _load_scan_module():
-    """hf_compressssm/selective_scan.py on its own (no package __init__), as the remote-code copy would be."""
+    """hf_compressssm/models/mamba/selective_scan.py on its own (no package __init__), as remote code loads it."""
     name = "hf_compressssm_benchmark_selective_scan"
     spec = importlib.util.spec_from_file_location(name, SCAN_FILE)
     mod = importlib.util.module_from_spec(spec)
@@ -195,7 +195,10 @@ def markdown(report):
         f"({report['machine']['processor']}), torch {report['versions']['torch']} with "
         f"{report['results'][0]['ours']['torch_threads']} threads, transformers {report['versions']['transformers']}, "
         f"numba {report['versions']['numba']}, OMP_WAIT_POLICY={report['omp_wait_policy']}; load average "
-        f"{report['machine']['loadavg_start']} at start, {report['machine']['loadavg_end']} at end.",
+        f"{report['machine']['loadavg_start']} at start, {report['machine']['loadavg_end']} at end. Code: commit "
+        f"{str(report.get('git', {}).get('commit'))[:10]}"
+        + (f" (uncommitted changes in {report['git']['dirty']})" if report.get("git", {}).get("dirty") else "")
+        + ".",
         "",
         "Time: minimum wall-clock seconds of a step over the repetitions (ours: "
         f"{report['reps']['ours']}, mambapy: {report['reps']['mambapy']}, eager: {report['reps']['eager']}), after a "
@@ -260,6 +263,10 @@ def main(argv=None):
     import torch
     import transformers
 
+    sys.path.insert(0, ROOT)
+    from hf_compressssm.compression.history import write_json_atomic
+    from hf_compressssm.tasks.experiment import git_state
+
     sizes = dict(QUICK if args.quick else FULL)
     if args.states:
         sizes["states"] = args.states
@@ -292,6 +299,7 @@ def main(argv=None):
             numba=numba.__version__,
             python=platform.python_version(),
         ),
+        git=git_state(ROOT, paths=("hf_compressssm/models/mamba", "scripts/benchmark_scan.py")),
         results=[],
     )
     print(f"sizes: {sizes}")
@@ -316,11 +324,11 @@ def main(argv=None):
         report["results"].append(row)
     report["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output + ".json", "w") as f:
-        json.dump(report, f, indent=2)
+    write_json_atomic(args.output + ".json", report)
     md = markdown(report)
-    with open(args.output + ".md", "w") as f:
+    with open(args.output + ".md.tmp", "w") as f:
         f.write(md)
+    os.replace(args.output + ".md.tmp", args.output + ".md")
     print()
     print(md)
     print(f"wrote {args.output}.json and {args.output}.md")

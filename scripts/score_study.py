@@ -46,7 +46,9 @@ from pathlib import Path
 from typing import Any
 
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
+# scripts/ leaves sys.path (its evaluate.py would shadow the `evaluate` library); the package is used from the checkout
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The CPU scan's numba thread pool is set before numba is imported. On a small, shared machine one thread per
 # process was far faster (a training step of the default model: ~0.07 s with 1 thread vs ~1-2 s with 2 busy-waiting
 # threads under load); override by exporting NUMBA_NUM_THREADS.

@@ -4,6 +4,7 @@ formed (not their values), a rerun resumes, a changed preset is refused; and the
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -215,3 +216,36 @@ def test_hnn_trainer_adds_the_penalty_and_its_gradient_reaches_the_ssm(tmp_path)
     assert len(summary["history"]) == 3 and summary["last"]["step"] == 3
     with pytest.raises(ValueError):
         HNNTrainer(model=_tiny_lm(), args=args, train_dataset=data, hnn_lambda=-1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scripts/benchmark_scan.py and scripts/ddp_overhead.py: smoke runs at tiny sizes (well-formed outputs)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_scan_benchmark_quick_runs_the_package_kernel(tmp_path):
+    out = tmp_path / "scan"
+    argv = [sys.executable, str(REPO / "scripts" / "benchmark_scan.py"), "--quick", "--states", "4"]
+    argv += ["--no_mambapy", "--no_eager", "--reps", "1", "--output", str(out)]
+    proc = subprocess.run(argv, cwd=str(REPO), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    row = report["results"][0]
+    assert row["state"] == 4 and row["ours"]["wall_s"] > 0 and math.isfinite(row["ours"]["loss"])
+    assert report["git"]["commit"] and "commit" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_ddp_overhead_script_measures_both_designs(tmp_path):
+    out = tmp_path / "ddp"
+    argv = [sys.executable, str(REPO / "scripts" / "ddp_overhead.py"), "--steps", "4", "--skip", "1", "--rounds", "1"]
+    argv += ["--hidden_size", "8", "--state_size", "8", "--block_size", "16", "--batch_size", "2", "--out", str(out)]
+    proc = subprocess.run(argv, cwd=str(REPO), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["world_size"] == 2
+    assert set(result["median_step_seconds"]) == {"plain@N0", "callback@N0", "callback@final", "plain@final"}
+    assert all(v and all(t > 0 for t in v) for v in result["median_step_seconds"].values())
+    assert all(1 <= s < 8 for s in result["final_sizes"])  # the callback's two cuts happened
+    assert math.isfinite(result["overhead_before_cut"]) and math.isfinite(result["overhead_after_last_cut"])

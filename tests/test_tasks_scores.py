@@ -29,12 +29,11 @@ STUDY = REPO / "scripts" / "score_study.py"
 
 # ------------------------------------------------------------------------------------------------ tasks
 def _study_module():
-    sys.path.insert(0, str(STUDY.parent))
-    try:
-        import score_study
-    finally:
-        sys.path.remove(str(STUDY.parent))
-    return score_study
+    """scripts/score_study.py as a module (loaded by path: scripts/ never goes on sys.path, its evaluate.py would
+    shadow the `evaluate` library)."""
+    from hf_compressssm.tasks.experiment import load_script
+
+    return sys.modules.get("score_study") or load_script(STUDY, "score_study")
 
 
 def _brute_force_selective_copying(ids: list[int], labels: list[int], seq_len: int) -> None:

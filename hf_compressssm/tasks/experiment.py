@@ -47,6 +47,7 @@ __all__ = [
     "fingerprint",
     "git_state",
     "in_child",
+    "load_script",
     "peak_rss_mb",
     "step_summary",
     "train_and_measure",
@@ -72,10 +73,12 @@ def training_arguments(
     max_grad_norm: float = 1.0,
     drop_last: bool = False,
     use_cpu: bool | None = None,
+    **overrides: Any,
 ) -> TrainingArguments:
     """`TrainingArguments` for a measured run: ``steps`` AdamW steps, seeded init/data order, nothing else inside
-    ``train()`` (no logging, evaluation or checkpoints). ``warmup`` < 1 is a fraction of the steps."""
-    return TrainingArguments(
+    ``train()`` (no logging, evaluation or checkpoints). ``warmup`` < 1 is a fraction of the steps; ``overrides``
+    are further `TrainingArguments` fields (e.g. ``ddp_backend="gloo"``)."""
+    values: dict[str, Any] = dict(
         output_dir=output_dir,
         max_steps=steps,
         per_device_train_batch_size=batch_size,
@@ -96,6 +99,7 @@ def training_arguments(
         disable_tqdm=True,
         use_cpu=(not torch.cuda.is_available()) if use_cpu is None else use_cpu,
     )
+    return TrainingArguments(**(values | overrides))
 
 
 class StepTimer(TrainerCallback):
@@ -105,15 +109,17 @@ class StepTimer(TrainerCallback):
 
     def __init__(self, stop_after: int | None = None):
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  # process CPU time of the same steps
         self.stop_after = stop_after
-        self._start: float | None = None
+        self._start: tuple[float, float] | None = None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+        self._start = (time.perf_counter(), time.process_time())
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._start is not None:
-            self.times.append(time.perf_counter() - self._start)
+            self.times.append(time.perf_counter() - self._start[0])
+            self.cpu_times.append(time.process_time() - self._start[1])
             self._start = None
         if self.stop_after is not None and state.global_step >= self.stop_after:
             control.should_training_stop = True
@@ -176,6 +182,7 @@ class MeasuredRun:
     train_seconds: float
     train_cpu_seconds: float
     step_times: list[float]
+    step_cpu_times: list[float]
     sizes_initial: list[int]
     parameters_initial: int
     reductions: list[dict[str, Any]] = field(default_factory=list)
@@ -194,6 +201,7 @@ class MeasuredRun:
             "train_seconds": self.train_seconds,
             "train_cpu_seconds": self.train_cpu_seconds,
             "step_times": step_summary(self.step_times),
+            "step_cpu_times": step_summary(self.step_cpu_times),
             "sizes_initial": self.sizes_initial,
             "sizes_final": sizes,
             "mean_size": statistics.fmean(sizes),
@@ -262,6 +270,7 @@ def train_and_measure(
         train_seconds=wall,
         train_cpu_seconds=cpu,
         step_times=list(timer.times),
+        step_cpu_times=list(timer.cpu_times),
         sizes_initial=sizes_initial,
         parameters_initial=parameters_initial,
         reductions=reductions,
@@ -429,6 +438,23 @@ def in_child(target: Callable[..., Any], *args: Any) -> Any:
     if not payload["ok"]:
         raise RuntimeError(f"{payload['error']}\n{payload.get('traceback', '')}")
     return payload["result"]
+
+
+def load_script(path: str | os.PathLike, name: str | None = None) -> Any:
+    """Import the Python file at ``path`` as a module (registered in ``sys.modules`` under ``name``, default its
+    stem) without putting its folder on ``sys.path`` (a script folder may hold files that shadow libraries)."""
+    import importlib.util
+    import sys
+
+    path = Path(path)
+    name = name or path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path} as a module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def git_state(directory: str | os.PathLike, paths: Sequence[str] = ("hf_compressssm", "scripts")) -> dict[str, Any]:

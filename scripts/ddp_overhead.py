@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""The price of CompreSSM's multi-process design (issue 16 point 6): a 2-process (gloo) training step with
+`CompreSSMCallback` vs plain DDP on the same model, before the first cut and after the last one.
+
+    python scripts/ddp_overhead.py                      # launches itself on 2 processes (torch.distributed.run)
+    python scripts/ddp_overhead.py --steps 10 --hidden_size 16 --state_size 16 --block_size 64   # a smoke test
+
+With the callback, the tensors a cut replaces (per Mamba-1 mixer ``A_log`` and ``x_proj.weight``) are kept out of
+DDP and their gradients all-reduced by one post-accumulate-grad hook per tensor, outside DDP's buckets and overlap
+(`hf_compressssm.compression.distributed`). Each process runs, with the HF Trainer and one thread:
+
+1. ``plain@N0``         plain DDP (every parameter in DDP's buckets) at N0, ``--steps`` steps;
+2. ``callback``         the callback with two cuts at steps ``steps + 1`` and ``steps + 2``: its first ``--steps``
+                        steps (at N0, ``callback@N0``) and its last ``--steps`` steps (``callback@final``);
+3. ``plain@final``      plain DDP on a model built at the callback's final sizes.
+
+Per-step wall time (`StepTimer`: forward, backward with all-reduces, optimizer step) is compared by the median over
+the steps after ``--skip`` warm-up steps, on rank 0. The phases run ``--rounds`` times in alternating order.
+Writes ``<out>.json`` and prints the overhead of the callback's design in % of a plain DDP step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=40, help="measured steps per phase (default 40)")
+    ap.add_argument("--skip", type=int, default=3, help="warm-up steps left out of each median (default 3)")
+    ap.add_argument("--rounds", type=int, default=2, help="repetitions of the phases, alternating order")
+    ap.add_argument("--hidden_size", type=int, default=64)
+    ap.add_argument("--num_layers", type=int, default=2)
+    ap.add_argument("--state_size", type=int, default=128)
+    ap.add_argument("--block_size", type=int, default=256)
+    ap.add_argument("--batch_size", type=int, default=8, help="per process")
+    ap.add_argument("--tau", type=float, default=0.25)
+    ap.add_argument(
+        "--find_unused_parameters",
+        action="store_true",
+        help="DDP's find_unused_parameters (the Trainer's default; off here: an extra graph traversal in both designs)",
+    )
+    ap.add_argument("--out", default=str(REPO / "scripts" / "results" / "ddp_overhead"), help="path without .json")
+    args = ap.parse_args(argv)
+    if args.steps <= args.skip:
+        ap.error("--steps must be larger than --skip")
+    return args
+
+
+def launch(argv: list[str]) -> int:
+    """Run this script on 2 processes with ``torch.distributed.run`` (one thread each)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    return subprocess.run([*cmd, "--standalone", __file__, *argv], env=env).returncode
+
+
+def worker(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(REPO))
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from hf_compressssm import CompreSSMCallback, CompreSSMMambaConfig, CompreSSMMambaForCausalLM
+    from hf_compressssm.compression.history import write_json_atomic
+    from hf_compressssm.tasks.experiment import git_state, train_and_measure, training_arguments
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (args.batch_size * 2 * (3 * args.steps + 2), args.block_size), generator=g)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+
+    def model_at(sizes: list[int] | None):
+        config = CompreSSMMambaConfig(
+            vocab_size=256,
+            hidden_size=args.hidden_size,
+            num_hidden_layers=args.num_layers,
+            state_size=args.state_size,
+            state_sizes=sizes,
+            use_cache=False,
+        )
+        torch.manual_seed(0)
+        return CompreSSMMambaForCausalLM(config)
+
+    def train(model, steps: int, callbacks=()):
+        with tempfile.TemporaryDirectory() as out:
+            targs = training_arguments(
+                out,
+                steps=steps,
+                batch_size=args.batch_size,
+                learning_rate=1e-3,
+                seed=0,
+                warmup=0.0,
+                use_cpu=True,
+                ddp_backend="gloo",
+                ddp_find_unused_parameters=args.find_unused_parameters,
+            )
+            return train_and_measure(model, data, targs, callbacks=list(callbacks))
+
+    def median(times: list[float]) -> float:
+        return statistics.median(times[args.skip :])
+
+    phases: dict[str, list[float]] = {"plain@N0": [], "callback@N0": [], "callback@final": [], "plain@final": []}
+    final_sizes = None
+    for round_ in range(args.rounds):
+        order = ["plain", "callback"] if round_ % 2 == 0 else ["callback", "plain"]
+        for which in order:
+            if which == "plain":
+                phases["plain@N0"].append(median(train(model_at(None), args.steps).step_times))
+                continue
+            s = args.steps
+            callback = CompreSSMCallback(tau=args.tau, reduction_steps=[s + 1, s + 2], calibration_batches=1)
+            run = train(model_at(None), 2 * s + 2, [callback])
+            phases["callback@N0"].append(median(run.step_times[:s]))
+            phases["callback@final"].append(median(run.step_times[s + 2 :]))
+            final_sizes = list(run.model.config.state_sizes)
+        phases["plain@final"].append(median(train(model_at(final_sizes), args.steps).step_times))
+    if rank != 0:
+        return
+    result = {
+        "command": " ".join(["python scripts/ddp_overhead.py", *sys.argv[1:]]),
+        "settings": vars(args),
+        "world_size": int(os.environ["WORLD_SIZE"]),
+        "final_sizes": final_sizes,
+        "median_step_seconds": phases,
+        "git": git_state(REPO),
+        "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    best = {k: statistics.median(v) for k, v in phases.items()}
+    result["overhead_before_cut"] = best["callback@N0"] / best["plain@N0"] - 1.0
+    result["overhead_after_last_cut"] = best["callback@final"] / best["plain@final"] - 1.0
+    write_json_atomic(f"{args.out}.json", result)
+    print(
+        f"median step (s): {', '.join(f'{k} {v:.4f}' for k, v in best.items())}; final sizes {final_sizes}\n"
+        f"callback overhead vs plain DDP: {100 * result['overhead_before_cut']:+.1f} % at N0, "
+        f"{100 * result['overhead_after_last_cut']:+.1f} % after the last cut; wrote {args.out}.json",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    _args = parse_args()
+    if "RANK" not in os.environ:
+        sys.exit(launch(sys.argv[1:]))
+    worker(_args)
