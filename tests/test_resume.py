@@ -12,10 +12,11 @@ import shutil
 import pytest
 import torch
 from helpers import random_ids, tiny_lm
+from mamba2_helpers import tiny_mamba2_lm
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
-from hf_compressssm import CompreSSMCallback, CompreSSMMambaForCausalLM
+from hf_compressssm import CompreSSMCallback, CompreSSMMamba2ForCausalLM, CompreSSMMambaForCausalLM
 from hf_compressssm.compression.checkpoint import STATE_FILE
 
 
@@ -46,6 +47,8 @@ class SizeMetric:
 
 
 MODES = {
+    # the same on a Mamba-2 model: the callback state is family-agnostic
+    "mamba2": dict(tau=0.3, selection="random", reduction_steps=CUTS, calibration_batches=3),
     # random selection: the kept states depend on the generator, which must travel in the checkpoint
     "tolerance": dict(tau=0.3, selection="random", reduction_steps=CUTS, calibration_batches=3),
     # cut at 4, compared at 6 (half the gap), rolled back (smaller mean size is "worse"), no cut at 8
@@ -62,7 +65,10 @@ MODES = {
 
 
 def _run(out, mode, resume=None, callback_kwargs=None, **arg_overrides):
-    model = tiny_lm(state_sizes=[8, 8]) if resume is None else CompreSSMMambaForCausalLM.from_pretrained(resume)
+    if mode == "mamba2":
+        model = tiny_mamba2_lm() if resume is None else CompreSSMMamba2ForCausalLM.from_pretrained(resume)
+    else:
+        model = tiny_lm(state_sizes=[8, 8]) if resume is None else CompreSSMMambaForCausalLM.from_pretrained(resume)
     metric = SizeMetric()
     metric.model = model
     values = dict(
@@ -117,9 +123,10 @@ def _assert_same_run(resumed, full):
 
 
 def test_uninterrupted_runs_do_what_the_resume_cases_need(uninterrupted):
-    out, model = uninterrupted["tolerance"]
-    assert [h["step"] for h in model.compression_history] == CUTS
-    assert all(s < 8 for s in model.state_sizes())
+    for mode in ("tolerance", "mamba2"):
+        out, model = uninterrupted[mode]
+        assert [h["step"] for h in model.compression_history] == CUTS
+        assert all(s < 8 for s in model.state_sizes())
     out, model = uninterrupted["pragmatic"]
     assert model.config.compression["stopped"] is True and model.state_sizes() == [8, 8]
     assert model.compression_history[0]["rolled_back"] is True
@@ -135,6 +142,7 @@ def test_uninterrupted_runs_do_what_the_resume_cases_need(uninterrupted):
         ("tolerance", 4),  # right after a cut
         ("tolerance", 7),  # between cuts, inside the window of the cut at 8: needs the batches of steps 6-7
         ("tolerance", 10),  # after all cuts
+        ("mamba2", 7),  # Mamba-2, inside the calibration window of the second cut
         ("pragmatic", 3),  # after the "before" evaluation of the cut at 4
         ("pragmatic", 5),  # between the cut at 4 and its rollback check at 6 (issue row 3)
         ("pragmatic", 9),  # after the rollback
