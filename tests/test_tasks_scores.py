@@ -244,6 +244,34 @@ def test_calibration_projections_shapes_for_scan_energy():
 
 
 # ------------------------------------------------------------------------------------------------ the study script
+@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_study_cut_to_k_keeps_what_the_old_fraction_trick_kept(k, selection):
+    """The study cuts to exactly k states with compress_model(target_sizes=...); the fixed-fraction detour it
+    replaced (fraction 1 − (k − 0.5)/N, gate off) keeps the same states."""
+    S = _study_module()
+    batches = [{"input_ids": random_ids(batch=2, length=10, seed=s)} for s in range(2)]
+    new, old = tiny_lm(seed=1), tiny_lm(seed=1)
+    report = S.cut_to(new, k, batches, "h2", selection, seed=3)
+    n = max(old.config.state_sizes)
+    fraction = 1.0 - (k - 0.5) / n
+    legacy = compress_model(
+        old,
+        batches,
+        mode="fixed",
+        fixed_fraction=fraction,
+        score="h2",
+        selection=selection,
+        compression_seed=3,
+        calibration_batches=len(batches),
+        gate=1.0,
+    )
+    assert report.sizes_after == legacy.sizes_after == [k, k]
+    assert [d.kept for d in report.layers] == [d.kept for d in legacy.layers]
+    for a, b in zip(new.parameters(), old.parameters()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.slow
 def test_quick_study_writes_well_formed_outputs(tmp_path):
     out = tmp_path / "study"
