@@ -94,7 +94,7 @@ def perplexity_from_eval_pred(eval_pred: Any) -> dict[str, float]:
     """``compute_metrics`` for causal LMs (the (N, 2) sums of `token_nll_sums`)."""
     sums = _predictions(eval_pred)
     result = load("perplexity").compute(nll_sums=sums[:, 0], token_counts=sums[:, 1].astype(np.int64))
-    return {"perplexity": result["perplexity"], "token_loss": result["loss"]}
+    return {"perplexity": result["perplexity"]}  # the token-mean loss is the Trainer's own eval_loss
 
 
 __all__ = [
