@@ -100,6 +100,8 @@ class TaskPreset:
     main_tau: float = 0.25
     scratch_taus: list[float] | None = None  # None: every τ of the grid
     calibration_batches: int | None = None  # per reduction; None: the CompressionArguments default
+    schedule_start: float = 0.0  # the cuts' window, fractions of the steps (CompressionArguments defaults: 0, 0.1)
+    schedule_end: float = 0.1
     hnn_steps: int = 100  # regularised steps actually run (<= steps); the rest is extrapolated
     hnn_ratio: float = 0.1  # λ = hnn_ratio · loss / Σσ at the first step
     hnn_seeds: int = 1  # HNN runs only for the first hnn_seeds seeds
@@ -393,8 +395,14 @@ def _warm_up(task_data: TaskData, p: TaskPreset) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def compression_arguments(p: TaskPreset, **values: Any) -> CompressionArguments:
+    """The preset's `CompressionArguments` (schedule window, calibration batches) with ``values``."""
+    extra = {} if p.calibration_batches is None else {"calibration_batches": p.calibration_batches}
+    return CompressionArguments(schedule_start=p.schedule_start, schedule_end=p.schedule_end, **extra, **values)
+
+
 def first_cut_step(p: TaskPreset) -> int:
-    return CompressionArguments().schedule(p.steps)[0]
+    return compression_arguments(p).schedule(p.steps)[0]
 
 
 def curve_steps(p: TaskPreset) -> list[int]:
@@ -416,8 +424,7 @@ def run_variant(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, thread
     model = new_model(task_data, p, seed, spec.get("state_sizes"))
     callbacks = []
     if variant in ("compressssm", "smallest", "random"):
-        extra = {} if p.calibration_batches is None else {"calibration_batches": p.calibration_batches}
-        comp = CompressionArguments(tau=tau, selection=spec.get("selection", "largest"), compression_seed=seed, **extra)
+        comp = compression_arguments(p, tau=tau, selection=spec.get("selection", "largest"), compression_seed=seed)
         callbacks.append(CompreSSMCallback(comp))
     hnn = variant == "hnn"
     with tempfile.TemporaryDirectory(prefix="compressssm_bench_") as out:
@@ -749,10 +756,14 @@ def main(args: argparse.Namespace) -> int:
         )
 
     report = build_report(args, presets, datasets, store, code)
+    missing = [spec for spec in specs if store.get(run_id(spec["task"], spec["key"], spec["seed"])) is None]
+    report["meta"]["planned_runs"], report["meta"]["missing_runs"] = (
+        len(specs),
+        [run_id(s["task"], s["key"], s["seed"]) for s in missing],
+    )
     report["failures"] = failures
     report["meta"].update(load_start=load_start, load_end=_load(), total_seconds=time.perf_counter() - start)
     finish_report(report, out_dir, plots=not args.no_plots)
-    missing = [spec for spec in specs if store.get(run_id(spec["task"], spec["key"], spec["seed"])) is None]
     if missing or failures:
         print(f"{len(missing)} planned runs missing ({len(failures)} failed): rerun the same command", flush=True)
         return 1

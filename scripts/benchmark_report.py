@@ -308,6 +308,12 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         + ("**QUICK PRESET: tiny settings, numbers are meaningless.**" if meta["quick"] else ""),
         "",
     ]
+    if meta.get("missing_runs"):
+        lines += [
+            f"**PARTIAL: {len(meta['missing_runs'])} of {meta['planned_runs']} planned runs are not measured yet "
+            "(rerun the same command to resume); the tables and verdicts below cover the finished runs only.**",
+            "",
+        ]
     regen = meta.get("report_regenerated")
     if regen:
         lines += [
@@ -326,8 +332,9 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
             f"Data: {t['data']}. Evaluation: {t['eval_split']}.  ",
             f"Model: hidden {p['hidden_size']}, {p['num_layers']} layers, N0 = {p['state_size']}; {p['steps']} "
             f"steps of batch {p['batch_size']}, lr {p['learning_rate']}, cosine, warm-up {p['warmup']}; "
-            f"CompreSSM: default score/schedule (4 cuts in the first 10 % of the steps; first at step "
-            f"{p.get('first_cut_step')}), calibration on the last "
+            f"CompreSSM: default score, 4 cuts in the window ({p.get('schedule_start', 0.0):g}, "
+            f"{p.get('schedule_end', 0.1):g}] of the steps (first at step {p.get('first_cut_step')}), calibration on "
+            "the last "
             f"{p['calibration_batches'] or 'default number of'} training batch(es), τ grid {p['taus']}, ablations "
             "and HNN at "
             f"τ = {p['main_tau']}; scratch at the sizes of τ in "
