@@ -203,3 +203,22 @@ def test_pixel_and_synthetic_tasks_as_datasets():
     task = build_datasets(DataArguments(task="selective_copying", num_train_samples=30, max_eval_samples=4))
     assert isinstance(task.train_dataset, datasets.Dataset) and len(task.eval_dataset) == 4
     assert task.vocab_size == D.SelectiveCopyingDataset().model_vocab_size
+
+
+def test_hub_name_goes_to_load_dataset(monkeypatch):
+    """A name that is not a local path is passed to load_dataset (name, config, split, streaming) and its
+    --text_column is used; the card gets the Hub id."""
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, streaming=False, **kwargs):
+        calls.append((path, name, split, streaming))
+        return datasets.Dataset.from_dict({"content": [f"doc {i} " * 3 for i in range(200)], "id": list(range(200))})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    args = DataArguments(dataset_name="owner/corpus", dataset_config_name="en", text_column="content", block_size=16)
+    task = build_datasets(args, model_args=ModelArguments(tokenizer_name="byte"))
+    assert calls == [("owner/corpus", "en", "train", False)]
+    assert task.dataset_ids == ["owner/corpus"] and "owner/corpus (en)" in task.dataset_description
+    text = "".join(f"doc {i} " * 3 + "\n" for i in range(200))
+    train_text, _ = D.split_text(text, 0.05)
+    assert torch.equal(task.train_dataset[:]["input_ids"], _reference_blocks(train_text, task.tokenizer, 16))
