@@ -1,6 +1,7 @@
-"""What the scripts train and measure on: offline data and synthetic tasks (``data``), the script's arguments and
-presets (``arguments``), each task's datasets (``task_data``), model building (``model_builder``), the run
-(``run``) and evaluation helpers (``evaluation``)."""
+"""What the scripts train and measure on: offline data sources and synthetic tasks (``data``), the same as 🤗
+``datasets`` objects (``hf_datasets``: loaders, tokenization map, blocks, cache, streaming), the script's arguments
+and presets (``arguments``), each task's datasets (``task_data``), the launcher check (``launcher``), model
+building (``model_builder``), the run (``run``) and evaluation helpers (``evaluation``)."""
 
 from .arguments import (
     PRESETS,

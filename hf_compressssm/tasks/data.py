@@ -1,4 +1,9 @@
-"""Offline data for training and evaluating CompreSSM models.
+"""Offline data for training and evaluating CompreSSM models: the sources and in-memory reference code.
+
+The training and evaluation pipeline wraps these as 🤗 ``datasets`` objects (:mod:`.hf_datasets`: ``load_dataset``
+loaders, batched tokenization ``map``, block grouping, Arrow cache, streaming); the functions here remain the
+sources of the KJV text, the images and the synthetic sequences, and the plain-tensor reference that the tests
+compare the ``datasets`` pipeline with.
 
 Everything here works without network access. Optional packages are imported only inside the functions that
 need them; a missing one raises :class:`DataUnavailableError` (an ``ImportError``) whose message gives the exact
