@@ -14,9 +14,11 @@ DDP and their gradients all-reduced by one post-accumulate-grad hook per tensor,
                         steps (at N0, ``callback@N0``) and its last ``--steps`` steps (``callback@final``);
 3. ``plain@final``      plain DDP on a model built at the callback's final sizes.
 
-Per-step wall time (`StepTimer`: forward, backward with all-reduces, optimizer step) is compared by the median over
-the steps after ``--skip`` warm-up steps, on rank 0. The phases run ``--rounds`` times in alternating order.
-Writes ``<out>.json`` and prints the overhead of the callback's design in % of a plain DDP step.
+Per-step wall and process-CPU time (`StepTimer`: forward, backward with all-reduces, optimizer step) are taken as the
+median over the steps after ``--skip`` warm-up steps, on rank 0. The phases run ``--rounds`` times in alternating
+order; the overhead is the median over rounds of the same-round ratio callback / plain (the per-round values are
+kept: on a shared machine they scatter by ±15 %). Writes ``<out>.json`` and prints the overhead in % of a plain
+DDP step.
 """
 
 from __future__ import annotations
@@ -108,24 +110,29 @@ def worker(args: argparse.Namespace) -> None:
             )
             return train_and_measure(model, data, targs, callbacks=list(callbacks))
 
-    def median(times: list[float]) -> float:
-        return statistics.median(times[args.skip :])
+    def median(run, lo: int = 0, hi: int | None = None) -> dict[str, float]:
+        """Median wall and process-CPU seconds of steps ``lo + skip .. hi`` of ``run``."""
+        return {
+            "wall": statistics.median(run.step_times[lo:hi][args.skip :]),
+            "cpu": statistics.median(run.step_cpu_times[lo:hi][args.skip :]),
+        }
 
-    phases: dict[str, list[float]] = {"plain@N0": [], "callback@N0": [], "callback@final": [], "plain@final": []}
+    names = ("plain@N0", "callback@N0", "callback@final", "plain@final")
+    phases: dict[str, list[dict[str, float]]] = {k: [] for k in names}
     final_sizes = None
     for round_ in range(args.rounds):
         order = ["plain", "callback"] if round_ % 2 == 0 else ["callback", "plain"]
         for which in order:
             if which == "plain":
-                phases["plain@N0"].append(median(train(model_at(None), args.steps).step_times))
+                phases["plain@N0"].append(median(train(model_at(None), args.steps)))
                 continue
             s = args.steps
             callback = CompreSSMCallback(tau=args.tau, reduction_steps=[s + 1, s + 2], calibration_batches=1)
             run = train(model_at(None), 2 * s + 2, [callback])
-            phases["callback@N0"].append(median(run.step_times[:s]))
-            phases["callback@final"].append(median(run.step_times[s + 2 :]))
+            phases["callback@N0"].append(median(run, 0, s))
+            phases["callback@final"].append(median(run, s + 2))
             final_sizes = list(run.model.config.state_sizes)
-        phases["plain@final"].append(median(train(model_at(final_sizes), args.steps).step_times))
+        phases["plain@final"].append(median(train(model_at(final_sizes), args.steps)))
     if rank != 0:
         return
     result = {
@@ -137,14 +144,29 @@ def worker(args: argparse.Namespace) -> None:
         "git": git_state(REPO),
         "at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    best = {k: statistics.median(v) for k, v in phases.items()}
-    result["overhead_before_cut"] = best["callback@N0"] / best["plain@N0"] - 1.0
-    result["overhead_after_last_cut"] = best["callback@final"] / best["plain@final"] - 1.0
+    for what in ("wall", "cpu"):  # the median over rounds of the paired (same-round) ratios
+        for key, comp, plain in (
+            ("before_cut", "callback@N0", "plain@N0"),
+            ("after_last_cut", "callback@final", "plain@final"),
+        ):
+            ratios = [c[what] / p[what] for c, p in zip(phases[comp], phases[plain])]
+            result[f"overhead_{key}_{what}_per_round"] = [r - 1.0 for r in ratios]
+            result[f"overhead_{key}_{what}"] = statistics.median(ratios) - 1.0
+    result["overhead_before_cut"] = result["overhead_before_cut_wall"]
+    result["overhead_after_last_cut"] = result["overhead_after_last_cut_wall"]
+    result["load_average_end"] = os.getloadavg()
     write_json_atomic(f"{args.out}.json", result)
+
+    def pct(values: list[float]) -> str:
+        return ", ".join(f"{100 * v:+.1f}" for v in values)
+
     print(
-        f"median step (s): {', '.join(f'{k} {v:.4f}' for k, v in best.items())}; final sizes {final_sizes}\n"
-        f"callback overhead vs plain DDP: {100 * result['overhead_before_cut']:+.1f} % at N0, "
-        f"{100 * result['overhead_after_last_cut']:+.1f} % after the last cut; wrote {args.out}.json",
+        f"final sizes {final_sizes}; callback overhead vs plain DDP (median of per-round paired ratios, rounds in "
+        f"brackets): at N0 {100 * result['overhead_before_cut_wall']:+.1f} % wall "
+        f"[{pct(result['overhead_before_cut_wall_per_round'])}], {100 * result['overhead_before_cut_cpu']:+.1f} % "
+        f"CPU; after the last cut {100 * result['overhead_after_last_cut_wall']:+.1f} % wall "
+        f"[{pct(result['overhead_after_last_cut_wall_per_round'])}], "
+        f"{100 * result['overhead_after_last_cut_cpu']:+.1f} % CPU; wrote {args.out}.json",
         flush=True,
     )
 

@@ -246,6 +246,9 @@ def test_ddp_overhead_script_measures_both_designs(tmp_path):
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["world_size"] == 2
     assert set(result["median_step_seconds"]) == {"plain@N0", "callback@N0", "callback@final", "plain@final"}
-    assert all(v and all(t > 0 for t in v) for v in result["median_step_seconds"].values())
+    for rounds in result["median_step_seconds"].values():
+        assert len(rounds) == 1 and all(r["wall"] > 0 and r["cpu"] > 0 for r in rounds)
+    assert len(result["overhead_before_cut_wall_per_round"]) == 1
     assert all(1 <= s < 8 for s in result["final_sizes"])  # the callback's two cuts happened
-    assert math.isfinite(result["overhead_before_cut"]) and math.isfinite(result["overhead_after_last_cut"])
+    for key in ("before_cut", "after_last_cut"):
+        assert math.isfinite(result[f"overhead_{key}_wall"]) and math.isfinite(result[f"overhead_{key}_cpu"])
