@@ -107,13 +107,13 @@ print([c["filename"] for c in task.train_dataset.cache_files])
 
 
 @pytest.mark.slow
-def test_arrow_cache_reused_by_a_second_run(tmp_path):
+def test_arrow_cache_reused_by_a_second_run(tmp_path, monkeypatch):
     """A second process with the same inputs reads this one's Arrow files instead of writing new ones (the
     fingerprints of the rows, the tokenizer and the grouping are the same across processes)."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"verse {i} of a small corpus\n" for i in range(3000)))
     cache = tmp_path / "cache"
-    datasets.config.HF_DATASETS_CACHE = cache
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     task = build_datasets(DataArguments(train_file=[str(corpus)], block_size=32))
     first = str([c["filename"] for c in task.train_dataset.cache_files])
     assert "generator" in first
