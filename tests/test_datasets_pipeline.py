@@ -166,6 +166,15 @@ def test_streaming_training_run(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert sum(config["state_sizes"]) < sum(config["compression"]["initial_state_sizes"])
     assert "of the stream" in json.loads((out / "compressssm_run.json").read_text())["card"]["eval_split"]
+    # evaluate.py rebuilds the same held-out head of the stream and measures the same loss
+    cmd = [sys.executable, str(REPO / "scripts" / "evaluate.py"), str(out), "--train_batch_size", "2"]
+    cmd += ["--generate_tokens", "4"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "evaluation.json").read_text())
+    trained = json.loads((out / "eval_results.json").read_text())
+    assert report["quality"]["loss"] == pytest.approx(trained["eval_loss"], rel=1e-5)
+    assert report["quality"]["perplexity"] == pytest.approx(trained["eval_perplexity"], rel=1e-5)
 
 
 def test_streaming_needs_max_steps(tmp_path):

@@ -7,6 +7,7 @@ Quality goes through the package's offline ``evaluate`` modules (`hf_compressssm
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -76,6 +77,11 @@ def evaluate_quality(model: nn.Module, dataset: Dataset, task: str, batch_size: 
 
 
 def _example_batch(dataset: Dataset, batch_size: int) -> dict[str, torch.Tensor]:
+    if not hasattr(dataset, "__len__"):  # a stream: its first items (repeated if it is shorter)
+        head = list(itertools.islice(iter(dataset), batch_size))
+        if not head:
+            raise ValueError("the dataset is empty.")
+        return default_data_collator([head[i % len(head)] for i in range(batch_size)])
     items = [dataset[i % len(dataset)] for i in range(batch_size)]
     return default_data_collator(items)
 
