@@ -130,26 +130,70 @@ def test_gradient_accumulation(tmp_path):
     assert {id(p) for p in optimizer_params(trainer)} == {id(p) for p in model.parameters()}
 
 
-def test_calibration_uses_training_batches_only(tmp_path):
+def _spy_statistics(monkeypatch) -> list:
+    """Capture the (per-process) statistics each in-training cut is decided from."""
+    import hf_compressssm.compression.callback as callback_module
+
+    seen = []
+    original = callback_module.reduce_once
+
+    def spy(*args, **kwargs):
+        seen.append([{k: v.clone() for k, v in layer.items()} for layer in kwargs["statistics"]])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(callback_module, "reduce_once", spy)
+    return seen
+
+
+def test_calibration_uses_training_batches_only(tmp_path, monkeypatch):
     """Evaluation forwards must never feed calibration (a metric on the wrong split is a severe bug)."""
+    seen = _spy_statistics(monkeypatch)
     model = tiny_lm(state_sizes=[8, 8])
     train, evald = Blocks(seed=1), Blocks(n=8, seed=99)
-    seen = []
     callback = CompreSSMCallback(tau=0.3, reduction_steps=[4], calibration_batches=8)
-    original = callback._record_batch
-
-    def spy(module, args, kwargs):
-        before = len(callback._recent_batches)
-        original(module, args, kwargs)
-        if len(callback._recent_batches) > before or callback._recent_batches.maxlen == before:
-            seen.append(kwargs.get("input_ids"))
-
-    callback._record_batch = spy
     args = training_args(tmp_path, max_steps=5, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4)
     Trainer(model=model, args=args, train_dataset=train, eval_dataset=evald, callbacks=[callback]).train()
-    train_rows = {tuple(r.tolist()) for r in train.ids}
-    recorded = [tuple(r.tolist()) for ids in seen if ids is not None for r in ids]
-    assert recorded and all(r in train_rows for r in recorded)
+    assert len(seen) == 1
+    # steps 1-4 of 4 sequences x 16 tokens each; the evaluations at steps 2 and 4 (8 x 16 tokens each) are not counted
+    assert all(float(layer["count"]) == 4 * 4 * 16 for layer in seen[0])
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_statistics_from_training_forwards_equal_calibration_on_the_same_batches(tmp_path, monkeypatch, accumulation):
+    """A cut decided from the training forwards' statistics (no extra forward) equals today's calibration on the same
+    batches: with a zero learning rate the weights do not move, so the statistics agree to rounding and the kept
+    indices are identical."""
+    from hf_compressssm.compression.calibration import collect_statistics
+    from hf_compressssm.compression.reduction import plan_reduction
+    from hf_compressssm.families import family_of
+
+    seen = _spy_statistics(monkeypatch)
+    batches = []
+
+    class RecordBatches(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            model.register_forward_pre_hook(
+                lambda m, a, kw: batches.append(kw["input_ids"].clone()) if m.training else None, with_kwargs=True
+            )
+
+    model = tiny_lm(state_sizes=[8, 8])
+    reference = tiny_lm(state_sizes=[8, 8])
+    reference.load_state_dict(model.state_dict())
+    comp = CompreSSMCallback(tau=0.3, reduction_steps=[5], calibration_batches=3)
+    args = training_args(tmp_path, max_steps=5, learning_rate=0.0, gradient_accumulation_steps=accumulation)
+    Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[comp, RecordBatches()]).train()
+    recorded = seen[0]
+    expected = collect_statistics(reference, [{"input_ids": ids} for ids in batches[-3:]])
+    for got, want in zip(recorded, expected):
+        assert float(got["count"]) == float(want["count"]) == 3 * 4 * 16
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-9)
+    family = family_of(reference)
+    args_c = comp.args
+    mine = plan_reduction(recorded, [8, 8], args_c, None, family)
+    theirs = plan_reduction(expected, [8, 8], args_c, None, family)
+    assert [d.kept for d in mine] == [d.kept for d in theirs]
+    assert model.compression_history[0]["sizes_after"] == [d.new_size for d in theirs]
 
 
 # ---------------------------------------------------------------- resume

@@ -5,13 +5,15 @@ independent of the scan kernel. The per-layer statistics are additive sums: they
 all-reduced across processes (`distributed.all_reduce_tensors`), so every rank scores states on the same numbers.
 """
 
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..families import LayerStatistics, family_of, find_mixers
+from ..families import LayerStatistics, SSMFamily, family_of, find_mixers
 from .distributed import all_reduce_tensors
 
 
@@ -59,6 +61,22 @@ def visit_mixer_projections(model: nn.Module, batches: Iterable[Mapping[str, Any
         model.train(was_training)
 
 
+def batch_statistics(family: SSMFamily, mixer: nn.Module, projections: tuple, mask) -> LayerStatistics:
+    """One batch's statistics of one mixer; NaN-filled when a projection is not finite (the NaN marks the layer,
+    and every process still reaches the all-reduce)."""
+    if all(bool(torch.isfinite(t).all()) for t in projections):
+        return family.statistics(tuple(projections), mask)
+    return family.nan_statistics(mixer, projections[0].device)
+
+
+def sum_statistics(family: SSMFamily, per_batch: Iterable[list[LayerStatistics]]) -> list[LayerStatistics] | None:
+    """Layer-wise sum of per-batch statistics lists (None when there is no batch)."""
+    totals = None
+    for layers in per_batch:
+        totals = list(layers) if totals is None else [family.merge_statistics(a, b) for a, b in zip(totals, layers)]
+    return totals
+
+
 def collect_statistics(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> list[LayerStatistics]:
     """Sum per-layer statistics of ``model`` over ``batches``; one dict per mixer, in layer order."""
     family = family_of(model)
@@ -67,10 +85,7 @@ def collect_statistics(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -
 
     def accumulate(index, *projections_and_mask) -> None:
         *projections, mask = projections_and_mask
-        if all(bool(torch.isfinite(t).all()) for t in projections):
-            stats = family.statistics(tuple(projections), mask)
-        else:  # keep going so that every process reaches the all-reduce; the NaN marks the layer
-            stats = family.nan_statistics(mixers[index], projections[0].device)
+        stats = batch_statistics(family, mixers[index], tuple(projections), mask)
         totals[index] = stats if totals[index] is None else family.merge_statistics(totals[index], stats)
 
     visit_mixer_projections(model, batches, accumulate)
@@ -88,3 +103,77 @@ def all_reduce_statistics(stats: list[LayerStatistics]) -> list[LayerStatistics]
         out.append({k: flat[i + j] for j, k in enumerate(ks)})
         i += len(ks)
     return out
+
+
+class TrainingStatisticsRecorder:
+    """Statistics of the training forwards that run anyway, so that a cut needs no extra forward.
+
+    While `active`, a forward pre-hook on every mixer recomputes the projections from the mixer's input (no grad,
+    no scan) and stores that forward's per-layer statistics; the last ``max_batches`` forwards are kept (as the
+    calibration batches were). A forward counts once: recomputation under gradient checkpointing is not recorded
+    again. Only training-mode forwards with gradients enabled are recorded (never evaluation).
+    `seconds` accumulates the time spent, so that a cut's reported cost includes it.
+    """
+
+    def __init__(self, max_batches: int):
+        self.window: deque[list[LayerStatistics]] = deque(maxlen=max_batches)
+        self.active = False
+        self.seconds = 0.0
+        self._handles: list[Any] = []
+        self._current: list[LayerStatistics | None] | None = None
+
+    def attach(self, model: nn.Module) -> None:
+        """Hook ``model`` and its mixers (the hooks sit on modules, so they survive cuts that replace parameters)."""
+        self.detach()
+        family = family_of(model)
+        mixers = find_mixers(model)
+
+        def open_forward(module, args, kwargs):
+            if self.active and module.training and torch.is_grad_enabled():
+                self._current = [None] * len(mixers)
+                self.window.append(self._current)  # type: ignore[arg-type]
+            else:
+                self._current = None
+
+        def make_hook(index: int, mixer: nn.Module):
+            def hook(module, args, kwargs):
+                current = self._current
+                if current is None or current[index] is not None:
+                    return
+                start = time.perf_counter()
+                with torch.no_grad():
+                    hidden = (args[0] if args else kwargs["hidden_states"]).detach()
+                    mask = kwargs.get("attention_mask")
+                    projections = family.projections(mixer, hidden, mask)
+                    current[index] = batch_statistics(family, mixer, projections, mask)
+                self.seconds += time.perf_counter() - start
+
+            return hook
+
+        self._handles.append(model.register_forward_pre_hook(open_forward, with_kwargs=True))
+        self._handles += [m.register_forward_pre_hook(make_hook(i, m), with_kwargs=True) for i, m in enumerate(mixers)]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._current = None
+
+    def clear(self) -> None:
+        self.window.clear()
+        self._current = None
+        self.seconds = 0.0
+
+    def statistics(self, family: SSMFamily) -> list[LayerStatistics] | None:
+        """Per-layer sums over the recorded forwards (None when none was recorded completely)."""
+        complete = [layers for layers in self.window if all(s is not None for s in layers)]
+        return sum_statistics(family, complete)
+
+    def state(self) -> dict[str, Any]:
+        """The recorded statistics and time (tensors), for a checkpoint."""
+        return {"window": [list(layers) for layers in self.window], "seconds": self.seconds}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.clear()
+        self.window.extend(state.get("window", [])[-(self.window.maxlen or 0) :])
+        self.seconds = float(state.get("seconds", 0.0))

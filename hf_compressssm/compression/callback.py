@@ -4,8 +4,10 @@ Add it to a normal run::
 
     trainer = Trainer(model=model, args=training_args, train_dataset=ds, callbacks=[CompreSSMCallback(tau=0.05)])
 
-At each scheduled optimisation step (``on_step_end``: after the optimizer and scheduler steps, never inside gradient
-accumulation) it measures every state's importance on the most recent training batches, chooses per-layer ranks,
+During the last ``calibration_batches`` optimisation steps before each scheduled cut it records, from the training
+forwards that run anyway, the statistics of every state (`calibration.TrainingStatisticsRecorder`: projections only,
+no extra model forward). At the scheduled step (``on_step_end``: after the optimizer and scheduler steps, never inside
+gradient accumulation) it scores the states, chooses per-layer ranks,
 cuts the weak states, and carries the optimizer state through the cut. Each attempt is recorded in the model config
 (``config.compression``), in ``compression_history.json`` (output dir and every saved checkpoint/model), in the
 Trainer's log history and, when enabled, in TensorBoard.
@@ -13,7 +15,6 @@ Trainer's log history and, when enabled, in TensorBoard.
 
 import copy
 import os
-from collections import deque
 from typing import Any
 
 import torch
@@ -21,8 +22,9 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
-from ..families import check_per_layer_model, find_mixers
+from ..families import check_per_layer_model, family_of, find_mixers
 from .arguments import CompressionArguments, check_min_state_size, check_training_setup
+from .calibration import TrainingStatisticsRecorder
 from .checkpoint import CALLBACK_NAME, find_state_file, load_state_file, save_state_file, state_file_name
 from .distributed import (
     GradientAllReducer,
@@ -60,8 +62,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         self.args = args if args is not None else CompressionArguments(**kwargs)
         self.args.validate()
         self.schedule: list[int] = []
-        self._recent_batches: deque = deque(maxlen=self.args.calibration_batches)
-        self._recorder = None
+        self._statistics = TrainingStatisticsRecorder(self.args.calibration_batches)
         self._reducer = GradientAllReducer()
         self._generator = torch.Generator().manual_seed(self.args.compression_seed)
         self._tb_writer = None
@@ -86,7 +87,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         record = update_compression_record(model, self.args, self.schedule)
         if state.global_step == 0:
             self._done_steps = set()
-            self._recent_batches.clear()
+            self._statistics.clear()
             self._generator = torch.Generator().manual_seed(self.args.compression_seed)
             self._pending_check, self._last_eval = None, None
         else:
@@ -96,9 +97,11 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         if previous_args is not None:
             self._warn_changed_arguments(model, state, previous_args)
         self._resume_state = None
-        if self._recorder is not None:
-            self._recorder.remove()
-        self._recorder = model.register_forward_pre_hook(self._record_batch, with_kwargs=True)
+        if self._statistics.window.maxlen != self.args.calibration_batches:  # arguments changed on resume
+            recorded = self._statistics.state()
+            self._statistics = TrainingStatisticsRecorder(self.args.calibration_batches)
+            self._statistics.load_state(recorded)
+        self._statistics.attach(model)
         self._reducer.attach(model)
         if "tensorboard" in (args.report_to or []) and state.is_world_process_zero:
             try:
@@ -137,7 +140,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         snapshot = self._pending_check["snapshot"] if self._pending_check else None
         payload = {
-            "batches": list(self._recent_batches),
+            "statistics": self._statistics.state(),
             "generator": self._generator.get_state(),
             "snapshot": snapshot,
         }
@@ -183,8 +186,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 "or copy that file along with the checkpoint."
             )
         _, payload = load_state_file(path)
-        self._recent_batches.clear()
-        self._recent_batches.extend(payload["batches"][-self._recent_batches.maxlen :])
+        self._statistics.load_state(payload.get("statistics") or {})
         self._generator = torch.Generator()
         self._generator.set_state(payload["generator"])
         self._pending_check = None
@@ -230,14 +232,16 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             )
         check_min_state_size(self.args.min_state_size, model.config.state_size)
 
-    def _record_batch(self, module, args, kwargs):
-        if module.training and torch.is_grad_enabled():
-            batch = {k: v.detach() for k, v in kwargs.items() if torch.is_tensor(v) and k != "labels"}
-            if args:
-                batch["input_ids"] = args[0].detach()
-            self._recent_batches.append(batch)
-
     # ------------------------------------------------------------------ the cut
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        """Record statistics during the last ``calibration_batches`` optimisation steps before each pending cut."""
+        step = state.global_step + 1  # the optimisation step about to run
+        k = self.args.calibration_batches
+        self._statistics.active = any(
+            cut - k < step <= cut for cut in self.schedule if cut not in self._done_steps
+        ) and not (model is not None and (model.config.compression or {}).get("stopped"))
+        return control
+
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = state.global_step
         record = model.config.compression or {}
@@ -251,19 +255,25 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         if self._pending_check is not None:
             return control  # pragmatic: wait for the comparison of the previous cut
         self._done_steps.add(step)
-        if not self._recent_batches:
+        statistics = self._statistics.statistics(family_of(model))
+        calibration_seconds = self._statistics.seconds
+        self._statistics.clear()
+        self._statistics.active = False
+        if statistics is None:
             logger.warning(f"CompreSSM: no training batch recorded before step {step}; reduction skipped.")
             return control
         snapshot = self._snapshot(model, optimizer) if self.args.mode == "pragmatic" else None
         try:
             report = reduce_once(
                 model,
-                list(self._recent_batches),
+                None,
                 self.args,
                 optimizer=optimizer,
                 step=step,
                 generator=self._generator,
                 on_commit=lambda r: record_report(model, r, self.args),
+                statistics=statistics,
+                calibration_seconds=calibration_seconds,
             )
         except SurgeryError as err:  # undone: the model, optimizer, config and history are as before the attempt
             logger.warning(f"CompreSSM: the cut at step {step} failed and was undone; training goes on. {err}")
@@ -369,11 +379,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         )
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self._recorder is not None:
-            self._recorder.remove()
-            self._recorder = None
+        self._statistics.detach()
+        self._statistics.clear()
         self._reducer.detach()
-        self._recent_batches.clear()
         if self._tb_writer is not None:
             self._tb_writer.close()
             self._tb_writer = None

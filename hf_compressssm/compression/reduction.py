@@ -152,15 +152,18 @@ def reduce_once(
     generator: torch.Generator | None = None,
     target_sizes: list[int] | None = None,
     on_commit: Callable[[ReductionReport], None] | None = None,
+    statistics: list[LayerStatistics] | None = None,
+    calibration_seconds: float = 0.0,
 ) -> ReductionReport:
-    """Calibrate on ``batches``, decide per-layer ranks (identical on every rank), and cut ``model`` (+ optimizer).
+    """Calibrate on ``batches`` (or take this process's already summed ``statistics``, e.g. recorded from the
+    training forwards, whose cost ``calibration_seconds`` is added to the report's time), decide per-layer ranks (identical on every rank), and cut ``model`` (+ optimizer).
 
     ``on_commit(report)`` (e.g. record the history) runs inside the cut, so that a failure there undoes it too; it
     also runs when nothing is cut. NaN/Inf in the weights or statistics skips the cut with a warning. Atomic: when
     anything fails, model, optimizer, config (``state_sizes``, ``compression``), ``compression_history`` and
     ``generator`` are exactly as before, and the error is raised.
     """
-    start = time.perf_counter()
+    start = time.perf_counter() - calibration_seconds
     family = family_of(model)
     sizes = [family.state_size(m) for m in find_mixers(model)]
     saved = (
@@ -169,7 +172,7 @@ def reduce_once(
         generator.get_state() if generator is not None else None,
     )
     try:
-        stats = all_reduce_statistics(collect_statistics(model, batches))
+        stats = all_reduce_statistics(statistics if statistics is not None else collect_statistics(model, batches))
         reason = _non_finite_reason(model, stats)
         reason = broadcast_object(reason)
         if reason is not None:
