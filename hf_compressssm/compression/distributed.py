@@ -52,12 +52,14 @@ def shrinkable_excluded_from_ddp(model: nn.Module) -> bool:
 class GradientAllReducer:
     """All-reduces (mean) the gradients of the shrinkable parameters after each backward, on every process.
 
-    The mean is taken every time a gradient is accumulated, so with gradient accumulation the result equals the
-    mean of the accumulated gradients, as DDP computes it.
+    The gradients of one backward pass are reduced together, in one flat all-reduce when the pass ends (not one
+    collective per tensor). The mean is taken after every backward pass, so with gradient accumulation the result
+    equals the mean of the accumulated gradients, as DDP computes it (the mean is linear).
     """
 
     def __init__(self):
         self._handles: list[Any] = []
+        self._pending: list[torch.Tensor] = []
 
     def attach(self, model: nn.Module) -> None:
         self.detach()
@@ -66,23 +68,42 @@ class GradientAllReducer:
         for name in shrinkable_parameter_names(model):
             param = model.get_parameter(name)
             if param.requires_grad:
-                self._handles.append(param.register_post_accumulate_grad_hook(self._all_reduce))
+                self._handles.append(param.register_post_accumulate_grad_hook(self._mark_ready))
         # DDP broadcasts only the parameters it manages: start every replica from rank 0's values.
         with torch.no_grad():
             for name in shrinkable_parameter_names(model):
                 torch.distributed.broadcast(model.get_parameter(name).data, src=0)
 
-    @staticmethod
-    def _all_reduce(param: torch.Tensor) -> None:
+    def _mark_ready(self, param: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: collect the parameter; the first one of a backward pass queues one coalesced
+        all-reduce that the autograd engine runs when that backward pass ends (as DDP's reducer does)."""
         if param.grad is None:
             return
-        torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.SUM)
-        param.grad.div_(torch.distributed.get_world_size())
+        if not self._pending:
+            torch.autograd.Variable._execution_engine.queue_callback(self._all_reduce_pending)
+        self._pending.append(param)
+
+    def _all_reduce_pending(self) -> None:
+        """Mean over processes of every collected gradient, in one flat all-reduce per dtype."""
+        params, self._pending = self._pending, []
+        world = torch.distributed.get_world_size()
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for param in params:
+            by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
+        for grads in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+            flat.div_(world)
+            offset = 0
+            for grad in grads:
+                grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+                offset += grad.numel()
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._pending = []
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
