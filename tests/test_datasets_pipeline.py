@@ -231,3 +231,21 @@ def test_hub_name_goes_to_load_dataset(monkeypatch):
     text = "".join(f"doc {i} " * 3 + "\n" for i in range(200))
     train_text, _ = D.split_text(text, 0.05)
     assert torch.equal(task.train_dataset[:]["input_ids"], _reference_blocks(train_text, task.tokenizer, 16))
+
+
+def test_tokenization_in_several_processes_gives_the_same_blocks(tmp_path, monkeypatch):
+    """map(num_proc=2) (--preprocessing_num_workers 2) shards the rows; the blocks are those of one process."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"row {i}: " + "abc " * (i % 7) + "\n" for i in range(3000)))
+    tasks = []
+    for workers in (None, 2):
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / f"cache-{workers}")  # no reuse
+        args = DataArguments(train_file=[str(corpus)], block_size=24, preprocessing_num_workers=workers)
+        tasks.append(build_datasets(args, model_args=ModelArguments(tokenizer_name="byte")))
+    shards = [Path(c["filename"]).name for c in tasks[1].train_dataset.cache_files]
+    assert shards == ["generator-train.arrow"]
+    assert len(list((tmp_path / "cache-2").rglob("*_of_00002.arrow"))) >= 2, "the map ran in 2 processes"
+    assert torch.equal(tasks[0].train_dataset[:]["input_ids"], tasks[1].train_dataset[:]["input_ids"])
+    assert torch.equal(tasks[0].eval_dataset[:]["input_ids"], tasks[1].eval_dataset[:]["input_ids"])
+    train_text, _ = D.split_text(corpus.read_text(), 0.05)
+    assert torch.equal(tasks[1].train_dataset[:]["input_ids"], _reference_blocks(train_text, tasks[1].tokenizer, 24))
