@@ -208,8 +208,9 @@ def main(argv=None) -> int:
         rows += [(f"{name}: {k}", v) for k, v in values.items()]
     rows += [(f"{k} ({device})", v) for k, v in report.get("speed", {}).items()]
     print(format_table(rows, title=f"Evaluation on {task_data.eval_description}"))
-    with open(output, "w") as f:
-        json.dump(report, f, indent=1)
+    from hf_compressssm.compression.history import write_json_atomic
+
+    write_json_atomic(output, report)  # never a half-written report
     print(f"Wrote {output}")
     if args.update_card:
         from hf_compressssm.hub.model_card import save_model_card
