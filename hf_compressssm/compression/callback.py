@@ -373,6 +373,8 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             except OSError as err:  # the record stays in the model and config; never stop training for the file
                 logger.warning(f"CompreSSM: could not write the history to {args.output_dir}: {err}")
         verb = "skipped" if report.skipped else ("left unchanged" if report.unchanged else "reduced")
+        if not state.is_world_process_zero:  # every rank took the same decision: report it once
+            return
         logger.warning(
             f"CompreSSM step {report.step}: {verb} state sizes {report.sizes_before} -> {report.sizes_after} "
             f"(mean {report.mean_size_before:.1f} -> {report.mean_size_after:.1f}) in {report.seconds:.2f}s"
