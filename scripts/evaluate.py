@@ -64,9 +64,40 @@ def _missing_folder(model: str) -> str | None:
         return f"{model} is a file, not a model folder."
     first = model.split("/", 1)[0]
     local = model.startswith((".", "/", "~")) or not _HUB_ID.match(model) or ("/" in model and os.path.isdir(first))
+    missing = f"model folder {model} does not exist (give the folder written by scripts/train.py, or a Hub id)."
     if local:
-        return f"model folder {model} does not exist (give the folder written by scripts/train.py, or a Hub id)."
+        return missing
+    # ``owner/name`` that is no local folder: a Hub id only if it is cached or the Hub can be reached.
+    if _in_hub_cache(model):
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
+        return f"{missing[:-1]}; it is not in the Hugging Face cache either (HF_HUB_OFFLINE is set)."
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if not _reachable(endpoint):
+        return f"{missing[:-1]}; no Hub repo of that name can be looked up ({endpoint} is unreachable)."
     return None
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the HF cache holds a model repo ``repo_id`` (the cache layout, read without importing the hub)."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub"
+    )
+    return os.path.isdir(os.path.join(cache, "models--" + repo_id.replace("/", "--")))
+
+
+def _reachable(endpoint: str, timeout: float = 2.0) -> bool:
+    """One TCP connection attempt to the Hub endpoint (no HTTP, no retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _run_file(model: str) -> dict:
