@@ -16,8 +16,9 @@ map CPU tensors to the ``"cuda"`` device type of their kernel policy (``device_h
 CUDA branch. Each stand-in counts its calls in the returned :class:`collections.Counter`.
 
 General on purpose: :func:`emulated_cuda` takes any extra stand-in modules and attribute patches (e.g. reference
-functions for other triton kernels such as Mamba-2's SSD), and :func:`stock_mamba_patches` points stock
-transformers Mamba at the same emulated kernels.
+functions for other triton kernels: :func:`ssd_patches` for Mamba-2's SSD and gated RMS norm), and
+:func:`stock_mamba_patches` / :func:`stock_mamba2_patches` point stock transformers Mamba / Mamba-2 at the same
+emulated kernels.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def _shape(t: torch.Tensor, *shape: int, name: str) -> None:
 
 
 def _vjp(fn: Callable, inputs: list, grad_out: torch.Tensor) -> list:
-    """Gradients of ``fn(*inputs)`` (None inputs pass through) against ``grad_out``, zeros where unused.
+    """Gradients of ``fn(*inputs)`` (None inputs pass through) against ``grad_out``, zeros where unused. ``fn`` may
+    return a tuple, with a tuple ``grad_out`` (None entries: that output gets no gradient).
 
     Runs on a fresh thread: the body of a ``torch.library`` custom op (causal_conv1d's) runs with autograd's
     dispatch keys excluded in this thread, where even ``enable_grad`` would build no graph."""
@@ -68,7 +70,9 @@ def _vjp(fn: Callable, inputs: list, grad_out: torch.Tensor) -> list:
         with torch.enable_grad():
             y = fn(*leaves)
         used = [t for t in leaves if t is not None]
-        grads = iter(torch.autograd.grad(y, used, grad_out, allow_unused=True))
+        ys, gs = (y, grad_out) if isinstance(y, tuple) else ((y,), (grad_out,))
+        pairs = [(a, g) for a, g in zip(ys, gs) if g is not None]  # a tuple output: None grads are skipped
+        grads = iter(torch.autograd.grad([a for a, _ in pairs], used, [g for _, g in pairs], allow_unused=True))
         got = [None if t is None else next(grads) for t in leaves]
         return [None if t is None else (torch.zeros_like(t) if g is None else g) for t, g in zip(leaves, got)]
 
@@ -286,6 +290,303 @@ def make_state_update(calls: Counter) -> Callable:
     return selective_state_update
 
 
+# ------------------------------------------------------------------------------- triton SSD kernels (Mamba-2)
+
+SSD = "mamba_ssm.ops.triton.ssd_combined"
+
+
+def ssd_reference(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    chunk_size,
+    D=None,
+    z=None,
+    dt_bias=None,
+    initial_states=None,
+    dt_softplus=False,
+    dt_limit=(0.0, float("inf")),
+):
+    """The chunked SSD of ``_mamba_chunk_scan_combined_fwd`` from ``mamba_ssm``'s pure-torch references
+    (``chunk_state_ref``, ``state_passing_ref``, ``chunk_scan_ref``), with initial and final states.
+
+    Returns ``(out, out_x, dt, dA_cumsum, states, final_states)`` like the kernel (``out_x``: before the ``z`` gate);
+    the sequence is zero-padded to whole chunks with ``dt = 0`` there, as the kernel masks it."""
+    import torch.nn.functional as F
+    from einops import rearrange
+    from mamba_ssm.ops.triton.ssd_chunk_scan import chunk_scan_ref
+    from mamba_ssm.ops.triton.ssd_chunk_state import chunk_state_ref
+    from mamba_ssm.ops.triton.ssd_state_passing import state_passing_ref
+
+    seqlen, dstate = x.shape[1], B.shape[-1]
+    pad = (-seqlen) % chunk_size
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    dt, x, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (dt, x, B, C))
+    dt = rearrange(dt, "b (c l) h -> b h c l", l=chunk_size)
+    dA_cumsum = torch.cumsum(dt * A.float()[:, None, None], dim=-1)
+    states = chunk_state_ref(B, x, dt, dA_cumsum).float()
+    init = rearrange(initial_states.float(), "... p n -> ... (p n)") if initial_states is not None else None
+    states, final = state_passing_ref(rearrange(states, "... p n -> ... (p n)"), dA_cumsum[:, :, :, -1], init)
+    states, final = (rearrange(t, "... (p n) -> ... p n", n=dstate) for t in (states, final))
+    out_x = chunk_scan_ref(B, C, x, dt, dA_cumsum, states.to(C.dtype), D=D)[:, :seqlen]
+    out = out_x if z is None else out_x * F.silu(z)
+    return out, out_x, dt, dA_cumsum, states, final
+
+
+def check_ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None, cu_seqlens=None):
+    """The input checks of ``_mamba_chunk_scan_combined_fwd`` (its asserts) and of the triton launchers' inputs."""
+    _check(x.dim() == 4 and B.dim() == 4, "ssd: x must be (b, L, h, p) and B (b, L, g, n)")
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    _check(nheads % ngroups == 0, f"ssd: nheads {nheads} must be a multiple of ngroups {ngroups}")
+    _shape(B, batch, seqlen, ngroups, dstate, name="B")
+    _shape(C, batch, seqlen, ngroups, dstate, name="C")
+    _shape(dt, batch, seqlen, nheads, name="dt")
+    _shape(A, nheads, name="A")
+    if z is not None:
+        _shape(z, *x.shape, name="z")
+    if D is not None:
+        _check(tuple(D.shape) in ((nheads, headdim), (nheads,)), f"ssd: D must be (h, p) or (h,), got {tuple(D.shape)}")
+    if dt_bias is not None:
+        _shape(dt_bias, nheads, name="dt_bias")
+    if initial_states is not None:
+        _shape(initial_states, batch, nheads, headdim, dstate, name="initial_states")
+    _check(seq_idx is None and cu_seqlens is None, "emulation: seq_idx/cu_seqlens are not emulated")
+    for name, t in (("x", x), ("B", B), ("C", C), ("dt", dt)):
+        _check(t.dtype in KERNEL_DTYPES, f"ssd: {name} dtype {t.dtype} (float/half/bf16)")
+    tensors = [t for t in (x, dt, A, B, C, D, z, dt_bias, initial_states) if t is not None]
+    _check(len({t.device for t in tensors}) == 1, "ssd: all tensors must be on one device")
+
+
+def make_ssd_fwd(calls: Counter) -> Callable:
+    """A stand-in ``_mamba_chunk_scan_combined_fwd`` on :func:`ssd_reference`."""
+
+    def fwd(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size,
+        D=None,
+        z=None,
+        dt_bias=None,
+        initial_states=None,
+        seq_idx=None,
+        cu_seqlens=None,
+        dt_softplus=False,
+        dt_limit=(0.0, float("inf")),
+    ):
+        calls["ssd_fwd"] += 1
+        check_ssd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens)
+        with torch.no_grad():
+            return ssd_reference(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, dt_limit)
+
+    return fwd
+
+
+def make_ssd_bwd(calls: Counter) -> Callable:
+    """A stand-in ``_mamba_chunk_scan_combined_bwd``: autograd through :func:`ssd_reference`; like the kernel it
+    writes into the caller's ``dx``/``ddt``/``dB``/``dC``/``dz`` (the fused Mamba-2 kernel passes views of one
+    buffer) and returns ``(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states[, out])``."""
+
+    def bwd(
+        dout,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        out,
+        chunk_size,
+        D=None,
+        z=None,
+        dt_bias=None,
+        initial_states=None,
+        dfinal_states=None,
+        seq_idx=None,
+        dt_softplus=False,
+        dt_limit=(0.0, float("inf")),
+        dx=None,
+        ddt=None,
+        dB=None,
+        dC=None,
+        dz=None,
+        recompute_output=False,
+    ):
+        calls["ssd_bwd"] += 1
+        check_ssd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
+        _shape(dout, *x.shape, name="dout")
+        _shape(out, *x.shape, name="out")
+        _check(dz is None or z is not None, "ssd bwd: dz needs z")
+
+        def ref(*t):
+            res = ssd_reference(*t[:5], chunk_size, *t[5:], dt_softplus=dt_softplus, dt_limit=dt_limit)
+            return res[0], res[5]
+
+        grads = _vjp(ref, [x, dt, A, B, C, D, z, dt_bias, initial_states], (dout, dfinal_states))
+        gx, gdt, gA, gB, gC, gD, gz, gdt_bias, ginit = grads
+        for given, g in ((dx, gx), (ddt, gdt), (dB, gB), (dC, gC), (dz, gz)):
+            if given is not None:
+                given.copy_(g)
+        result = (
+            gx if dx is None else dx,
+            gdt if ddt is None else ddt,
+            gA,
+            gB if dB is None else dB,
+            gC if dC is None else dC,
+            gD,
+            gz if dz is None else dz,
+            gdt_bias,
+            ginit,
+        )
+        if recompute_output:
+            with torch.no_grad():
+                result = (*result, ref(x, dt, A, B, C, D, z, dt_bias, initial_states)[0])
+        return result
+
+    return bwd
+
+
+def check_layer_norm(x, weight, bias, z, group_size, is_rms_norm):
+    """The input checks of ``layernorm_gated._layer_norm_fwd``/``_bwd``; only the RMS norm is emulated."""
+    _check(is_rms_norm, "emulation: only the gated RMS norm is emulated")
+    M, N = x.shape
+    group_size = N if group_size is None else group_size
+    _check(N % group_size == 0, f"layer_norm: N {N} is not a multiple of group_size {group_size}")
+    _check(x.stride(-1) == 1, "layer_norm: x must be contiguous in its last dim")
+    if z is not None:
+        _check(z.stride(-1) == 1, "layer_norm: z must be contiguous in its last dim")
+        _shape(z, M, N, name="z")
+    _shape(weight, N, name="weight")
+    _check(weight.stride(-1) == 1, "layer_norm: weight must be contiguous")
+    if bias is not None:
+        _shape(bias, N, name="bias")
+    return group_size
+
+
+def make_layer_norm_fwd(calls: Counter) -> Callable:
+    """A stand-in for the triton ``_layer_norm_fwd`` (gated RMS norm) on ``rms_norm_ref``."""
+    from mamba_ssm.ops.triton.layernorm_gated import rms_norm_ref
+
+    def fwd(x, weight, bias, eps, z=None, out=None, group_size=None, norm_before_gate=True, is_rms_norm=False):
+        calls["layer_norm_fwd"] += 1
+        group_size = check_layer_norm(x, weight, bias, z, group_size, is_rms_norm)
+        with torch.no_grad():
+            y = rms_norm_ref(x, weight, bias, z, eps, group_size, norm_before_gate)
+        if out is not None:
+            _shape(out, *x.shape, name="out")
+            _check(out.stride(-1) == 1, "layer_norm: out must be contiguous in its last dim")
+            out.copy_(y)
+            y = out
+        rows = x.float() if z is None or norm_before_gate else x.float() * torch.nn.functional.silu(z.float())
+        rstd = rows.view(x.shape[0], -1, group_size).square().mean(-1).add(eps).rsqrt().reshape(-1)
+        return y, None, rstd
+
+    return fwd
+
+
+def make_layer_norm_bwd(calls: Counter) -> Callable:
+    """A stand-in for the triton ``_layer_norm_bwd``: autograd through ``rms_norm_ref``; writes ``dz``/``out``
+    into the caller's buffers like the kernel."""
+    from mamba_ssm.ops.triton.layernorm_gated import rms_norm_ref
+
+    def bwd(
+        dy,
+        x,
+        weight,
+        bias,
+        eps,
+        mean,
+        rstd,
+        z=None,
+        group_size=None,
+        norm_before_gate=True,
+        is_rms_norm=False,
+        recompute_output=False,
+        dz=None,
+        out=None,
+    ):
+        calls["layer_norm_bwd"] += 1
+        group_size = check_layer_norm(x, weight, bias, z, group_size, is_rms_norm)
+        _shape(dy, *x.shape, name="dy")
+        _check(dy.stride(-1) == 1, "layer_norm bwd: dy must be contiguous in its last dim")
+        _check(dz is None or z is not None, "layer_norm bwd: dz needs z")
+
+        def ref(x_, w_, b_, z_):
+            return rms_norm_ref(x_, w_, b_, z_, eps, group_size, norm_before_gate)
+
+        gx, gw, gb, gz = _vjp(ref, [x, weight, bias, z], dy)
+        if dz is not None:
+            dz.copy_(gz)
+            gz = dz
+        result = (gx, gw, gb, gz)
+        if recompute_output:
+            with torch.no_grad():
+                y = ref(x, weight, bias, z)
+            if out is not None:
+                out.copy_(y)
+                y = out
+            result = (*result, y)
+        return result
+
+    return bwd
+
+
+def _needs_calls(make: Callable) -> Callable:
+    make.__needs_calls__ = True
+    return make
+
+
+def ssd_patches() -> list[tuple]:
+    """Patches that put the SSD and gated-RMS-norm stand-ins behind ``mamba_ssm``'s Mamba-2 code: the installed
+    ``MambaChunkScanCombinedFn`` and ``MambaSplitConv1dScanCombinedFn`` (split, ``ensure_stride``, channel-last
+    ``causal_conv1d`` calls, buffers, out-projection gradient) run as on a GPU; only their triton launchers
+    ``_mamba_chunk_scan_combined_fwd``/``_bwd`` and ``_layer_norm_fwd``/``_bwd`` are replaced. Calls are counted
+    (``ssd_fwd``, ``ssd_bwd``, ``layer_norm_fwd``, ``layer_norm_bwd``, ``mamba_chunk_scan_combined``,
+    ``mamba_split_conv1d_scan_combined``)."""
+
+    def counted(name):
+        return _needs_calls(lambda calls: _counted(getattr(sys.modules[SSD], name), calls, name))
+
+    return [
+        (SSD, "_mamba_chunk_scan_combined_fwd", _needs_calls(make_ssd_fwd)),
+        (SSD, "_mamba_chunk_scan_combined_bwd", _needs_calls(make_ssd_bwd)),
+        (SSD, "_layer_norm_fwd", _needs_calls(make_layer_norm_fwd)),
+        (SSD, "_layer_norm_bwd", _needs_calls(make_layer_norm_bwd)),
+        (SSD, "mamba_chunk_scan_combined", counted("mamba_chunk_scan_combined")),
+        (SSD, "mamba_split_conv1d_scan_combined", counted("mamba_split_conv1d_scan_combined")),
+    ]
+
+
+def stock_mamba2_patches() -> list[tuple]:
+    """Patches that make stock transformers Mamba-2 call the (emulated) kernels, as it does when ``mamba_ssm`` and
+    ``causal_conv1d`` are installed at import time."""
+    import transformers.models.mamba2.modeling_mamba2 as mm
+
+    def lookup(module: str, name: str) -> Callable:
+        return lambda *a, **k: _filtered(getattr(sys.modules[module], name))(*a, **k)
+
+    return [
+        (mm, "mamba2_split_conv1d_scan_combined", lookup(SSD, "mamba_split_conv1d_scan_combined")),
+        (mm, "mamba2_chunk_scan", lookup(SSD, "mamba_chunk_scan_combined")),
+        (
+            mm,
+            "mamba2_selective_state_update",
+            lookup("mamba_ssm.ops.triton.selective_state_update", "selective_state_update"),
+        ),
+        (mm, "causal_conv1d_fn", lookup("causal_conv1d.causal_conv1d_interface", "causal_conv1d_fn")),
+        (mm, "causal_conv1d_update", lookup("causal_conv1d.causal_conv1d_interface", "causal_conv1d_update")),
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------- the switch
 
 _LOADED: dict[str, types.ModuleType] = {}  # package modules imported once per process under the stand-ins
@@ -308,7 +609,9 @@ def emulated_cuda(
         device_hooks: ``(module, attribute)`` pairs naming a device-type function (tensor/device -> str) of a
             kernel policy; inside the block it answers ``"cuda"`` for CPU tensors.
         patches: extra ``(object, attribute, value)`` patches (e.g. :func:`stock_mamba_patches`, or reference
-            functions in place of other triton kernels).
+            functions in place of other triton kernels, :func:`ssd_patches`). ``object`` may be the name of a
+            ``mamba_ssm``/``causal_conv1d`` module (resolved inside the block); a ``value`` marked
+            ``__needs_calls__`` is called with the call ``Counter`` to make the patched value.
         stand_ins: extra ``{module name: module}`` put in ``sys.modules``.
         import_caches: dicts of remembered import results (e.g. a kernel policy's ``_IMPORTS``) to empty inside
             the block and restore after.
@@ -334,6 +637,7 @@ def emulated_cuda(
             importlib.import_module("causal_conv1d")
             importlib.import_module("mamba_ssm.ops.selective_scan_interface")
             importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
+            importlib.import_module("mamba_ssm.ops.triton.ssd_combined")  # Mamba-2 (see ssd_patches)
             _LOADED.update(_package_modules())
         scan_ext = make_selective_scan_cuda(calls)
         sys.modules["selective_scan_cuda"] = scan_ext
@@ -351,6 +655,10 @@ def emulated_cuda(
             todo.append((owner, attr, lambda d, _real=real: "cuda" if _real(d) == "cpu" else _real(d)))
         todo.extend(patches)
         for owner, attr, value in todo:
+            if isinstance(owner, str):  # a package module, by name: resolved under the stand-ins
+                owner = sys.modules[owner]
+            if callable(value) and getattr(value, "__needs_calls__", False):
+                value = value(calls)
             undo.append((owner, attr, getattr(owner, attr, _MISSING)))
             setattr(owner, attr, value)
         for cache in import_caches:

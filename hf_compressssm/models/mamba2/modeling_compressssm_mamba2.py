@@ -1,24 +1,34 @@
 """Mamba-2 models whose layers each have their own SSM state size.
 
 The layers are the stock transformers Mamba-2 layers; only the per-layer (per-group) state size ``N`` differs, and
-the mixer reads it from its parameters, so the stock forward (the chunked torch SSD path on CPU; ``mamba_ssm``'s
-SSD kernels on CUDA when installed), the cache and ``generate`` work unchanged with any ``N`` per layer. This file
-stands on its own (it is copied next to saved weights as Hugging Face remote code): it imports ``torch``,
-``transformers`` and the sibling ``configuration_compressssm_mamba2.py``.
+the mixer reads it from its parameters. The mixer's forward is the stock one, with its kernels chosen per call
+(`CompreSSMMamba2Mixer.kernel_plan`): CPU tensors always run transformers' chunked torch code, CUDA tensors
+``mamba_ssm``'s SSD kernels and ``causal_conv1d`` when installed, within the kernels' limits. This file stands on its
+own (it is copied next to saved weights as Hugging Face remote code): it imports ``torch``, ``transformers`` and the
+sibling ``configuration_compressssm_mamba2.py``.
 """
 
+import importlib
+import inspect
 import json
 import os
+from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 from transformers import Mamba2Config, Mamba2ForCausalLM
+from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.mamba2 import modeling_mamba2 as _stock
 from transformers.models.mamba2.modeling_mamba2 import (
     Mamba2Block,
     Mamba2Mixer,
     Mamba2Model,
     Mamba2PreTrainedModel,
     Mamba2RMSNorm,
+    MambaRMSNormGated,
+    apply_mask_to_padding_states,
 )
 from transformers.utils import logging
 
@@ -27,6 +37,60 @@ from .configuration_compressssm_mamba2 import CompreSSMMamba2Config
 
 logger = logging.get_logger(__name__)
 
+# transformers' portable torch code of each kernel (its wrappers bind mamba_ssm / causal_conv1d when importable, on
+# any device; the mixer calls the kernels itself, on CUDA tensors only).
+_TORCH = {
+    name: inspect.unwrap(getattr(_stock, name))
+    for name in (
+        "causal_conv1d_fn",
+        "causal_conv1d_update",
+        "mamba2_chunk_scan",
+        "mamba2_selective_state_update",
+    )
+}
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_IMPORTS: dict[str, Any] = {}
+
+
+def _try_import(name: str) -> Any:
+    """The module ``name``, or None when it (or its compiled extension) cannot be imported; remembered."""
+    if name not in _IMPORTS:
+        try:
+            _IMPORTS[name] = importlib.import_module(name)
+        except Exception:  # ImportError, or a CUDA extension that fails to load
+            _IMPORTS[name] = None
+    return _IMPORTS[name]
+
+
+def _device_type(device) -> str:
+    return torch.device(device).type
+
+
+def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (b, D, L) as ``causal_conv1d`` takes it: L-contiguous, or channel-last with 8-aligned D and strides."""
+    if x.stride(2) == 1:
+        return x
+    channel_last = x.stride(1) == 1 and x.shape[1] % 8 == 0 and x.stride(2) % 8 == 0 and x.stride(0) % 8 == 0
+    return x if channel_last else x.contiguous()
+
+
+@dataclass(frozen=True)
+class Mamba2KernelPlan:
+    """The kernels one Mamba-2 forward uses.
+
+    ``scan``: ``mamba_ssm`` (triton SSD, ``mamba_chunk_scan_combined``) | ``torch``; ``conv`` and ``conv_step``:
+    ``causal_conv1d`` | ``torch``; ``step`` (decode state update): ``mamba_ssm`` | ``torch``; ``fused``: a training
+    forward runs ``mamba_split_conv1d_scan_combined`` (reads ``conv1d``, ``norm`` and ``out_proj`` weights directly);
+    ``fallbacks``: why a kernel was not used on CUDA (warned once).
+    """
+
+    scan: str
+    conv: str
+    fused: bool
+    step: str
+    conv_step: str
+    fallbacks: tuple[str, ...] = ()
+
 
 class CompreSSMMamba2Mixer(Mamba2Mixer):
     """A `Mamba2Mixer` with its own per-group state size ``N = config.state_sizes[layer_idx]``.
@@ -34,7 +98,7 @@ class CompreSSMMamba2Mixer(Mamba2Mixer):
     Shapes (I = ``intermediate_size``, G = ``n_groups``, H = ``num_heads``): ``in_proj.weight`` is
     (I + (I + 2GN) + H, hidden), split as ``[z | x | B | C | dt]``; ``conv1d.weight`` is (I + 2GN, 1, kernel) over
     ``[x | B | C]``; ``A_log``, ``D``, ``dt_bias`` are (H,). ``ssm_state_size`` and ``conv_dim`` are read from
-    ``conv1d.weight``, so they always match the parameters (also after a cut).
+    ``conv1d.weight``, so they always match the parameters (also after a cut). Kernels: see `kernel_plan`.
     """
 
     def __init__(self, config: CompreSSMMamba2Config, layer_idx: int, initialize_mixer_weights: bool = True):
@@ -65,6 +129,200 @@ class CompreSSMMamba2Mixer(Mamba2Mixer):
     @conv_dim.setter
     def conv_dim(self, value: int) -> None:  # derived; the stock __init__ assigns it
         pass
+
+    def kernel_plan(
+        self,
+        device: torch.device | str,
+        dtype: torch.dtype | None = None,
+        cached: bool = False,
+        attention_mask: torch.Tensor | None = None,
+    ) -> Mamba2KernelPlan:
+        """The kernels a forward on ``device``/``dtype`` uses.
+
+        CPU (any device but CUDA): transformers' torch code. CUDA: ``mamba_ssm``'s SSD kernels and ``causal_conv1d``
+        when importable and the dtype is float32/float16/bfloat16; ``causal_conv1d`` also needs conv width 2-4 and a
+        SiLU activation. The fused training kernel additionally needs plain ``conv1d``/``norm``/``out_proj`` modules
+        (an adapter there would be bypassed), no padding in the batch (it does not re-mask after the convolution)
+        and ``I + 2GN`` divisible by 8 (``mamba_ssm``'s ``ensure_stride`` asserts it); otherwise the unfused
+        kernels run.
+        """
+        if _device_type(device) != "cuda":
+            return Mamba2KernelPlan("torch", "torch", False, "torch", "torch")
+        fallbacks = []
+        dtype_ok = dtype is None or dtype in _KERNEL_DTYPES
+        ssd = _try_import("mamba_ssm.ops.triton.ssd_combined")
+        if ssd is None:
+            fallbacks.append(
+                "mamba_ssm is not installed: the SSD scan runs transformers' torch code on CUDA "
+                '(pip install "hf-compressssm[cuda]")'
+            )
+        elif not dtype_ok:
+            fallbacks.append(f"the mamba_ssm SSD kernels cannot take dtype {dtype}: using the torch code")
+        scan = "mamba_ssm" if ssd is not None and dtype_ok else "torch"
+        step = "mamba_ssm" if scan == "mamba_ssm" else "torch"
+        conv = "torch"
+        if _try_import("causal_conv1d") is None:
+            fallbacks.append(
+                'causal_conv1d is not installed: the convolution runs in torch (pip install "hf-compressssm[cuda]")'
+            )
+        elif not 2 <= self.conv_kernel_size <= 4 or self.activation not in ("silu", "swish") or not dtype_ok:
+            fallbacks.append(
+                f"causal_conv1d cannot take conv_kernel={self.conv_kernel_size}, hidden_act={self.activation!r}, "
+                f"dtype {dtype}: using the torch convolution"
+            )
+        else:
+            conv = "causal_conv1d"
+        fused = False
+        if self.training and not cached and scan == "mamba_ssm" and conv == "causal_conv1d":
+            plain = (
+                type(self.conv1d) is nn.Conv1d
+                and type(self.out_proj) is nn.Linear
+                and type(self.norm) is MambaRMSNormGated
+            )
+            padded = attention_mask is not None and not bool(attention_mask.all())
+            if self.conv_dim % 8:
+                fallbacks.append(
+                    f"the fused mamba_ssm kernel needs I + 2GN divisible by 8, got {self.conv_dim} (N = "
+                    f"{self.ssm_state_size}): using the unfused kernels"
+                )
+            fused = plain and not padded and self.conv_dim % 8 == 0
+        for reason in fallbacks:
+            logger.warning_once(f"CompreSSMMamba2Mixer: {reason}.")
+        return Mamba2KernelPlan(scan, conv, fused, step, conv, tuple(fallbacks))
+
+    @force_accelerate_hooks("conv1d")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache: Any | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """The stock `Mamba2Mixer.forward` with the kernels of `kernel_plan`. (b, L, hidden) → (b, L, hidden)."""
+        if "cache_params" in kwargs:  # the stock forward's deprecated name
+            cache = kwargs.pop("cache_params")
+        batch_size, seq_len, _ = hidden_states.shape
+        dtype = hidden_states.dtype
+        conv_state = recurrent_state = None
+        if cache is not None:
+            conv_state = cache.get_conv_state(self.layer_idx, state_idx=0)
+            recurrent_state = cache.get_recurrent_state(self.layer_idx, state_idx=0)
+
+        hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
+        projected_states = self.in_proj(hidden_states)
+        plan = self.kernel_plan(projected_states.device, projected_states.dtype, cache is not None, attention_mask)
+        seq_idx = kwargs.get("seq_idx")
+        if plan.scan == "torch" and (seq_idx is not None or kwargs.get("cu_seqlens") is not None):
+            raise ValueError("Packed sequences (seq_idx / cu_seqlens) need mamba_ssm's kernels on CUDA tensors.")
+        ssd = _try_import("mamba_ssm.ops.triton.ssd_combined") if plan.scan == "mamba_ssm" else None
+
+        A = -torch.exp(self.A_log.float())
+        if plan.fused:
+            return ssd.mamba_split_conv1d_scan_combined(
+                projected_states,
+                self.conv1d.weight.squeeze(1),
+                self.conv1d.bias,
+                self.dt_bias,
+                A,
+                D=self.D,
+                chunk_size=self.chunk_size,
+                seq_idx=seq_idx,
+                dt_limit=self.time_step_limit,
+                activation=self.activation,
+                rmsnorm_weight=self.norm.weight,
+                rmsnorm_eps=self.norm.variance_epsilon,
+                outproj_weight=self.out_proj.weight,
+                outproj_bias=self.out_proj.bias,
+                headdim=self.head_dim,
+                ngroups=self.n_groups,
+                norm_before_gate=False,
+            )
+
+        gate, hidden_states_B_C, dt = projected_states.split(
+            [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1
+        )
+        hidden_states_B_C = hidden_states_B_C.transpose(1, 2)
+        weight = self.conv1d.weight.squeeze(1)
+        if conv_state is not None and seq_len == 1 and not cache.is_recording_past(self.layer_idx):
+            if plan.conv_step == "causal_conv1d" and conv_state.dtype == hidden_states_B_C.dtype:
+                update = _try_import("causal_conv1d").causal_conv1d_update
+            else:
+                update = _TORCH["causal_conv1d_update"]
+            hidden_states_B_C = update(
+                hidden_states_B_C, conv_state, weight, self.conv1d.bias, activation=self.activation
+            )
+        else:
+            if cache is not None:
+                hidden_states_B_C = cache.update_conv_state(
+                    hidden_states_B_C, self.layer_idx, conv_kernel_size=self.conv_kernel_size
+                )
+            if plan.conv == "causal_conv1d":
+                hidden_states_B_C = _try_import("causal_conv1d").causal_conv1d_fn(
+                    _kernel_layout(hidden_states_B_C),
+                    weight,
+                    self.conv1d.bias,
+                    seq_idx=seq_idx,
+                    activation=self.activation,
+                )
+            else:
+                hidden_states_B_C = _TORCH["causal_conv1d_fn"](
+                    hidden_states_B_C, weight, self.conv1d.bias, activation=self.activation
+                )
+            if cache is not None:
+                hidden_states_B_C = hidden_states_B_C[:, :, -seq_len:]
+
+        hidden_states_B_C = apply_mask_to_padding_states(hidden_states_B_C.transpose(1, 2), attention_mask)
+        groups_n = self.n_groups * self.ssm_state_size
+        hidden_states, B, C = torch.split(hidden_states_B_C, [self.intermediate_size, groups_n, groups_n], dim=-1)
+
+        if recurrent_state is not None and seq_len == 1:
+            step_args = (
+                recurrent_state,
+                hidden_states.view(batch_size, self.num_heads, self.head_dim),
+                dt.transpose(1, 2).expand(-1, -1, self.head_dim),
+                A[:, None, None].expand(-1, self.head_dim, self.ssm_state_size),
+                B.view(batch_size, self.n_groups, self.ssm_state_size),
+                C.view(batch_size, self.n_groups, self.ssm_state_size),
+                self.D[:, None].expand(-1, self.head_dim),
+            )
+            dt_bias = self.dt_bias[:, None].expand(-1, self.head_dim)
+            if plan.step == "mamba_ssm":
+                fn = _try_import("mamba_ssm.ops.triton.selective_state_update").selective_state_update
+            else:
+                fn = _TORCH["mamba2_selective_state_update"]
+            scan_output = fn(*step_args, z=None, dt_bias=dt_bias, dt_softplus=True)
+            scan_output = scan_output.view(batch_size, 1, -1)
+        else:
+            scan_args = (
+                hidden_states.view(batch_size, seq_len, self.num_heads, self.head_dim),
+                dt,
+                A,
+                B.view(batch_size, seq_len, self.n_groups, self.ssm_state_size),
+                C.view(batch_size, seq_len, self.n_groups, self.ssm_state_size),
+            )
+            scan_kwargs = dict(
+                chunk_size=self.chunk_size,
+                D=self.D,
+                z=None,
+                dt_bias=self.dt_bias,
+                initial_states=recurrent_state,
+                dt_softplus=True,
+                dt_limit=self.time_step_limit,
+                return_final_states=cache is not None,
+            )
+            if ssd is not None:
+                scan_result = ssd.mamba_chunk_scan_combined(*scan_args, seq_idx=seq_idx, **scan_kwargs)
+            else:
+                scan_result = _TORCH["mamba2_chunk_scan"](*scan_args, **scan_kwargs)
+            if cache is not None:
+                scan_output, final_state = scan_result
+                cache.update_recurrent_state(final_state, layer_idx=self.layer_idx)
+            else:
+                scan_output = scan_result
+            scan_output = scan_output.reshape(batch_size, seq_len, -1)
+
+        scan_output = self.norm(scan_output, gate)
+        return self.out_proj(scan_output.to(dtype))
 
 
 class CompreSSMMamba2Block(Mamba2Block):
@@ -206,6 +464,7 @@ _NON_ARCH_KEYS = {"model_type", "architectures", "transformers_version", "auto_m
 
 __all__ = [
     "CompreSSMMamba2ForCausalLM",
+    "Mamba2KernelPlan",
     "CompreSSMMamba2Mixer",
     "CompreSSMMamba2Model",
     "CompreSSMMamba2PreTrainedModel",
