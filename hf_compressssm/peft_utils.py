@@ -1,24 +1,27 @@
-"""LoRA targets for (compressed) SSM models with PEFT, from the model's `SSMFamily`.
+"""LoRA targets for (compressed) SSM models with PEFT, from the model's `SSMFamily` and the mixer's kernel plan.
 
-PEFT has no default targets for Mamba. For Mamba-1: Which adapters take effect depends on how the mixer uses each projection:
+PEFT has no default targets for Mamba. Whether an adapter trains depends on whether the mixer calls the wrapped
+projection as a module or reads its weight directly, which the mixer's ``kernel_plan`` decides per call:
 
-* CPU, or CUDA without the fused kernel (and any evaluation / generation): ``in_proj``, ``x_proj`` and ``out_proj``
-  are called as modules, so LoRA on them trains and changes the output;
-* CUDA training with ``mamba_ssm`` installed (fused ``mamba_inner_fn``): only ``in_proj`` is called as a module; the
-  kernel reads ``x_proj``, ``dt_proj`` and ``out_proj`` weights directly, so adapters there get no gradient;
-* ``dt_proj`` and ``conv1d``: never (their weights are used directly), on any device.
+* Mamba-1 (`families.mamba.MambaFamily`): ``in_proj``, ``x_proj`` and ``out_proj`` are called as modules on every
+  unfused path (CPU; CUDA without ``mamba_ssm``; evaluation and generation). The fused CUDA training kernel
+  ``mamba_inner_fn`` reads ``x_proj``, ``dt_proj`` and ``out_proj`` weights directly, but the mixer runs it only
+  when those are plain ``nn.Linear``: LoRA on ``x_proj``/``out_proj`` turns the fused path off, so it trains
+  (at the unfused path's speed); LoRA on ``in_proj`` alone keeps the fused kernel. ``dt_proj`` and ``conv1d``
+  never train (their weights are always used directly).
+* Mamba-2 (`families.mamba2.Mamba2Family`): ``in_proj`` and ``out_proj``, the same way (a wrapped ``out_proj``
+  turns ``mamba_split_conv1d_scan_combined`` off); ``conv1d`` never.
 
-A compressed model has a different ``x_proj`` output size per layer (``R + 2 N_i``); PEFT sizes each adapter from
-its own module, so LoRA works unchanged. Reload adapters onto the reduced base loaded from the compressed folder.
-
-Mamba-2 (`families.mamba2.Mamba2Family`): ``in_proj`` and ``out_proj`` on the torch path, only ``in_proj`` under the
-fused ``mamba_split_conv1d_scan_combined`` CUDA training kernel, ``conv1d`` never. Its ``in_proj`` output size is
-``2I + 2 G N_i + H`` per layer.
+Stock transformers mixers have no plan; with ``mamba_ssm`` installed their CUDA training path is the fused kernel
+whatever the modules, so only ``in_proj`` trains there. A compressed model has different projection sizes per layer;
+PEFT sizes each adapter from its own module, so LoRA works unchanged. Reload adapters onto the reduced base loaded
+from the compressed folder.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -34,26 +37,79 @@ FUSED_TARGETS = MambaFamily.fused_lora_targets  # Mamba-1: the only module call 
 NEVER_TARGETS = MambaFamily.never_lora_targets  # weights read directly: LoRA there never receives a gradient
 
 
-def uses_fused_cuda_path(model: nn.Module, device: torch.device | str | None = None) -> bool:
-    """Whether training ``model`` on ``device`` (default: where its parameters are) runs the fused ``mamba_ssm``
-    kernel, which bypasses LoRA on every projection but ``in_proj``."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    if device.type != "cuda" or importlib.util.find_spec("mamba_ssm") is None:
-        return False
+class _AdapterProbe(nn.Module):
+    """Stands in for a PEFT wrapper while a mixer is asked for its plan (not a plain ``nn.Linear``)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def __getattr__(self, name: str):  # like PEFT's layers: other attributes (``weight``, ...) are the base layer's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+def _device(model: nn.Module, device) -> torch.device:
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+def _training_plans(model: nn.Module, device, wrapped: Iterable[str] = ()) -> list | None:
+    """Each mixer's kernel plan for a training forward on ``device``, as if the child modules named in ``wrapped``
+    carried adapters (the mixer is asked, with its modules restored after); None for mixers without a plan."""
     mixers = find_mixers(model)
-    if not mixers:
+    if not mixers or not all(hasattr(m, "kernel_plan") for m in mixers):
+        return None
+    device = _device(model, device)
+    plans = []
+    for mixer in mixers:
+        swapped = {n: mixer._modules[n] for n in set(wrapped) if mixer._modules.get(n) is not None}
+        was_training = mixer.training
+        dtype = next(mixer.parameters()).dtype
+        try:
+            for name, child in swapped.items():
+                if type(child) in (nn.Linear, nn.Conv1d):  # already wrapped modules stay as they are
+                    mixer._modules[name] = _AdapterProbe(child)
+            mixer.training = True
+            plans.append(mixer.kernel_plan(device, dtype))
+        finally:
+            mixer.training = was_training
+            mixer._modules.update(swapped)
+    return plans
+
+
+def _stock_fused(model: nn.Module, device) -> bool:
+    """A stock transformers mixer's CUDA training path is the fused kernel when ``mamba_ssm`` is installed."""
+    return _device(model, device).type == "cuda" and importlib.util.find_spec("mamba_ssm") is not None
+
+
+def uses_fused_cuda_path(model: nn.Module, device: torch.device | str | None = None) -> bool:
+    """Whether training ``model`` as it is (adapters included) on ``device`` (default: where its parameters are)
+    runs the fused ``mamba_ssm`` kernel in some layer, which reads every projection but ``in_proj`` directly."""
+    if not find_mixers(model):
         return False
-    backend = getattr(mixers[0], "_backend", None)
-    if backend is not None:
-        return backend(device) == "mamba_ssm"
-    return True  # stock MambaMixer: its CUDA path with mamba_ssm installed is the fused kernel
+    plans = _training_plans(model, device)
+    if plans is None:
+        return _stock_fused(model, device)
+    return any(plan.fused for plan in plans)
+
+
+def _effective(model: nn.Module, names: Iterable[str], device) -> set[str]:
+    """The entries of ``names`` (module names) whose adapters train when all of them carry one."""
+    family = family_of(model)
+    names = set(names)
+    fused_targets = set(getattr(family, "fused_lora_targets", family.lora_targets))
+    plans = _training_plans(model, device, wrapped=names)
+    fused = _stock_fused(model, device) if plans is None else any(plan.fused for plan in plans)
+    return names & (fused_targets if fused else set(family.lora_targets))
 
 
 def default_lora_targets(model: nn.Module, device: torch.device | str | None = None) -> list[str]:
-    """LoRA ``target_modules`` that take effect when training ``model`` on ``device``."""
+    """LoRA ``target_modules`` that take effect when training ``model`` on ``device`` (all of them adapted)."""
     family = family_of(model)
-    fused = getattr(family, "fused_lora_targets", family.lora_targets)
-    return list(fused if uses_fused_cuda_path(model, device) else family.lora_targets)
+    effective = _effective(model, family.lora_targets, device)
+    return [t for t in family.lora_targets if t in effective]
 
 
 def ineffective_lora_targets(
@@ -61,13 +117,10 @@ def ineffective_lora_targets(
 ) -> list[str]:
     """The entries of ``target_modules`` whose adapters would receive no gradient on ``device`` (logged)."""
     family = family_of(model)
-    effective = set(default_lora_targets(model, device))
     names = [t.split(".")[-1] for t in target_modules]
-    bad = [
-        t
-        for t, n in zip(target_modules, names)
-        if n in family.never_lora_targets or (n in family.lora_targets and n not in effective)
-    ]
+    known = set(family.lora_targets) | set(family.never_lora_targets)
+    effective = _effective(model, [n for n in names if n in known], device)
+    bad = [t for t, n in zip(target_modules, names) if n in known and n not in effective]
     if bad:
         logger.warning(f"LoRA on {bad} will not train here (effective targets: {sorted(effective)}).")
     return bad

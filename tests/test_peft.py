@@ -90,3 +90,59 @@ def test_lora_on_dt_proj_gets_no_gradient(compressed_dir):
     grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
     assert all(g is None for n, g in grads.items() if "dt_proj" in n)
     assert all(g is not None for n, g in grads.items() if "in_proj" in n)
+
+
+# ------------------------------------------------------------------ the CUDA plan (emulated kernels, tests/cuda_emulation.py)
+
+
+def _emulated_cuda():
+    """Emulated mamba_ssm/causal_conv1d kernels, CPU tensors counted as CUDA by both mixers' kernel choice."""
+    cuda_emulation = pytest.importorskip("cuda_emulation")
+    if cuda_emulation.missing_packages():
+        pytest.skip(f"CUDA emulation needs {cuda_emulation.missing_packages()} (installed by .ci/run)")
+    from hf_compressssm.models.mamba import kernel_policy
+    from hf_compressssm.models.mamba2 import modeling_compressssm_mamba2 as m2
+
+    return cuda_emulation.emulated_cuda(
+        device_hooks=((kernel_policy, "_device_type"), (m2, "_device_type")),
+        patches=tuple(cuda_emulation.ssd_patches()),
+        import_caches=(kernel_policy._IMPORTS, m2._IMPORTS),
+    )
+
+
+def _lora_train_step(model, targets):
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    ids = random_ids(batch=2, length=10, seed=1)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return model, {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_targets_follow_the_mixers_cuda_plan_and_adapters_train_on_it(family, monkeypatch):
+    """On CUDA with the kernels, LoRA on in_proj alone keeps the fused kernel; LoRA on the other projections turns
+    it off and trains; the helpers report exactly that."""
+    monkeypatch.delenv("HF_COMPRESSSSM_SCAN_BACKEND", raising=False)
+    if family == "mamba":
+        build, targets, fused_key = (lambda: tiny_lm(seed=1)), ["in_proj", "x_proj", "out_proj"], "mamba_inner_fn"
+    else:
+        from mamba2_helpers import tiny_mamba2_lm
+
+        build, targets, fused_key = (lambda: tiny_mamba2_lm(seed=1)), ["in_proj", "out_proj"], "ssd_bwd"
+    layers = build().config.num_hidden_layers
+    with _emulated_cuda() as calls:
+        plain = build()
+        assert uses_fused_cuda_path(plain)
+        assert default_lora_targets(plain) == targets
+        assert ineffective_lora_targets(plain, ["in_proj"]) == []
+        assert ineffective_lora_targets(plain, [*targets, "conv1d"]) == ["conv1d"]
+
+        model, grads = _lora_train_step(build(), ["in_proj"])  # fused kernel kept
+        assert uses_fused_cuda_path(model) and calls[fused_key] == layers
+        assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+        calls.clear()
+        model, grads = _lora_train_step(build(), targets)  # adapters on the other projections: unfused
+        assert not uses_fused_cuda_path(model)
+        assert calls["mamba_inner_fn"] == 0 and calls["mamba_split_conv1d_scan_combined"] == 0
+        assert {n.split(".lora_B")[0].split(".")[-1] for n in grads} == set(targets)
+        assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
