@@ -6,7 +6,7 @@
     python scripts/ddp_overhead.py --steps 10 --hidden_size 16 --state_size 16 --block_size 64   # a smoke test
 
 With the callback, the tensors a cut replaces (per Mamba-1 mixer ``A_log`` and ``x_proj.weight``) are kept out of
-DDP and their gradients all-reduced by one post-accumulate-grad hook per tensor, outside DDP's buckets and overlap
+DDP and their gradients all-reduced together, one flat all-reduce at the end of each backward pass, outside DDP's buckets and overlap
 (`hf_compressssm.compression.distributed`). Each process runs, with the HF Trainer and one thread:
 
 1. ``plain@N0``         plain DDP (every parameter in DDP's buckets) at N0, ``--steps`` steps;
