@@ -32,6 +32,45 @@ def random_ids(batch: int = 2, length: int = 12, vocab: int = 40, seed: int = 0)
     return torch.randint(3, vocab, (batch, length), generator=g)
 
 
+class Blocks(torch.utils.data.Dataset):
+    """``n`` random token blocks of ``length`` (labels = inputs) for Trainer runs."""
+
+    def __init__(self, n: int = 64, length: int = 16, seed: int = 1):
+        self.ids = random_ids(batch=n, length=length, seed=seed)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def training_args(out, **overrides):
+    """Small, deterministic CPU `TrainingArguments` (12 steps of 4 sequences, no saving, no reports)."""
+    from transformers import TrainingArguments
+
+    values = dict(
+        output_dir=str(out),
+        max_steps=12,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=100,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def optimizer_params(trainer):
+    """The parameters the Trainer's optimizer holds, in order."""
+    return [p for g in trainer.optimizer.param_groups for p in g["params"]]
+
+
 # Python source to put at the top of a subprocess script so that it cannot import hf_compressssm, however the
 # package is installed (editable finder, site-packages or the repo on sys.path): what a user without it sees.
 BLOCK_PACKAGE = """

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from helpers import random_ids, tiny_lm
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from helpers import Blocks, optimizer_params, random_ids, tiny_lm, training_args
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
 from hf_compressssm import (
     CompressionArguments,
@@ -18,39 +18,6 @@ from hf_compressssm import (
     compress_model,
 )
 from hf_compressssm.families import find_mixers
-
-
-class Blocks(torch.utils.data.Dataset):
-    def __init__(self, n=64, length=16, seed=1):
-        self.ids = random_ids(batch=n, length=length, seed=seed)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
-def training_args(out, **overrides):
-    values = dict(
-        output_dir=str(out),
-        max_steps=12,
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        logging_steps=100,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-    )
-    values.update(overrides)
-    return TrainingArguments(**values)
-
-
-def optimizer_params(trainer):
-    return [p for g in trainer.optimizer.param_groups for p in g["params"]]
 
 
 # ---------------------------------------------------------------- single process

@@ -9,47 +9,14 @@ import sys
 
 import pytest
 import torch
-from helpers import random_ids
+from helpers import Blocks, optimizer_params, random_ids, training_args
 from mamba2_helpers import stock_mamba2_lm, tiny_mamba2_lm
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
 from hf_compressssm import CompreSSMCallback, CompreSSMMamba2ForCausalLM, compress_model
 from hf_compressssm.compression.distributed import shrinkable_parameter_names
 from hf_compressssm.families import find_mixers
 from hf_compressssm.families.mamba2 import kept_rows
-
-
-class Blocks(torch.utils.data.Dataset):
-    def __init__(self, n=64, length=16, seed=1):
-        self.ids = random_ids(batch=n, length=length, seed=seed)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
-def training_args(out, **overrides):
-    values = dict(
-        output_dir=str(out),
-        max_steps=12,
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        logging_steps=100,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-    )
-    values.update(overrides)
-    return TrainingArguments(**values)
-
-
-def optimizer_params(trainer):
-    return [p for g in trainer.optimizer.param_groups for p in g["params"]]
 
 
 def test_two_cuts_shrink_in_proj_and_conv_and_the_optimizer_follows(tmp_path):

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import random_ids, tiny_lm
+from helpers import Blocks, tiny_lm
 from mamba2_helpers import tiny_mamba2_lm
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
@@ -22,17 +22,6 @@ from hf_compressssm.compression.checkpoint import STATE_FILE
 
 MAX_STEPS = 12
 CUTS = [4, 8]
-
-
-class Blocks(torch.utils.data.Dataset):
-    def __init__(self, n=96, length=16, seed=1):
-        self.ids = random_ids(batch=n, length=length, seed=seed)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 class SizeMetric:
@@ -93,7 +82,7 @@ def _run(out, mode, resume=None, callback_kwargs=None, **arg_overrides):
     trainer = Trainer(
         model=model,
         args=TrainingArguments(**values),
-        train_dataset=Blocks(),
+        train_dataset=Blocks(n=96),
         eval_dataset=Blocks(n=4, seed=5) if mode == "pragmatic" else None,
         compute_metrics=metric if mode == "pragmatic" else None,
         callbacks=[callback],
