@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark CompreSSM against its baselines at a budget where the cuts happen after learning (issues 7 and 16).
 
-    python scripts/benchmark.py                 # default presets, 3 seeds (~2.2 h on 2 cores: resumable, see below)
+    python scripts/benchmark.py                 # default presets, 3 seeds (~3.1 h on 2 cores: resumable, see below)
     python scripts/benchmark.py --estimate      # time a few steps per preset: the estimated time still to run
     python scripts/benchmark.py --quick         # every variant of every preset, tiny (a minute; numbers meaningless)
     python scripts/benchmark.py --tasks causal_lm --seeds 0 --taus 0.1,0.25 --set causal_lm.steps=500
@@ -12,7 +12,10 @@ Presets (`default_presets`; ``--tasks`` picks some by name, ``--set name.field=v
 * ``pixel_classification`` Fashion-MNIST as 14x14 pixel sequences (2x2 mean pooling), hidden 32, N0 = 128,
                            2500 steps (a learning curve of the full model is in the report);
 * ``ssm_dominant``         a narrow LM (hidden 16, N0 = 256, sequences of 1024 bytes) where the selective scan is
-                           most of a step: how close the end-to-end speed-up comes to the step-time ceiling.
+                           most of a step: how close the end-to-end speed-up comes to the step-time ceiling;
+* ``mamba2_lm``            the byte-level LM with a Mamba-2 model (``family="mamba2"``: hidden 64, 2 layers, head_dim
+                           32, one group, N0 = 128 as transformers' `Mamba2Config`): full vs CompreSSM vs
+                           small-from-scratch at the final sizes, 2000 steps (issue 13).
 
 For each preset and seed, with the same data, steps, learning-rate schedule and seed (initialisation and data
 order) for every variant: ``full`` (N0 throughout); ``compressssm`` (`CompreSSMCallback`, tolerance mode, default
@@ -20,7 +23,9 @@ score and schedule: 4 cuts in the first 10 % of the steps) at each τ of the gri
 at the final per-layer sizes of the same seed's CompreSSM run); ``smallest`` / ``random`` (the ablation selections
 at the main τ); ``hnn`` (Hankel-nuclear-norm regularised training, `hf_compressssm.compression.hnn`, then one
 truncation at the main τ: its first ``hnn_steps`` steps are measured and its total cost extrapolated, stated as
-such). A step-time probe per preset times one step at N0 and at the compressed sizes (the speed-up ceiling).
+such). A step-time probe per preset times one step at N0 and at the compressed sizes (the speed-up ceiling) and
+measures the decode cache per sequence (conv + recurrent states of every layer after a one-token forward with
+``use_cache=True``) at N0 and at the compressed sizes: the inference state shrinks with ΣN.
 Training and measurement are `hf_compressssm.tasks.experiment.train_and_measure` (quality: `evaluate_quality`);
 every run is a forked child (clean peak memory; a crash costs one run); one thread per run (``--threads``).
 
@@ -79,6 +84,9 @@ class TaskPreset:
     hidden_size: int = 64
     num_layers: int = 2
     state_size: int = 128
+    head_dim: int = 32  # Mamba-2 only (family "mamba2"): channels per head, groups sharing B/C, SSD chunk length
+    n_groups: int = 1
+    chunk_size: int = 256
     # data
     block_size: int = 256  # causal_lm: tokens per sequence
     eval_blocks: int = 200  # causal_lm: first blocks of the fixed validation split
@@ -112,7 +120,9 @@ class TaskPreset:
 def default_presets() -> dict[str, TaskPreset]:
     """Sized with ``--estimate`` (per-step CPU times of short runs, one thread, 2-core machine): causal_lm 0.128 s
     per step at N0 / 0.053 s at N0/10 / HNN 1.8 s, ≈ 58 min; pixel_classification 0.113 / 0.041 / 1.3 s, ≈ 44 min;
-    ssm_dominant 0.261 / 0.047 s, ≈ 29 min: ≈ 2.2 h for 3 seeds, two sittings (the results file resumes)."""
+    ssm_dominant 0.261 / 0.047 s, ≈ 29 min: ≈ 2.2 h for 3 seeds, two sittings (the results file resumes).
+    mamba2_lm (added later, not yet run): 0.250 s per step at N0 / 0.129 s at N0/10 (CPU, transformers' chunked
+    torch path), one evaluation 3.6 s, ≈ 56 min for 3 seeds (``--estimate --tasks mamba2_lm``)."""
     return {
         "causal_lm": TaskPreset(
             task="causal_lm", hidden_size=64, state_size=128, block_size=256, eval_blocks=200, steps=3000, batch_size=8
@@ -140,6 +150,20 @@ def default_presets() -> dict[str, TaskPreset]:
             curve_points=4,
             probe_reps=4,
             ceiling_target=5.0,
+        ),
+        "mamba2_lm": TaskPreset(
+            task="causal_lm",
+            family="mamba2",
+            variants=["full", "compressssm", "scratch"],
+            hidden_size=64,
+            state_size=128,
+            head_dim=32,
+            n_groups=1,
+            chunk_size=256,
+            block_size=256,
+            eval_blocks=200,
+            steps=2000,
+            batch_size=8,
         ),
     }
 
@@ -172,6 +196,19 @@ def quick_presets() -> dict[str, TaskPreset]:
             batch_size=2,
             eval_batch_size=4,
             ceiling_target=5.0,
+            **tiny,
+        ),
+        "mamba2_lm": TaskPreset(
+            task="causal_lm",
+            family="mamba2",
+            variants=["full", "compressssm", "scratch"],
+            hidden_size=16,
+            state_size=16,
+            head_dim=8,
+            chunk_size=16,
+            block_size=32,
+            eval_blocks=8,
+            batch_size=4,
             **tiny,
         ),
     }
@@ -219,6 +256,8 @@ def check_presets(presets: dict[str, TaskPreset]) -> None:
             raise SystemExit(f"benchmark.py: {name}: task={p.task!r}; choose from {TASK_KINDS}")
         if p.family not in MODEL_FAMILIES:
             raise SystemExit(f"benchmark.py: {name}: family={p.family!r}; available: {sorted(MODEL_FAMILIES)}")
+        if p.family == "mamba2" and (p.task != "causal_lm" or "hnn" in p.variants):
+            raise SystemExit(f"benchmark.py: {name}: the Mamba-2 family runs causal_lm without the hnn variant")
         if unknown := [v for v in p.variants if v not in VARIANTS]:
             raise SystemExit(f"benchmark.py: {name}: unknown variants {unknown}; choose from {VARIANTS}")
         if p.main_tau not in p.taus:
@@ -364,7 +403,23 @@ def _mamba_model(task_data: TaskData, p: TaskPreset):
     return build_model(model_args, task_data)
 
 
-MODEL_FAMILIES: dict[str, Callable[[TaskData, TaskPreset], Any]] = {"mamba": _mamba_model}
+def _mamba2_model(task_data: TaskData, p: TaskPreset):
+    model_args = ModelArguments(
+        model_type="compressssm_mamba2",
+        hidden_size=p.hidden_size,
+        num_hidden_layers=p.num_layers,
+        state_size=p.state_size,
+        head_dim=p.head_dim,
+        n_groups=p.n_groups,
+        chunk_size=p.chunk_size,
+        tokenizer_name=None,
+    )
+    return build_model(model_args, task_data)
+
+
+MODEL_FAMILIES: dict[str, Callable[[TaskData, TaskPreset], Any]] = {"mamba": _mamba_model, "mamba2": _mamba2_model}
+FAMILY_FIELDS = {"mamba2": ("head_dim", "n_groups", "chunk_size")}
+"""Preset fields only one family reads (left out of the other families' fingerprints: their results files stay valid)."""
 """Preset ``family`` → a function building a fresh model at N0 for the task (a second SSM family adds its entry)."""
 
 
@@ -382,7 +437,7 @@ def new_model(task_data: TaskData, p: TaskPreset, seed: int, state_sizes: list[i
 def _warm_up(task_data: TaskData, p: TaskPreset) -> None:
     """One tiny forward/backward of the task's model class: loads the JIT-compiled scan (disk cache) before timing."""
     tiny = copy.copy(p)
-    tiny.hidden_size, tiny.state_size = 8, 4
+    tiny.hidden_size, tiny.state_size, tiny.head_dim, tiny.n_groups, tiny.chunk_size = 8, 4, 8, 1, 16
     model = new_model(task_data, tiny, 0)
     item = task_data.train_dataset[0]
     ids = item["input_ids"][None, :16] if p.task == "causal_lm" else item["input_ids"][None]
@@ -486,7 +541,9 @@ def run_variant(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, thread
     return result
 
 
-def _scan_share(model, batch) -> dict[str, float]:
+def _scan_share(model, batch) -> dict[str, float | None]:
+    """The selective-scan kernel's share of a profiled step (Mamba-1); None for Mamba-2, whose CPU path is
+    transformers' chunked torch code with no single scan op to attribute."""
     from torch.profiler import ProfilerActivity, profile
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -497,7 +554,39 @@ def _scan_share(model, batch) -> dict[str, float]:
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     scan = sum(e.cpu_time_total for e in events if e.key in ("SelectiveScanFunction", "SelectiveScanFunctionBackward"))
-    return {"scan_share": scan / max(1e-12, total), "profiled_step_ms": total / 1000.0}
+    share = None if getattr(model.config, "model_type", "") == "compressssm_mamba2" else scan / max(1e-12, total)
+    return {"scan_share": share, "profiled_step_ms": total / 1000.0}
+
+
+def _tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of every tensor reachable from ``obj`` (attributes, lists, tuples, dicts; each object once)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
+        return sum(_tensor_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+def decode_cache_bytes(model, input_ids: torch.Tensor) -> int:
+    """Bytes per sequence of the decode cache (conv states + recurrent states of every layer) after a one-token
+    forward of the backbone with ``use_cache=True``: what `generate` carries from token to token (the backbone: a
+    sequence classifier's head takes no cache, its SSM layers hold the same states)."""
+    model.eval()
+    with torch.no_grad():
+        out = getattr(model, "backbone", model)(input_ids=input_ids[:1, :1], use_cache=True)
+    model.train()
+    cache = out.get("cache", None) or out.get("past_key_values", None) or out.get("cache_params", None)
+    if cache is None:
+        raise RuntimeError(f"{type(model).__name__} returned no decode cache with use_cache=True")
+    return _tensor_bytes(cache)
 
 
 def run_probe(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, threads: int) -> dict[str, Any]:
@@ -543,8 +632,14 @@ def run_probe(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, threads:
     out["step_speedup_wall"] = out["full"]["wall_median_s"] / out["compressed"]["wall_median_s"]
     out["step_speedup_at_size_1_cpu"] = full / low
     share = out["full"]["scan_share"]
-    out["non_scan_share_full"] = 1.0 - share
-    out["amdahl_limit"] = 1.0 / max(1e-12, 1.0 - share)
+    out["non_scan_share_full"] = None if share is None else 1.0 - share
+    out["amdahl_limit"] = None if share is None else 1.0 / max(1e-12, 1.0 - share)
+    cache = {k: decode_cache_bytes(models[k], batch["input_ids"]) for k in ("full", "compressed")}
+    out["decode_cache"] = {
+        "bytes_per_sequence": cache,
+        "ratio": cache["full"] / cache["compressed"],
+        "dtype": str(next(models["full"].parameters()).dtype).replace("torch.", ""),
+    }
     return out
 
 
@@ -556,7 +651,10 @@ def time_steps(task_data: TaskData, p: TaskPreset, threads: int, steps: int = 6)
     _warm_up(task_data, p)
     out: dict[str, float] = {}
     small = [max(1, p.state_size // 10)] * p.num_layers
+    out["hnn"] = float("nan")
     for label, sizes, trainer_cls in (("full", None, Trainer), ("small", small, Trainer), ("hnn", None, HNNTrainer)):
+        if label == "hnn" and "hnn" not in p.variants:
+            continue
         model = new_model(task_data, p, 0, sizes)
         with tempfile.TemporaryDirectory() as tmp:
             args = training_arguments(
@@ -636,7 +734,9 @@ def run_id(name: str, key: str, seed: int | None) -> str:
 
 def preset_fingerprint(p: TaskPreset, threads: int) -> str:
     """What a preset's runs depend on (not the seeds or variants asked for: adding some reuses the rest)."""
-    return fingerprint({"preset": asdict(p), "threads": threads})
+    own = {f for fam, names in FAMILY_FIELDS.items() if fam != p.family for f in names}
+    preset = {k: v for k, v in asdict(p).items() if k not in own}
+    return fingerprint({"preset": preset, "threads": threads})
 
 
 def _load() -> str:
@@ -751,7 +851,8 @@ def main(args: argparse.Namespace) -> int:
         store.add(ident, name, probe)
         print(
             f"  probe {name}: ceiling {probe['step_speedup_cpu']:.2f}x (CPU), scan share "
-            f"{100 * probe['full']['scan_share']:.0f} %",
+            + ("n/a" if probe["full"]["scan_share"] is None else f"{100 * probe['full']['scan_share']:.0f} %")
+            + f", decode cache per sequence {probe['decode_cache']['ratio']:.2f}x smaller",
             flush=True,
         )
 

@@ -257,15 +257,29 @@ def verdicts(
         )
     if probe is not None:
         target = p.get("ceiling_target")
+        share = probe["full"]["scan_share"]
+        scan = (
+            "scan kernel share not measured (Mamba-2: transformers' chunked torch path, no single scan op)"
+            if share is None
+            else f"scan kernel {100 * share:.0f} % of a step at N0 (Amdahl limit {probe['amdahl_limit']:.2f}x)"
+        )
         add(
             f"step-time ceiling ≥ {target:g}x at the final sizes" if target else "step-time ceiling",
             (probe["step_speedup_cpu"] >= target) if target else None,
             f"one step at N0 vs at {probe['sizes']['compressed']}: {probe['step_speedup_cpu']:.2f}x CPU time "
             f"(wall {probe['step_speedup_wall']:.2f}x); at size 1 in every layer {probe['step_speedup_at_size_1_cpu']:.2f}x; "
-            f"scan kernel {100 * probe['full']['scan_share']:.0f} % of a step at N0 (Amdahl limit "
-            f"{probe['amdahl_limit']:.2f}x); one calibration at N0: "
+            f"{scan}; one calibration at N0: "
             + ", ".join(f"{k} batch(es) {v['cpu_s']:.2f} s CPU" for k, v in probe["calibration_at_n0"].items()),
         )
+        if cache := probe.get("decode_cache"):
+            b = cache["bytes_per_sequence"]
+            add(
+                "decode-cache memory per sequence: N0 / final sizes",
+                None,
+                f"{cache['ratio']:.2f}x smaller: {b['full'] / 1024:.1f} KiB at N0 {probe['sizes']['full']} vs "
+                f"{b['compressed'] / 1024:.1f} KiB at {probe['sizes']['compressed']} ({cache['dtype']}; conv + "
+                "recurrent states of every layer after a one-token forward with use_cache=True)",
+            )
     return out
 
 
@@ -410,9 +424,11 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
                 "|---|---|---|---|",
             ]
             for k in ("full", "compressed", "min"):
+                share = probe[k]["scan_share"]
                 lines.append(
                     f"| {probe['sizes'][k]} | {probe[k]['cpu_median_s']:.3f} | {probe[k]['wall_median_s']:.3f} | "
-                    f"{100 * probe[k]['scan_share']:.0f} % |"
+                    + ("n/a" if share is None else f"{100 * share:.0f} %")
+                    + " |"
                 )
             lines += [
                 "",
@@ -423,6 +439,13 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
                 )
                 + ".",
             ]
+            if cache := probe.get("decode_cache"):
+                b = cache["bytes_per_sequence"]
+                lines += [
+                    "",
+                    f"Decode cache per sequence (conv + recurrent states, {cache['dtype']}): {b['full']} bytes at N0, "
+                    f"{b['compressed']} bytes at {probe['sizes']['compressed']}: **{cache['ratio']:.2f}x smaller**.",
+                ]
         lines += ["", "Targets:", ""]
         for v in t["verdicts"]:
             lines.append(f"- **{v['verdict']}** {v['target']}: {v['detail']}")

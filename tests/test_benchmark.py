@@ -52,7 +52,8 @@ def test_quick_benchmark_every_variant_report_and_resume(tmp_path):
 
     report = json.loads((out / "benchmark.json").read_text())
     assert report["meta"]["quick"] is True and report["meta"]["seeds"] == [0]
-    assert set(report["tasks"]) == {"causal_lm", "pixel_classification", "ssm_dominant"}
+    assert set(report["tasks"]) == {"causal_lm", "pixel_classification", "ssm_dominant", "mamba2_lm"}
+    assert report["tasks"]["mamba2_lm"]["preset"]["family"] == "mamba2"
     for name, t in report["tasks"].items():
         p = t["preset"]
         metric = "loss" if p["task"] == "causal_lm" else "accuracy"
@@ -80,9 +81,20 @@ def test_quick_benchmark_every_variant_report_and_resume(tmp_path):
             assert hnn["hnn_measured_steps"] == 2 and hnn["hnn_extrapolated"] is True
             assert hnn["hnn"]["lambda"] > 0 and hnn["hnn"]["first"]["sum_sigma"] > 0
         assert t["summary"]["full"]["speedup_vs_full"][0] == pytest.approx(1.0)
-        assert t["probe"]["full"]["cpu_median_s"] > 0 and 0 <= t["probe"]["full"]["scan_share"] <= 1
+        probe = t["probe"]
+        assert probe["full"]["cpu_median_s"] > 0 and probe["compressed"]["cpu_median_s"] > 0
+        if p["family"] == "mamba2":  # transformers' chunked torch path: no single scan op to attribute
+            assert probe["full"]["scan_share"] is None and probe["amdahl_limit"] is None
+        else:
+            assert 0 <= probe["full"]["scan_share"] <= 1
+        # The decode cache per sequence shrinks with the state sizes (conv + recurrent states of every layer).
+        cache = probe["decode_cache"]
+        assert cache["bytes_per_sequence"]["full"] > cache["bytes_per_sequence"]["compressed"] > 0
+        assert cache["ratio"] == pytest.approx(
+            cache["bytes_per_sequence"]["full"] / cache["bytes_per_sequence"]["compressed"]
+        )
         targets = " | ".join(v["target"] for v in t["verdicts"])
-        for needle in ("step-time ceiling", "of full", "small-from-scratch", "full model: learned"):
+        for needle in ("step-time ceiling", "of full", "small-from-scratch", "full model: learned", "decode-cache"):
             assert needle in targets, (name, needle, targets)
         if "random" in p["variants"]:
             assert "largest beats random" in targets and "largest beats smallest" in targets
@@ -93,6 +105,8 @@ def test_quick_benchmark_every_variant_report_and_resume(tmp_path):
     for name in report["tasks"]:
         assert f"## {name}" in md
     assert "Learning curves" in md
+    ratio = report["tasks"]["mamba2_lm"]["probe"]["decode_cache"]["ratio"]
+    assert f"**{ratio:.2f}x smaller**" in md.split("## mamba2_lm")[1]
     header = next(line for line in md.splitlines() if line.startswith("| variant |"))
     rows = [
         line
