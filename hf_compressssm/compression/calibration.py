@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..families import LayerStatistics, SSMFamily, family_of, find_mixers
+from .checks import all_finite
 from .distributed import all_reduce_tensors
 
 
@@ -64,7 +65,7 @@ def visit_mixer_projections(model: nn.Module, batches: Iterable[Mapping[str, Any
 def batch_statistics(family: SSMFamily, mixer: nn.Module, projections: tuple, mask) -> LayerStatistics:
     """One batch's statistics of one mixer; NaN-filled when a projection is not finite (the NaN marks the layer,
     and every process still reaches the all-reduce)."""
-    if all(bool(torch.isfinite(t).all()) for t in projections):
+    if all(all_finite(t) for t in projections):
         return family.statistics(tuple(projections), mask)
     return family.nan_statistics(mixer, projections[0].device)
 

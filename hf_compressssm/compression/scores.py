@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_finite, check_int
+from .decay_sum import decay_deficit_sum
 
 
 __all__ = ["SCORES", "STAT_KEYS", "merge_statistics", "selective_state_scores", "selective_statistics"]
@@ -24,8 +25,6 @@ SCORES: tuple[str, ...] = ("hankel", "h2")
 
 STAT_KEYS: tuple[str, ...] = ("count", "decay_sum", "ctrl_sum", "obs_sum")
 """Keys of the dicts returned by :func:`selective_statistics`."""
-
-_DEFAULT_CHUNK_ELEMENTS = 1 << 22  # float64 elements per (tokens, D, N) chunk: 32 MiB
 
 
 def selective_statistics(
@@ -77,6 +76,8 @@ def selective_statistics(
         chunk_size = check_int("chunk_size", chunk_size, 1)
 
     f64 = torch.float64
+    work = torch.promote_types(delta.dtype, torch.float32)  # the decay term's precision
+    A_work = A.to(work)
     u2, dl2, B2, C2 = (x.reshape(-1, x.shape[-1]) for x in (u, delta, B, C))
     if mask is not None:
         mask = torch.as_tensor(mask, device=u.device)
@@ -86,24 +87,17 @@ def selective_statistics(
             raise ValueError("mask must contain only 0 and 1 (1 = real token, 0 = padding).")
         keep = mask.reshape(-1).bool()
         u2, dl2, B2, C2 = u2[keep], dl2[keep], B2[keep], C2[keep]
+    dl_work = dl2.to(work)
     dl2 = dl2.to(f64)
-    A = A.to(f64)
     du2 = (dl2 * u2.to(f64)).square()  # (T, D)
     ctrl_sum = du2.mT @ B2.to(f64).square()  # (D, N) = Σ_t (Δu)²_td B²_tn
     obs_sum = C2.to(f64).square().sum(0)
     tokens = dl2.shape[0]
-    if chunk_size is None:
-        chunk_size = max(1, _DEFAULT_CHUNK_ELEMENTS // max(1, d * n))
     # Σ exp(ΔA) = count + Σ expm1(ΔA). The (tokens, D, N) term is the cost of calibration: it is evaluated in the
-    # inputs' precision (float32 for float32 models, ~6x faster than float64) with expm1, which keeps the *deficit*
-    # 1 − exp(ΔA) to relative precision even for slow modes (ā → 1, where 1/(1 − ā²) dominates the scores), and each
-    # chunk's partial sum is accumulated in float64.
-    work = torch.promote_types(delta.dtype, torch.float32)
-    dl_work, A_work = dl2.to(work), A.to(work)
-    deficit = torch.zeros(d, n, dtype=f64, device=u.device)
-    for start in range(0, tokens, chunk_size):
-        chunk = dl_work[start : start + chunk_size]
-        deficit += torch.expm1(chunk.unsqueeze(-1) * A_work).sum(0).to(f64)
+    # inputs' precision (float32 for float32 models) with expm1, which keeps the *deficit* 1 − exp(ΔA) to relative
+    # precision even for slow modes (ā → 1, where 1/(1 − ā²) dominates the scores), and accumulated in float64; on
+    # CPU by one fused numba kernel (decay_sum.py), elsewhere by torch in chunks.
+    deficit = decay_deficit_sum(dl_work, A_work, chunk_size=chunk_size)
     count = torch.tensor(float(tokens), dtype=f64, device=u.device)
     decay_sum = count + deficit
     return {"count": count, "decay_sum": decay_sum, "ctrl_sum": ctrl_sum, "obs_sum": obs_sum}
