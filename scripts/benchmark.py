@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark CompreSSM against its baselines at a budget where the cuts happen after learning (issues 7 and 16).
 
-    python scripts/benchmark.py                 # default presets, 3 seeds (~3.1 h on 2 cores: resumable, see below)
+    python scripts/benchmark.py                 # default presets, 3 seeds (240 min of run time: resumable, see below)
     python scripts/benchmark.py --estimate      # time a few steps per preset: the estimated time still to run
     python scripts/benchmark.py --quick         # every variant of every preset, tiny (a minute; numbers meaningless)
     python scripts/benchmark.py --tasks causal_lm --seeds 0 --taus 0.1,0.25 --set causal_lm.steps=500
@@ -120,9 +120,9 @@ class TaskPreset:
 def default_presets() -> dict[str, TaskPreset]:
     """Sized with ``--estimate`` (per-step CPU times of short runs, one thread, 2-core machine): causal_lm 0.128 s
     per step at N0 / 0.053 s at N0/10 / HNN 1.8 s, ≈ 58 min; pixel_classification 0.113 / 0.041 / 1.3 s, ≈ 44 min;
-    ssm_dominant 0.261 / 0.047 s, ≈ 29 min: ≈ 2.2 h for 3 seeds, two sittings (the results file resumes).
-    mamba2_lm (added later, not yet run): 0.250 s per step at N0 / 0.129 s at N0/10 (CPU, transformers' chunked
-    torch path), one evaluation 3.6 s, ≈ 56 min for 3 seeds (``--estimate --tasks mamba2_lm``)."""
+    ssm_dominant 0.261 / 0.047 s, ≈ 29 min; mamba2_lm 0.250 / 0.129 s (transformers' chunked torch path), ≈ 56 min:
+    ≈ 3.1 h for 3 seeds. Measured at 86040d4 with two benchmark processes side by side (``--tasks`` split in two,
+    one thread each): 240 min of run time in 2 h of wall time, i.e. one sitting (the results file resumes)."""
     return {
         "causal_lm": TaskPreset(
             task="causal_lm", hidden_size=64, state_size=128, block_size=256, eval_blocks=200, steps=3000, batch_size=8
