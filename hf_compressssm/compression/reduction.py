@@ -14,6 +14,7 @@ from transformers.utils import logging
 from ..families import FAMILIES, LayerStatistics, check_per_layer_model, family_of, find_mixers
 from .arguments import CompressionArguments
 from .calibration import all_reduce_statistics, collect_statistics
+from .checks import all_finite
 from .distributed import broadcast_object
 from .history import history_owner, record_report, set_history, update_compression_record
 from .ranks import layer_rank, select_group_indices, select_indices
@@ -135,10 +136,10 @@ def _non_finite_reason(model: nn.Module, stats: list[LayerStatistics]) -> str | 
     names = {id(p): n for n, p in model.named_parameters()}
     for i, mixer in enumerate(find_mixers(model)):
         for p in family.shrinkable_parameters(mixer):
-            if not bool(torch.isfinite(p).all()):
+            if not all_finite(p):
                 return f"layer {i} {names.get(id(p), 'parameter').rpartition('mixer.')[2]} contains NaN/Inf"
     for i, layer_stats in enumerate(stats):
-        if not all(bool(torch.isfinite(v).all()) for v in layer_stats.values()):
+        if not all(all_finite(v) for v in layer_stats.values()):
             return f"layer {i} calibration statistics contain NaN/Inf"
     return None
 
