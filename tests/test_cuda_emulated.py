@@ -49,11 +49,11 @@ def lm(**overrides):
     return tiny_lm(**values)
 
 
-def run_train_step(model, ids, mask=None):
+def run_train_step(model, ids, mask=None, **kwargs):
     """Training-mode forward + backward: (logits, {name: grad})."""
     model.train()
     model.zero_grad(set_to_none=True)
-    out = model(ids, attention_mask=mask, labels=ids)
+    out = model(ids, attention_mask=mask, labels=ids, **kwargs)
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.logits.detach(), grads

@@ -164,8 +164,8 @@ def test_from_mamba2_identical_logits(tmp_path):
         expected = stock(ids).logits
     ours = CompreSSMMamba2ForCausalLM.from_mamba2(stock).eval()
     assert ours.state_sizes() == [8, 8]
-    with torch.no_grad():
-        assert torch.equal(ours(ids).logits, expected)
+    with torch.no_grad():  # our own SSD code: the same function, summed in another order
+        torch.testing.assert_close(ours(ids).logits, expected, atol=1e-5, rtol=1e-5)
     stock.save_pretrained(tmp_path)
     from_folder = CompreSSMMamba2ForCausalLM.from_mamba2(tmp_path).eval()
     assert from_folder.config.compression["base_model"] == str(tmp_path)

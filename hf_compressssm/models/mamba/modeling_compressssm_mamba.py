@@ -22,7 +22,6 @@ from transformers.models.mamba.modeling_mamba import (
     MambaModel,
     MambaPreTrainedModel,
     MambaRMSNorm,
-    apply_mask_to_padding_states,
 )
 from transformers.models.mamba.modeling_mamba import (
     MambaForCausalLM as _StockMambaForCausalLM,
@@ -35,6 +34,13 @@ from .selective_scan import selective_scan, selective_state_update
 
 
 logger = logging.get_logger(__name__)
+
+
+def apply_mask_to_padding_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the padded positions. hidden_states (b, L, ...) and attention_mask (b, L) -> (b, L, ...)."""
+    if attention_mask is not None:
+        return (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+    return hidden_states
 
 
 def _conv_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: nn.Module | None):
@@ -192,6 +198,8 @@ class CompreSSMMambaMixer(MambaMixer):
             A = -torch.exp(self.A_log.float())  # (D, N)
             x, gate = projected.chunk(2, dim=1)  # (b, D, L) each
             if conv_state is not None and seq_len == 1 and not cache.is_recording_past(self.layer_idx):
+                if hasattr(cache, "increase_count"):  # transformers >= 5.25 counts decode tokens on the conv step
+                    cache.increase_count(self.layer_idx, 0)
                 x = self._conv_step(x, conv_state, plan)
             else:
                 if cache is not None:

@@ -9,7 +9,6 @@ sibling ``configuration_compressssm_mamba2.py``.
 """
 
 import importlib
-import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Mamba2Config, Mamba2ForCausalLM
+from transformers import DynamicCache, Mamba2Config, Mamba2ForCausalLM
 from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.mamba2 import modeling_mamba2 as _stock
@@ -25,29 +24,20 @@ from transformers.models.mamba2.modeling_mamba2 import (
     Mamba2Block,
     Mamba2Mixer,
     Mamba2Model,
+    Mamba2Output,
     Mamba2PreTrainedModel,
     Mamba2RMSNorm,
-    MambaRMSNormGated,
-    apply_mask_to_padding_states,
 )
 from transformers.utils import logging
 
 from .configuration_compressssm_mamba2 import CompreSSMMamba2Config
+from .ssd_scan import causal_conv1d, causal_conv1d_step, ssd_chunk_scan, ssd_state_update
 
 
 logger = logging.get_logger(__name__)
 
-# transformers' portable torch code of each kernel (its wrappers bind mamba_ssm / causal_conv1d when importable, on
-# any device; the mixer calls the kernels itself, on CUDA tensors only).
-_TORCH = {
-    name: inspect.unwrap(getattr(_stock, name))
-    for name in (
-        "causal_conv1d_fn",
-        "causal_conv1d_update",
-        "mamba2_chunk_scan",
-        "mamba2_selective_state_update",
-    )
-}
+# The gated norm class was renamed in transformers 5.25 (MambaRMSNormGated -> Mamba2RMSNormGated).
+_GATED_NORM = getattr(_stock, "Mamba2RMSNormGated", None) or _stock.MambaRMSNormGated
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _IMPORTS: dict[str, Any] = {}
 
@@ -60,6 +50,21 @@ def _try_import(name: str) -> Any:
         except Exception:  # ImportError, or a CUDA extension that fails to load
             _IMPORTS[name] = None
     return _IMPORTS[name]
+
+
+def apply_mask_to_padding_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the padded positions. hidden_states (b, L, ...) and attention_mask (b, L) -> (b, L, ...)."""
+    if attention_mask is not None:
+        return (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+    return hidden_states
+
+
+def padding_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """The (b, length) padding mask the mixers apply, or None when there is nothing to mask: no 2-D mask, a
+    one-token decode step, or no padding. A longer mask (prompt + new tokens) is trimmed to its last ``length``."""
+    if attention_mask is None or attention_mask.ndim != 2 or length == 1 or bool(attention_mask.all()):
+        return None
+    return attention_mask[:, -length:]
 
 
 def _device_type(device) -> str:
@@ -175,9 +180,7 @@ class CompreSSMMamba2Mixer(Mamba2Mixer):
         fused = False
         if self.training and not cached and scan == "mamba_ssm" and conv == "causal_conv1d":
             plain = (
-                type(self.conv1d) is nn.Conv1d
-                and type(self.out_proj) is nn.Linear
-                and type(self.norm) is MambaRMSNormGated
+                type(self.conv1d) is nn.Conv1d and type(self.out_proj) is nn.Linear and type(self.norm) is _GATED_NORM
             )
             padded = attention_mask is not None and not bool(attention_mask.all())
             if self.conv_dim % 8:
@@ -244,10 +247,12 @@ class CompreSSMMamba2Mixer(Mamba2Mixer):
         hidden_states_B_C = hidden_states_B_C.transpose(1, 2)
         weight = self.conv1d.weight.squeeze(1)
         if conv_state is not None and seq_len == 1 and not cache.is_recording_past(self.layer_idx):
+            if hasattr(cache, "increase_count"):  # transformers >= 5.25 counts decode tokens on the conv step
+                cache.increase_count(self.layer_idx, 0)
             if plan.conv_step == "causal_conv1d" and conv_state.dtype == hidden_states_B_C.dtype:
                 update = _try_import("causal_conv1d").causal_conv1d_update
             else:
-                update = _TORCH["causal_conv1d_update"]
+                update = causal_conv1d_step
             hidden_states_B_C = update(
                 hidden_states_B_C, conv_state, weight, self.conv1d.bias, activation=self.activation
             )
@@ -265,7 +270,7 @@ class CompreSSMMamba2Mixer(Mamba2Mixer):
                     activation=self.activation,
                 )
             else:
-                hidden_states_B_C = _TORCH["causal_conv1d_fn"](
+                hidden_states_B_C = causal_conv1d(
                     hidden_states_B_C, weight, self.conv1d.bias, activation=self.activation
                 )
             if cache is not None:
@@ -289,8 +294,10 @@ class CompreSSMMamba2Mixer(Mamba2Mixer):
             if plan.step == "mamba_ssm":
                 fn = _try_import("mamba_ssm.ops.triton.selective_state_update").selective_state_update
             else:
-                fn = _TORCH["mamba2_selective_state_update"]
-            scan_output = fn(*step_args, z=None, dt_bias=dt_bias, dt_softplus=True)
+                fn = ssd_state_update
+            next_state = recurrent_state.clone()  # out of place, so a cache recording its past keeps the old state
+            scan_output = fn(next_state, *step_args[1:], z=None, dt_bias=dt_bias, dt_softplus=True)
+            cache.update_recurrent_state(next_state, layer_idx=self.layer_idx)
             scan_output = scan_output.view(batch_size, 1, -1)
         else:
             scan_args = (
@@ -313,7 +320,7 @@ class CompreSSMMamba2Mixer(Mamba2Mixer):
             if ssd is not None:
                 scan_result = ssd.mamba_chunk_scan_combined(*scan_args, seq_idx=seq_idx, **scan_kwargs)
             else:
-                scan_result = _TORCH["mamba2_chunk_scan"](*scan_args, **scan_kwargs)
+                scan_result = ssd_chunk_scan(*scan_args, **scan_kwargs)
             if cache is not None:
                 scan_output, final_state = scan_result
                 cache.update_recurrent_state(final_state, layer_idx=self.layer_idx)
@@ -401,6 +408,51 @@ class CompreSSMMamba2Model(CompreSSMMamba2PreTrainedModel, Mamba2Model):
         self.norm_f = Mamba2RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self._register_load_state_dict_pre_hook(self.load_hook)
         self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Any | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> "tuple | Mamba2Output":
+        """Embeddings → blocks → final norm. input_ids (b, L) or inputs_embeds (b, L, hidden) → (b, L, hidden).
+
+        A cache is made only when ``use_cache`` (default: ``config.use_cache`` outside training)."""
+        if "cache_params" in kwargs:
+            cache = kwargs.pop("cache_params")
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embeddings(input_ids)
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        mask = padding_mask(attention_mask, inputs_embeds.shape[1])
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        for block in self.layers:
+            hidden_states = block(hidden_states, cache=cache if use_cache else None, attention_mask=mask)
+            if output_hidden_states:
+                all_hidden_states = all_hidden_states + (hidden_states,)
+        hidden_states = self.norm_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states + (hidden_states,)
+        if not return_dict:
+            return tuple(v for v in (hidden_states, cache if use_cache else None, all_hidden_states) if v is not None)
+        return Mamba2Output(
+            last_hidden_state=hidden_states, cache=cache if use_cache else None, hidden_states=all_hidden_states
+        )
 
 
 class CompreSSMMamba2ForCausalLM(CompreSSMMamba2PreTrainedModel, Mamba2ForCausalLM):
