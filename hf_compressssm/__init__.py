@@ -19,18 +19,16 @@ from transformers import (
 )
 
 from .compression import CompressionArguments, CompreSSMCallback, ReductionReport, compress_model
-from .models.mamba import (
+from .models import (
+    CompreSSMMamba2Config,
+    CompreSSMMamba2ForCausalLM,
+    CompreSSMMamba2Model,
+    CompreSSMMamba2PreTrainedModel,
     CompreSSMMambaConfig,
     CompreSSMMambaForCausalLM,
     CompreSSMMambaForSequenceClassification,
     CompreSSMMambaModel,
     CompreSSMMambaPreTrainedModel,
-)
-from .models.mamba2 import (
-    CompreSSMMamba2Config,
-    CompreSSMMamba2ForCausalLM,
-    CompreSSMMamba2Model,
-    CompreSSMMamba2PreTrainedModel,
 )
 
 

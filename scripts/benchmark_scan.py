@@ -7,7 +7,7 @@
                                                 # mostly the start-up of its 8 worker processes
 
 Variants, each timed in a fresh subprocess on the same model (same seed, same batch):
-  * ``ours``    -- transformers' ``mamba_selective_scan`` replaced by ``hf_compressssm/models/mamba/selective_scan.py``'s
+  * ``ours``    -- transformers' ``mamba_selective_scan`` replaced by ``hf_compressssm/models/selective_scan.py``'s
                    ``selective_scan(backend="numba")``. The mixer looks the module-level name up at call time (the
                    ``use_kernelized_func`` decorator is an identity without the ``kernels`` package; the worker
                    checks that the patched function is really called);
@@ -37,7 +37,7 @@ import time
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCAN_FILE = os.path.join(ROOT, "hf_compressssm", "models", "mamba", "selective_scan.py")
+SCAN_FILE = os.path.join(ROOT, "hf_compressssm", "models", "selective_scan.py")
 RESULTS = os.path.join(ROOT, "scripts", "results")
 
 FULL = dict(hidden=256, layers=4, batch=8, length=256, vocab=1024, states=[128, 64, 32, 16, 8], eager_length=64)
@@ -57,7 +57,7 @@ def _maxrss_mb():
 
 
 def _load_scan_module():
-    """hf_compressssm/models/mamba/selective_scan.py on its own (no package __init__), as remote code loads it."""
+    """hf_compressssm/models/selective_scan.py on its own (no package __init__), as remote code loads it."""
     name = "hf_compressssm_benchmark_selective_scan"
     spec = importlib.util.spec_from_file_location(name, SCAN_FILE)
     mod = importlib.util.module_from_spec(spec)
@@ -299,7 +299,7 @@ def main(argv=None):
             numba=numba.__version__,
             python=platform.python_version(),
         ),
-        git=git_state(ROOT, paths=("hf_compressssm/models/mamba", "scripts/benchmark_scan.py")),
+        git=git_state(ROOT, paths=("hf_compressssm/models", "scripts/benchmark_scan.py")),
         results=[],
     )
     print(f"sizes: {sizes}")

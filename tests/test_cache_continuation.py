@@ -11,6 +11,9 @@ from helpers import random_ids, tiny_lm
 from mamba2_helpers import tiny_mamba2_lm
 
 
+pytestmark = pytest.mark.compat
+
+
 def _mamba1(sizes):
     return tiny_lm(num_hidden_layers=len(sizes), state_sizes=sizes)
 

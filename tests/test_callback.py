@@ -21,6 +21,7 @@ from hf_compressssm.families import find_mixers
 
 
 # ---------------------------------------------------------------- single process
+@pytest.mark.compat
 def test_two_cuts_shrink_and_keep_optimizer_consistent(tmp_path):
     model = tiny_lm(state_sizes=[8, 8])
     callback = CompreSSMCallback(tau=0.3, reduction_steps=[3, 6])

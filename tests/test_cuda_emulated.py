@@ -20,7 +20,10 @@ from transformers.utils import logging as hf_logging
 
 from hf_compressssm import CompreSSMCallback
 from hf_compressssm.families import find_mixers
-from hf_compressssm.models.mamba import kernel_policy
+from hf_compressssm.models import kernel_policy
+
+
+pytestmark = pytest.mark.compat
 
 
 if missing_packages():

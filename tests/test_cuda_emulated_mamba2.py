@@ -20,7 +20,10 @@ from transformers import Trainer, TrainingArguments
 
 from hf_compressssm import CompreSSMCallback
 from hf_compressssm.families import find_mixers
-from hf_compressssm.models.mamba2 import modeling_compressssm_mamba2 as m2
+from hf_compressssm.models import modeling_compressssm_mamba2 as m2
+
+
+pytestmark = pytest.mark.compat
 
 
 if missing_packages():

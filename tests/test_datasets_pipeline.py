@@ -59,6 +59,7 @@ def test_blocks_continue_across_row_batches(tmp_path):
     assert torch.equal(blocks[:]["input_ids"], expected)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "csv"])
 def test_local_files_through_load_dataset(tmp_path, kind):
     docs = [f"document {i}: " + "lorem ipsum " * (i % 5 + 1) for i in range(40)]
@@ -130,6 +131,7 @@ def test_arrow_cache_reused_by_a_second_run(tmp_path, monkeypatch):
     assert sorted((str(p), p.stat().st_mtime_ns) for p in cache.rglob("*.arrow")) == arrow_files, "nothing rewritten"
 
 
+@pytest.mark.compat
 def test_streaming_is_lazy_and_matches_the_map_style_blocks(tmp_path):
     corpus = tmp_path / "big.txt"
     corpus.write_text("".join(f"line {i}: the quick brown fox\n" for i in range(5000)))
@@ -191,6 +193,7 @@ def test_streaming_needs_max_steps(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.compat
 def test_pixel_and_synthetic_tasks_as_datasets():
     pixels = D.load_pixel_classification("digits", "test")
     ds = H.pixel_dataset(pixels)
@@ -233,6 +236,7 @@ def test_hub_name_goes_to_load_dataset(monkeypatch):
     assert torch.equal(task.train_dataset[:]["input_ids"], _reference_blocks(train_text, task.tokenizer, 16))
 
 
+@pytest.mark.compat
 def test_tokenization_in_several_processes_gives_the_same_blocks(tmp_path, monkeypatch):
     """map(num_proc=2) (--preprocessing_num_workers 2) shards the rows; the blocks are those of one process."""
     corpus = tmp_path / "c.txt"

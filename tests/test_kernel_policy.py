@@ -1,4 +1,4 @@
-"""The one kernel policy (models/mamba/kernel_policy.py) as a table, and the mixer following it (decode included).
+"""The one kernel policy (models/kernel_policy.py) as a table, and the mixer following it (decode included).
 
 Installed packages are simulated through the policy's import cache, so every row runs on any machine.
 """
@@ -10,8 +10,8 @@ import torch
 from helpers import random_ids, tiny_lm
 
 from hf_compressssm.families import find_mixers
-from hf_compressssm.models.mamba import kernel_policy as kp
-from hf_compressssm.models.mamba import selective_scan as ss
+from hf_compressssm.models import kernel_policy as kp
+from hf_compressssm.models import selective_scan as ss
 
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64

@@ -18,6 +18,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from hf_compressssm import CompreSSMMambaConfig, CompreSSMMambaForCausalLM
 
 
+pytestmark = pytest.mark.compat
+
+
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 LEGACY = os.path.join(FIXTURES, "saved_before_layout_v0_1")
 EXPECTED = os.path.join(FIXTURES, "saved_before_layout_v0_1_expected.safetensors")

@@ -19,6 +19,7 @@ from hf_compressssm.families import find_mixers
 from hf_compressssm.families.mamba2 import kept_rows
 
 
+@pytest.mark.compat
 def test_two_cuts_shrink_in_proj_and_conv_and_the_optimizer_follows(tmp_path):
     model = tiny_mamba2_lm()
     moments = {}

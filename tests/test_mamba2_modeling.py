@@ -14,6 +14,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Mamba2Conf
 from hf_compressssm import CompreSSMMamba2Config, CompreSSMMamba2ForCausalLM, CompreSSMMamba2Model
 
 
+pytestmark = pytest.mark.compat
+
+
 # ---------------------------------------------------------------- config
 def test_config_defaults_and_round_trip(tmp_path):
     assert tiny_mamba2_config(num_hidden_layers=3).state_sizes == [8, 8, 8]
@@ -150,9 +153,12 @@ def test_shape_mismatch_fails_loudly(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["state_sizes"] = [8, 4]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="do not match the state sizes"):
+    # The same contract as Mamba-1 (tests/test_modeling.py): transformers' error with a note on what to do ...
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes") as info:
         AutoModelForCausalLM.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="ignore_mismatched_sizes"):
+    assert any("its own config.json" in note for note in info.value.__notes__)
+    # ... and ignore_mismatched_sizes=True never re-initialises SSM tensors.
+    with pytest.raises(ValueError, match=r"backbone\.layers\.1\.mixer\.conv1d\.weight: checkpoint \(52, 1, 4\)"):
         CompreSSMMamba2ForCausalLM.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
 
 

@@ -14,6 +14,9 @@ from transformers import EvalPrediction
 from hf_compressssm import metrics
 
 
+pytestmark = pytest.mark.compat
+
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -25,6 +25,9 @@ from hf_compressssm import (
 )
 
 
+pytestmark = pytest.mark.compat
+
+
 # ---------------------------------------------------------------- config
 def test_config_defaults_and_round_trip(tmp_path):
     config = tiny_config(num_hidden_layers=3)

@@ -9,6 +9,9 @@ from hf_compressssm import compress_model
 from hf_compressssm.peft_utils import default_lora_targets, ineffective_lora_targets, uses_fused_cuda_path
 
 
+pytestmark = pytest.mark.compat
+
+
 peft = pytest.importorskip("peft")
 
 
@@ -100,8 +103,8 @@ def _emulated_cuda():
     cuda_emulation = pytest.importorskip("cuda_emulation")
     if cuda_emulation.missing_packages():
         pytest.skip(f"CUDA emulation needs {cuda_emulation.missing_packages()} (installed by .ci/run)")
-    from hf_compressssm.models.mamba import kernel_policy
-    from hf_compressssm.models.mamba2 import modeling_compressssm_mamba2 as m2
+    from hf_compressssm.models import kernel_policy
+    from hf_compressssm.models import modeling_compressssm_mamba2 as m2
 
     return cuda_emulation.emulated_cuda(
         device_hooks=((kernel_policy, "_device_type"), (m2, "_device_type")),

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_compressssm.models.mamba import selective_scan as ss
+from hf_compressssm.models import selective_scan as ss
 
 
 numba_available = importlib.util.find_spec("numba") is not None

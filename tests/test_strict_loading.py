@@ -20,6 +20,9 @@ from hf_compressssm import (
 )
 
 
+pytestmark = pytest.mark.compat
+
+
 @pytest.fixture
 def saved(tmp_path):
     """A [8, 5] model saved in ``tmp_path/model``; returns (model, folder)."""

@@ -81,7 +81,7 @@ def _kernel():
             import numba
         except ImportError:
             return None
-        from ..models.mamba import selective_scan
+        from ..models import selective_scan
 
         selective_scan._numba_kernels()  # defines the bit-cast intrinsic
         _bits_to_float = selective_scan._bits_to_float
@@ -130,7 +130,7 @@ def decay_deficit_sum(delta: Tensor, A: Tensor, chunk_size: int | None = None, b
         )
     if kernel is None:
         return _torch_deficit(delta, A, chunk_size)
-    from ..models.mamba.selective_scan import _run_parallel
+    from ..models.selective_scan import _run_parallel
 
     delta_t = delta.detach().mT.contiguous().numpy()  # (D, tokens): one channel's steps are contiguous
     a = A.detach().contiguous().numpy()

@@ -12,10 +12,14 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from ..compression.scores import merge_statistics, selective_state_scores, selective_statistics
 from .base import LayerStatistics, ShrinkAxis, SSMFamily
+
+
+# transformers' mixer and ours (also when loaded as remote code), recognised by name: transformers' class is not part
+# of its public API.
+_MIXER_CLASS_NAMES = ("MambaMixer", "CompreSSMMambaMixer")
 
 
 class MambaFamily(SSMFamily):
@@ -26,6 +30,7 @@ class MambaFamily(SSMFamily):
     remote_code_files = (
         "configuration_compressssm_mamba.py",
         "modeling_compressssm_mamba.py",
+        "modeling_compressssm_common.py",
         "selective_scan.py",
         "kernel_policy.py",
     )
@@ -35,7 +40,7 @@ class MambaFamily(SSMFamily):
     fused_lora_targets = ("in_proj",)
 
     def is_mixer(self, module: nn.Module) -> bool:
-        return isinstance(module, MambaMixer)
+        return type(module).__name__ in _MIXER_CLASS_NAMES
 
     def state_size(self, mixer: nn.Module) -> int:
         return int(mixer.A_log.shape[-1])

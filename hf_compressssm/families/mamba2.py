@@ -16,7 +16,6 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
 from ..compression.scores_mamba2 import (
     merge_ssd_statistics,
@@ -28,12 +27,22 @@ from ..compression.scores_mamba2 import (
 from .base import LayerStatistics, ShrinkAxis, SSMFamily
 
 
+# transformers' mixer and ours (also when loaded as remote code), recognised by name: transformers' class is not part
+# of its public API.
+_MIXER_CLASS_NAMES = ("Mamba2Mixer", "CompreSSMMamba2Mixer")
+
+
 class Mamba2Family(SSMFamily):
     name = "mamba2"
     stock_model_type = "mamba2"
     model_type = "compressssm_mamba2"
     convert_hint = "CompreSSMMamba2ForCausalLM.from_mamba2(model)"
-    remote_code_files = ("configuration_compressssm_mamba2.py", "modeling_compressssm_mamba2.py")
+    remote_code_files = (
+        "configuration_compressssm_mamba2.py",
+        "modeling_compressssm_mamba2.py",
+        "modeling_compressssm_common.py",
+        "ssd_scan.py",
+    )
     #: ``in_proj`` and ``out_proj`` are called as modules on the torch path; ``conv1d``'s weight is read directly.
     lora_targets = ("in_proj", "out_proj")
     never_lora_targets = ("conv1d",)
@@ -42,7 +51,7 @@ class Mamba2Family(SSMFamily):
     grouped = True
 
     def is_mixer(self, module: nn.Module) -> bool:
-        return isinstance(module, Mamba2Mixer)
+        return type(module).__name__ in _MIXER_CLASS_NAMES
 
     def state_size(self, mixer: nn.Module) -> int:
         return (int(mixer.conv1d.weight.shape[0]) - mixer.intermediate_size) // (2 * mixer.n_groups)

@@ -1,2 +1,38 @@
-"""Model families with per-layer SSM state sizes. Each subfolder is one Hugging Face model unit (configuration +
-modeling + the files they import), copied as a whole next to saved weights as remote code."""
+"""The Hugging Face modeling units of the SSM families with per-layer state sizes, and their kernels.
+
+Each family is a ``configuration_*.py`` / ``modeling_*.py`` pair; the files they import with single-dot relative
+imports (``modeling_compressssm_common.py``, the kernels ``selective_scan.py``, ``ssd_scan.py``, ``kernel_policy.py``)
+sit in this one folder, because ``save_pretrained`` copies a unit and its relative imports next to the weights as
+remote code. These files import nothing from the rest of the package and only public names of transformers.
+"""
+
+from .configuration_compressssm_mamba import CompreSSMMambaConfig
+from .configuration_compressssm_mamba2 import CompreSSMMamba2Config
+from .modeling_compressssm_mamba import (
+    CompreSSMMambaForCausalLM,
+    CompreSSMMambaForSequenceClassification,
+    CompreSSMMambaMixer,
+    CompreSSMMambaModel,
+    CompreSSMMambaPreTrainedModel,
+)
+from .modeling_compressssm_mamba2 import (
+    CompreSSMMamba2ForCausalLM,
+    CompreSSMMamba2Mixer,
+    CompreSSMMamba2Model,
+    CompreSSMMamba2PreTrainedModel,
+)
+
+
+__all__ = [
+    "CompreSSMMambaConfig",
+    "CompreSSMMambaForCausalLM",
+    "CompreSSMMambaForSequenceClassification",
+    "CompreSSMMambaMixer",
+    "CompreSSMMambaModel",
+    "CompreSSMMambaPreTrainedModel",
+    "CompreSSMMamba2Config",
+    "CompreSSMMamba2ForCausalLM",
+    "CompreSSMMamba2Mixer",
+    "CompreSSMMamba2Model",
+    "CompreSSMMamba2PreTrainedModel",
+]

@@ -7,12 +7,13 @@ from typing import Any
 
 from transformers import AutoConfig, PreTrainedModel
 
-from ..models.mamba import (
+from ..models import (
+    CompreSSMMamba2Config,
+    CompreSSMMamba2ForCausalLM,
     CompreSSMMambaConfig,
     CompreSSMMambaForCausalLM,
     CompreSSMMambaForSequenceClassification,
 )
-from ..models.mamba2 import CompreSSMMamba2Config, CompreSSMMamba2ForCausalLM
 from .arguments import MODEL_TYPES, ModelArguments, UsageError
 from .task_data import TaskData
 

@@ -1,4 +1,4 @@
-"""Portable torch code of the Mamba-2 (SSD) kernels: causal convolution, chunked scan and decode step.
+"""Portable torch code of the Mamba-2 (SSD) kernels: chunked scan and decode step.
 
 Recurrence per head h (group g(h)), channel p and state n, with ``Δ_t = softplus(dt_t + dt_bias)`` clamped to
 ``dt_limit`` and ``A_h < 0``::
@@ -13,37 +13,6 @@ caller can switch between them. This file imports only torch (it is copied next 
 
 import torch
 import torch.nn.functional as F
-
-
-def causal_conv1d(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
-) -> torch.Tensor:
-    """Depthwise causal convolution. x (b, D, L), weight (D, W), bias (D,) -> (b, D, L) in x's dtype."""
-    out = F.conv1d(x.to(weight.dtype), weight.unsqueeze(1), bias, padding=weight.shape[-1] - 1, groups=weight.shape[0])
-    out = out[..., : x.shape[-1]]
-    if activation in ("silu", "swish"):
-        out = F.silu(out)
-    elif activation is not None:
-        raise ValueError(f"causal_conv1d: unsupported activation {activation!r} (use 'silu' or None)")
-    return out.to(x.dtype)
-
-
-def causal_conv1d_step(
-    x: torch.Tensor,
-    conv_state: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-) -> torch.Tensor:
-    """One decode step; shifts ``x`` into ``conv_state`` (b, D, W) in place. x (b, D, 1) -> (b, D, 1)."""
-    window = torch.cat([conv_state, x], dim=-1).to(weight.dtype)
-    conv_state.copy_(window[:, :, -conv_state.shape[-1] :])
-    out = F.conv1d(window, weight.unsqueeze(1), bias, groups=weight.shape[0])[..., -x.shape[-1] :]
-    if activation in ("silu", "swish"):
-        out = F.silu(out)
-    elif activation is not None:
-        raise ValueError(f"causal_conv1d_step: unsupported activation {activation!r} (use 'silu' or None)")
-    return out.to(x.dtype)
 
 
 def _heads(t: torch.Tensor, num_heads: int, dim: int) -> torch.Tensor:

@@ -1,43 +1,49 @@
-"""Mamba-2 models whose layers each have their own SSM state size.
+"""Mamba-2 models whose layers each have their own SSM state size (``model_type = "compressssm_mamba2"``).
 
-The layers are the stock transformers Mamba-2 layers; only the per-layer (per-group) state size ``N`` differs, and
-the mixer reads it from its parameters. The mixer's forward is the stock one, with its kernels chosen per call
-(`CompreSSMMamba2Mixer.kernel_plan`): CPU tensors always run transformers' chunked torch code, CUDA tensors
-``mamba_ssm``'s SSD kernels and ``causal_conv1d`` when installed, within the kernels' limits. This file stands on its
-own (it is copied next to saved weights as Hugging Face remote code): it imports ``torch``, ``transformers`` and the
-sibling ``configuration_compressssm_mamba2.py``.
+The classes are written here and keep the stock transformers Mamba-2 parameter names, shapes and initialisation, so
+stock checkpoints load unchanged (`CompreSSMMamba2ForCausalLM.from_mamba2` / `to_mamba2` are exact). Kernels are
+chosen per call (`CompreSSMMamba2Mixer.kernel_plan`): CPU tensors run the torch code of ``ssd_scan.py``, CUDA tensors
+``mamba_ssm``'s SSD kernels and ``causal_conv1d`` when installed, within the kernels' limits. This file is copied next
+to saved weights as remote code: it imports torch, public names of ``transformers`` and its sibling files.
 """
 
 import importlib
-import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, Mamba2Config, Mamba2ForCausalLM
-from transformers.integrations.accelerate import force_accelerate_hooks
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.models.mamba2 import modeling_mamba2 as _stock
-from transformers.models.mamba2.modeling_mamba2 import (
-    Mamba2Block,
-    Mamba2Mixer,
-    Mamba2Model,
-    Mamba2Output,
-    Mamba2PreTrainedModel,
-    Mamba2RMSNorm,
-)
-from transformers.utils import logging
+from transformers import GenerationMixin, GradientCheckpointingLayer, Mamba2Config, Mamba2ForCausalLM
+from transformers import logging as hf_logging
 
 from .configuration_compressssm_mamba2 import CompreSSMMamba2Config
-from .ssd_scan import causal_conv1d, causal_conv1d_step, ssd_chunk_scan, ssd_state_update
+from .modeling_compressssm_common import (
+    CompreSSMCausalLMMixin,
+    CompreSSMModelOutput,
+    CompreSSMPreTrainedModel,
+    CompreSSMRMSNorm,
+    ForcedHooks,
+    activation_fn,
+    advance_decode_count,
+    apply_padding_mask,
+    backbone_forward,
+    causal_conv1d,
+    causal_conv1d_step,
+    init_copy_,
+    init_kaiming_uniform_,
+    init_ones_,
+    init_zeros_,
+    inverse_softplus_time_steps,
+    kernel_layout,
+)
+from .ssd_scan import ssd_chunk_scan, ssd_state_update
 
 
-logger = logging.get_logger(__name__)
+logger = hf_logging.get_logger(__name__)
 
-# The gated norm class was renamed in transformers 5.25 (MambaRMSNormGated -> Mamba2RMSNormGated).
-_GATED_NORM = getattr(_stock, "Mamba2RMSNormGated", None) or _stock.MambaRMSNormGated
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _IMPORTS: dict[str, Any] = {}
 
@@ -52,31 +58,8 @@ def _try_import(name: str) -> Any:
     return _IMPORTS[name]
 
 
-def apply_mask_to_padding_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Zero the padded positions. hidden_states (b, L, ...) and attention_mask (b, L) -> (b, L, ...)."""
-    if attention_mask is not None:
-        return (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
-    return hidden_states
-
-
-def padding_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    """The (b, length) padding mask the mixers apply, or None when there is nothing to mask: no 2-D mask, a
-    one-token decode step, or no padding. A longer mask (prompt + new tokens) is trimmed to its last ``length``."""
-    if attention_mask is None or attention_mask.ndim != 2 or length == 1 or bool(attention_mask.all()):
-        return None
-    return attention_mask[:, -length:]
-
-
 def _device_type(device) -> str:
     return torch.device(device).type
-
-
-def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (b, D, L) as ``causal_conv1d`` takes it: L-contiguous, or channel-last with 8-aligned D and strides."""
-    if x.stride(2) == 1:
-        return x
-    channel_last = x.stride(1) == 1 and x.shape[1] % 8 == 0 and x.stride(2) % 8 == 0 and x.stride(0) % 8 == 0
-    return x if channel_last else x.contiguous()
 
 
 @dataclass(frozen=True)
@@ -97,43 +80,96 @@ class Mamba2KernelPlan:
     fallbacks: tuple[str, ...] = ()
 
 
-class CompreSSMMamba2Mixer(Mamba2Mixer):
-    """A `Mamba2Mixer` with its own per-group state size ``N = config.state_sizes[layer_idx]``.
+class CompreSSMGatedRMSNorm(nn.Module):
+    """RMS norm of ``x · silu(gate)`` over groups of ``group_size`` channels, scaled by ``weight`` (I,); float32 inside.
+    x, gate (..., I) -> (..., I) in x's dtype."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        self.group_size = group_size
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)
+        if gate is not None:
+            x = x * F.silu(gate.to(torch.float32))
+        *prefix, width = x.shape
+        grouped = x.view(*prefix, width // self.group_size, self.group_size)
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * grouped.view(*prefix, width).to(dtype)
+
+
+class CompreSSMMamba2Mixer(nn.Module):
+    """A Mamba-2 mixer with its own per-group state size ``N = config.state_sizes[layer_idx]``.
 
     Shapes (I = ``intermediate_size``, G = ``n_groups``, H = ``num_heads``): ``in_proj.weight`` is
     (I + (I + 2GN) + H, hidden), split as ``[z | x | B | C | dt]``; ``conv1d.weight`` is (I + 2GN, 1, kernel) over
-    ``[x | B | C]``; ``A_log``, ``D``, ``dt_bias`` are (H,). ``ssm_state_size`` and ``conv_dim`` are read from
-    ``conv1d.weight``, so they always match the parameters (also after a cut). Kernels: see `kernel_plan`.
+    ``[x | B | C]``; ``A_log``, ``D``, ``dt_bias`` are (H,); ``norm`` is the gated RMS norm over I. ``ssm_state_size``
+    and ``conv_dim`` are read from ``conv1d.weight``, so they always match the parameters (also after a cut).
+    Kernels: see `kernel_plan`.
     """
 
-    def __init__(self, config: CompreSSMMamba2Config, layer_idx: int, initialize_mixer_weights: bool = True):
-        super().__init__(config.layer_config(layer_idx), layer_idx, initialize_mixer_weights)
-
-    def _conv_channels(self) -> int | None:
-        conv = self._modules.get("conv1d")
-        return int(conv.weight.shape[0]) if conv is not None else None
+    def __init__(self, config: CompreSSMMamba2Config, layer_idx: int):
+        super().__init__()
+        layer = config.layer_config(layer_idx)
+        self.config = layer
+        self.layer_idx = layer_idx
+        self.hidden_size = layer.hidden_size
+        self.num_heads = layer.num_heads
+        self.head_dim = layer.head_dim
+        self.n_groups = layer.n_groups
+        self.intermediate_size = int(layer.expand * layer.hidden_size)
+        self.time_step_rank = int(layer.time_step_rank)
+        self.conv_kernel_size = layer.conv_kernel
+        self.use_conv_bias = layer.use_conv_bias
+        self.use_bias = layer.use_bias
+        self.activation = layer.hidden_act
+        self.act = activation_fn(layer.hidden_act)
+        self.layer_norm_epsilon = layer.layer_norm_epsilon
+        self.chunk_size = layer.chunk_size
+        self.time_step_limit = layer.time_step_limit
+        self.time_step_min = layer.time_step_min
+        self.time_step_max = layer.time_step_max
+        self.time_step_floor = layer.time_step_floor
+        conv_dim = self.intermediate_size + 2 * self.n_groups * int(layer.state_size)
+        self.conv1d = nn.Conv1d(
+            conv_dim,
+            conv_dim,
+            layer.conv_kernel,
+            groups=conv_dim,
+            padding=layer.conv_kernel - 1,
+            bias=layer.use_conv_bias,
+        )
+        self.in_proj = nn.Linear(
+            self.hidden_size, self.intermediate_size + conv_dim + self.num_heads, bias=layer.use_bias
+        )
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.norm = CompreSSMGatedRMSNorm(
+            self.intermediate_size, group_size=self.intermediate_size // self.n_groups, eps=layer.layer_norm_epsilon
+        )
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=layer.use_bias)
 
     @property
     def ssm_state_size(self) -> int:
         """The layer's per-group state size N, read from ``conv1d.weight`` (I + 2GN channels)."""
-        channels = self._conv_channels()
-        if channels is None:
-            return self.__dict__["_initial_state_size"]
-        return (channels - self.intermediate_size) // (2 * self.n_groups)
-
-    @ssm_state_size.setter
-    def ssm_state_size(self, value: int) -> None:  # set once by `Mamba2Mixer.__init__`, before ``conv1d`` exists
-        self.__dict__["_initial_state_size"] = int(value)
+        return (int(self.conv1d.weight.shape[0]) - self.intermediate_size) // (2 * self.n_groups)
 
     @property
     def conv_dim(self) -> int:
         """Channels of the depthwise convolution, ``I + 2GN``."""
-        channels = self._conv_channels()
-        return channels if channels is not None else self.intermediate_size + 2 * self.n_groups * self.ssm_state_size
+        return int(self.conv1d.weight.shape[0])
 
-    @conv_dim.setter
-    def conv_dim(self, value: int) -> None:  # derived; the stock __init__ assigns it
-        pass
+    @torch.no_grad()
+    def init_ssm_weights(self) -> None:
+        """``A_log = log(1..H)``, ``D = 1``, ``dt_bias`` softplus⁻¹ of a log-uniform step in [time_step_min, max]."""
+        a = torch.arange(1, self.num_heads + 1, device=self.A_log.device, dtype=torch.float32)
+        init_copy_(self.A_log, torch.log(a))
+        init_ones_(self.D)
+        init_copy_(self.dt_bias, inverse_softplus_time_steps(self.num_heads, self, self.dt_bias.device))
 
     def kernel_plan(
         self,
@@ -144,7 +180,7 @@ class CompreSSMMamba2Mixer(Mamba2Mixer):
     ) -> Mamba2KernelPlan:
         """The kernels a forward on ``device``/``dtype`` uses.
 
-        CPU (any device but CUDA): transformers' torch code. CUDA: ``mamba_ssm``'s SSD kernels and ``causal_conv1d``
+        CPU (any device but CUDA): the torch code of ``ssd_scan.py``. CUDA: ``mamba_ssm``'s SSD kernels and ``causal_conv1d``
         when importable and the dtype is float32/float16/bfloat16; ``causal_conv1d`` also needs conv width 2-4 and a
         SiLU activation. The fused training kernel additionally needs plain ``conv1d``/``norm``/``out_proj`` modules
         (an adapter there would be bypassed), no padding in the batch (it does not re-mask after the convolution)
@@ -180,7 +216,9 @@ class CompreSSMMamba2Mixer(Mamba2Mixer):
         fused = False
         if self.training and not cached and scan == "mamba_ssm" and conv == "causal_conv1d":
             plain = (
-                type(self.conv1d) is nn.Conv1d and type(self.out_proj) is nn.Linear and type(self.norm) is _GATED_NORM
+                type(self.conv1d) is nn.Conv1d
+                and type(self.out_proj) is nn.Linear
+                and type(self.norm) is CompreSSMGatedRMSNorm
             )
             padded = attention_mask is not None and not bool(attention_mask.all())
             if self.conv_dim % 8:
@@ -193,7 +231,6 @@ class CompreSSMMamba2Mixer(Mamba2Mixer):
             logger.warning_once(f"CompreSSMMamba2Mixer: {reason}.")
         return Mamba2KernelPlan(scan, conv, fused, step, conv, tuple(fallbacks))
 
-    @force_accelerate_hooks("conv1d")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -201,7 +238,11 @@ class CompreSSMMamba2Mixer(Mamba2Mixer):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """The stock `Mamba2Mixer.forward` with the kernels of `kernel_plan`. (b, L, hidden) → (b, L, hidden)."""
+        """(b, L, hidden) → (b, L, hidden), with the kernels of `kernel_plan`."""
+        with ForcedHooks(self, ("conv1d",)):
+            return self._forward(hidden_states, cache, attention_mask, **kwargs)
+
+    def _forward(self, hidden_states, cache, attention_mask, **kwargs) -> torch.Tensor:
         if "cache_params" in kwargs:  # the stock forward's deprecated name
             cache = kwargs.pop("cache_params")
         batch_size, seq_len, _ = hidden_states.shape
@@ -211,7 +252,7 @@ class CompreSSMMamba2Mixer(Mamba2Mixer):
             conv_state = cache.get_conv_state(self.layer_idx, state_idx=0)
             recurrent_state = cache.get_recurrent_state(self.layer_idx, state_idx=0)
 
-        hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
+        hidden_states = apply_padding_mask(hidden_states, attention_mask)
         projected_states = self.in_proj(hidden_states)
         plan = self.kernel_plan(projected_states.device, projected_states.dtype, cache is not None, attention_mask)
         seq_idx = kwargs.get("seq_idx")
@@ -247,8 +288,7 @@ class CompreSSMMamba2Mixer(Mamba2Mixer):
         hidden_states_B_C = hidden_states_B_C.transpose(1, 2)
         weight = self.conv1d.weight.squeeze(1)
         if conv_state is not None and seq_len == 1 and not cache.is_recording_past(self.layer_idx):
-            if hasattr(cache, "increase_count"):  # transformers >= 5.25 counts decode tokens on the conv step
-                cache.increase_count(self.layer_idx, 0)
+            advance_decode_count(cache, self.layer_idx)
             if plan.conv_step == "causal_conv1d" and conv_state.dtype == hidden_states_B_C.dtype:
                 update = _try_import("causal_conv1d").causal_conv1d_update
             else:
@@ -263,7 +303,7 @@ class CompreSSMMamba2Mixer(Mamba2Mixer):
                 )
             if plan.conv == "causal_conv1d":
                 hidden_states_B_C = _try_import("causal_conv1d").causal_conv1d_fn(
-                    _kernel_layout(hidden_states_B_C),
+                    kernel_layout(hidden_states_B_C),
                     weight,
                     self.conv1d.bias,
                     seq_idx=seq_idx,
@@ -276,7 +316,7 @@ class CompreSSMMamba2Mixer(Mamba2Mixer):
             if cache is not None:
                 hidden_states_B_C = hidden_states_B_C[:, :, -seq_len:]
 
-        hidden_states_B_C = apply_mask_to_padding_states(hidden_states_B_C.transpose(1, 2), attention_mask)
+        hidden_states_B_C = apply_padding_mask(hidden_states_B_C.transpose(1, 2), attention_mask)
         groups_n = self.n_groups * self.ssm_state_size
         hidden_states, B, C = torch.split(hidden_states_B_C, [self.intermediate_size, groups_n, groups_n], dim=-1)
 
@@ -332,82 +372,65 @@ class CompreSSMMamba2Mixer(Mamba2Mixer):
         return self.out_proj(scan_output.to(dtype))
 
 
-class CompreSSMMamba2Block(Mamba2Block):
-    """Pre-norm residual block around a `CompreSSMMamba2Mixer`."""
+class CompreSSMMamba2Block(GradientCheckpointingLayer):
+    """Pre-norm residual block around a `CompreSSMMamba2Mixer`. (b, L, hidden) -> (b, L, hidden)."""
 
     def __init__(self, config: CompreSSMMamba2Config, layer_idx: int):
-        GradientCheckpointingLayer.__init__(self)
+        super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.residual_in_fp32 = config.residual_in_fp32
-        self.norm = Mamba2RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.mixer = CompreSSMMamba2Mixer(config, layer_idx=layer_idx, initialize_mixer_weights=False)
+        self.norm = CompreSSMRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = CompreSSMMamba2Mixer(config, layer_idx=layer_idx)
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
+        if self.residual_in_fp32:
+            residual = residual.to(torch.float32)
+        return residual + self.mixer(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
 
 
-class CompreSSMMamba2PreTrainedModel(Mamba2PreTrainedModel):
+class CompreSSMMamba2PreTrainedModel(CompreSSMPreTrainedModel):
     config_class = CompreSSMMamba2Config
     config: CompreSSMMamba2Config
-    base_model_prefix = "backbone"
     _no_split_modules = ["CompreSSMMamba2Block"]
+    mixer_class = CompreSSMMamba2Mixer
 
-    history_file = "compression_history.json"
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus ``compression_history.json`` when the model was compressed."""
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        history = getattr(self, "compression_history", None)
-        if history and kwargs.get("is_main_process", True):
-            path = os.path.join(save_directory, self.history_file)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(history, f, indent=1)
-            os.replace(tmp, path)
-        return result
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, plus the compression history of a local folder when present."""
-        if kwargs.get("ignore_mismatched_sizes"):
-            raise ValueError(
-                "ignore_mismatched_sizes=True would silently re-initialise the states of any layer whose size differs "
-                "from the checkpoint. CompreSSM models carry their per-layer sizes in config.json: load the checkpoint "
-                "with its own config instead."
-            )
-        try:
-            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except RuntimeError as err:
-            if "mismatch" not in str(err) and "ignore_mismatched_sizes" not in str(err):
-                raise
-            raise ValueError(
-                f"The weights in {pretrained_model_name_or_path} do not match the state sizes of the config used to "
-                f"build the model (see the load report above for the tensors). A compressed checkpoint must be "
-                f"loaded with its own config.json: do not pass a config from another stage of compression, and "
-                f"keep config.json and model.safetensors of one save together."
-            ) from err
-        path = os.path.join(str(pretrained_model_name_or_path), cls.history_file)
-        if os.path.isfile(path):
-            with open(path) as f:
-                model.compression_history = json.load(f)
-        return model
-
-    def state_sizes(self) -> list[int]:
-        """The per-group state size of each layer, read from the parameters."""
-        return [m.ssm_state_size for m in self.modules() if isinstance(m, CompreSSMMamba2Mixer)]
+    def _init_weights(self, module: nn.Module) -> None:
+        """transformers' defaults, then the stock Mamba-2 mixer initialisation (kaiming conv/out_proj)."""
+        super()._init_weights(module)
+        if isinstance(module, CompreSSMMamba2Mixer):
+            module.init_ssm_weights()
+            init_kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+            if module.conv1d.bias is not None:
+                init_zeros_(module.conv1d.bias)
+            init_kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
+            if self.config.rescale_prenorm_residual and not getattr(
+                module.out_proj.weight, "_is_hf_initialized", False
+            ):
+                with torch.no_grad():
+                    module.out_proj.weight /= math.sqrt(self.config.num_hidden_layers)
 
 
-class CompreSSMMamba2Model(CompreSSMMamba2PreTrainedModel, Mamba2Model):
-    """The bare Mamba-2 backbone with per-layer state sizes; outputs `Mamba2Output`."""
+class CompreSSMMamba2Model(CompreSSMMamba2PreTrainedModel):
+    """The bare Mamba-2 backbone with per-layer state sizes; outputs `CompreSSMModelOutput`."""
 
     def __init__(self, config: CompreSSMMamba2Config):
-        Mamba2PreTrainedModel.__init__(self, config)
+        super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             [CompreSSMMamba2Block(config, layer_idx=idx) for idx in range(config.num_hidden_layers)]
         )
         self.gradient_checkpointing = False
-        self.norm_f = Mamba2RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self._register_load_state_dict_pre_hook(self.load_hook)
+        self.norm_f = CompreSSMRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.embeddings = new_embeddings
 
     def forward(
         self,
@@ -419,49 +442,18 @@ class CompreSSMMamba2Model(CompreSSMMamba2PreTrainedModel, Mamba2Model):
         return_dict: bool | None = None,
         attention_mask: torch.Tensor | None = None,
         **kwargs,
-    ) -> "tuple | Mamba2Output":
-        """Embeddings → blocks → final norm. input_ids (b, L) or inputs_embeds (b, L, hidden) → (b, L, hidden).
-
-        A cache is made only when ``use_cache`` (default: ``config.use_cache`` outside training)."""
-        if "cache_params" in kwargs:
-            cache = kwargs.pop("cache_params")
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embeddings(input_ids)
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        mask = padding_mask(attention_mask, inputs_embeds.shape[1])
-        hidden_states = inputs_embeds
-        all_hidden_states = () if output_hidden_states else None
-        for block in self.layers:
-            hidden_states = block(hidden_states, cache=cache if use_cache else None, attention_mask=mask)
-            if output_hidden_states:
-                all_hidden_states = all_hidden_states + (hidden_states,)
-        hidden_states = self.norm_f(hidden_states)
-        if output_hidden_states:
-            all_hidden_states = all_hidden_states + (hidden_states,)
-        if not return_dict:
-            return tuple(v for v in (hidden_states, cache if use_cache else None, all_hidden_states) if v is not None)
-        return Mamba2Output(
-            last_hidden_state=hidden_states, cache=cache if use_cache else None, hidden_states=all_hidden_states
+    ) -> tuple | CompreSSMModelOutput:
+        """See `modeling_compressssm_common.backbone_forward`."""
+        return backbone_forward(
+            self, input_ids, inputs_embeds, cache, use_cache, output_hidden_states, return_dict, attention_mask, kwargs
         )
 
 
-class CompreSSMMamba2ForCausalLM(CompreSSMMamba2PreTrainedModel, Mamba2ForCausalLM):
+class CompreSSMMamba2ForCausalLM(CompreSSMCausalLMMixin, CompreSSMMamba2PreTrainedModel, GenerationMixin):
     """Mamba-2 language model with per-layer state sizes."""
 
-    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
-
     def __init__(self, config: CompreSSMMamba2Config):
-        Mamba2PreTrainedModel.__init__(self, config)
+        super().__init__(config)
         self.backbone = CompreSSMMamba2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
@@ -472,6 +464,8 @@ class CompreSSMMamba2ForCausalLM(CompreSSMMamba2PreTrainedModel, Mamba2ForCausal
 
         The logits of the returned model equal those of the stock model.
         """
+        if isinstance(model_or_path, CompreSSMPreTrainedModel):
+            raise TypeError("The model is already a CompreSSM Mamba-2 model; use it directly.")
         if isinstance(model_or_path, (str, os.PathLike)):
             source = str(model_or_path)
             stock = Mamba2ForCausalLM.from_pretrained(source, **from_pretrained_kwargs)
@@ -515,9 +509,11 @@ _NON_ARCH_KEYS = {"model_type", "architectures", "transformers_version", "auto_m
 
 
 __all__ = [
+    "CompreSSMMamba2Block",
     "CompreSSMMamba2ForCausalLM",
-    "Mamba2KernelPlan",
     "CompreSSMMamba2Mixer",
     "CompreSSMMamba2Model",
     "CompreSSMMamba2PreTrainedModel",
+    "CompreSSMGatedRMSNorm",
+    "Mamba2KernelPlan",
 ]

@@ -1,0 +1,460 @@
+"""What every CompreSSM model family shares: norms, padding masks, outputs, weight init and the save/load contract.
+
+The contract (`CompreSSMPreTrainedModel`): a model is saved only when its config describes its parameters (a folder
+that could not be loaded is never written), ``compression_history.json`` is written atomically and a corrupt one
+only warns on load, and loading is strict about the SSM layers: a checkpoint that lacks layer tensors, has another
+layer count, or would have layer tensors re-initialised by ``ignore_mismatched_sizes=True`` is refused. Loading
+without a checkpoint (``from_pretrained(None, config=..., state_dict=...)``) is the caller's explicit choice and is
+not checked.
+
+This file is copied next to saved weights as remote code: it imports torch, public names of ``transformers`` and
+``transformers.modeling_outputs`` only.
+"""
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel, logging
+from transformers.modeling_outputs import ModelOutput
+
+
+logger = logging.get_logger(__name__)
+
+try:  # transformers' init functions skip tensors that were loaded from a checkpoint
+    from transformers import initialization as _init
+except ImportError:  # pragma: no cover - depends on the transformers release
+    _init = None
+    logger.warning_once(
+        "transformers.initialization is missing in this transformers release: CompreSSM models initialise their "
+        "weights with torch.nn.init, skipping tensors marked as loaded (_is_hf_initialized)."
+    )
+
+
+def _guarded(fn):
+    def apply(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if getattr(tensor, "_is_hf_initialized", False):
+            return tensor
+        with torch.no_grad():
+            return fn(tensor, *args, **kwargs)
+
+    return apply
+
+
+init_ones_ = getattr(_init, "ones_", None) or _guarded(nn.init.ones_)
+init_zeros_ = getattr(_init, "zeros_", None) or _guarded(nn.init.zeros_)
+init_copy_ = getattr(_init, "copy_", None) or _guarded(lambda t, other: t.copy_(other))
+init_constant_ = getattr(_init, "constant_", None) or _guarded(nn.init.constant_)
+init_uniform_ = getattr(_init, "uniform_", None) or _guarded(nn.init.uniform_)
+init_kaiming_uniform_ = getattr(_init, "kaiming_uniform_", None) or _guarded(nn.init.kaiming_uniform_)
+
+
+def inverse_softplus_time_steps(size: int, config, device) -> torch.Tensor:
+    """Time-step biases: Δ log-uniform in [time_step_min, time_step_max] (floored), returned as softplus⁻¹(Δ) (size,)."""
+    low, high = math.log(config.time_step_min), math.log(config.time_step_max)
+    dt = torch.exp(torch.rand(size, device=device, dtype=torch.float32) * (high - low) + low)
+    dt = dt.clamp(min=config.time_step_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class CompreSSMRMSNorm(nn.Module):
+    """RMS norm over the last axis with a learned scale ``weight`` (hidden,), computed in float32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
+
+
+def apply_padding_mask(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero padded positions. hidden_states (b, L, ...), attention_mask (b, L) of 0/1 -> (b, L, ...)."""
+    if attention_mask is None:
+        return hidden_states
+    return (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+
+
+def padding_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """The (b, length) padding mask the mixers apply, or None when there is nothing to mask: no 2-D mask, a
+    one-token decode step, or no padding. A longer mask (prompt + new tokens) is trimmed to its last ``length``."""
+    if attention_mask is None or attention_mask.ndim != 2 or length == 1 or bool(attention_mask.all()):
+        return None
+    return attention_mask[:, -length:]
+
+
+_ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh}
+
+
+def activation_fn(name: str | None):
+    """The elementwise activation called ``name`` (None: identity); `ValueError` for one these models lack."""
+    if name is None:
+        return None
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"hidden_act={name!r} is not supported; use one of {sorted(_ACTIVATIONS)}.")
+    return _ACTIVATIONS[name]
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+) -> torch.Tensor:
+    """Depthwise causal convolution. x (b, D, L), weight (D, W), bias (D,) -> (b, D, L) in x's dtype."""
+    out = F.conv1d(x.to(weight.dtype), weight.unsqueeze(1), bias, padding=weight.shape[-1] - 1, groups=weight.shape[0])
+    act = activation_fn(activation)
+    out = out[..., : x.shape[-1]]
+    return (act(out) if act is not None else out).to(x.dtype)
+
+
+def causal_conv1d_step(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """One decode step; shifts ``x`` into ``conv_state`` (b, D, W) in place. x (b, D, 1) -> (b, D, 1)."""
+    window = torch.cat([conv_state, x], dim=-1).to(weight.dtype)
+    conv_state.copy_(window[:, :, -conv_state.shape[-1] :])
+    out = F.conv1d(window, weight.unsqueeze(1), bias, groups=weight.shape[0])[..., -x.shape[-1] :]
+    act = activation_fn(activation)
+    return (act(out) if act is not None else out).to(x.dtype)
+
+
+def kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (b, D, L) as ``causal_conv1d``'s CUDA kernel takes it: L-contiguous, or channel-last with 8-aligned D
+    and strides."""
+    if x.stride(2) == 1:
+        return x
+    channel_last = x.stride(1) == 1 and x.shape[1] % 8 == 0 and x.stride(2) % 8 == 0 and x.stride(0) % 8 == 0
+    return x if channel_last else x.contiguous()
+
+
+def advance_decode_count(cache: Any, layer_idx: int) -> None:
+    """Count one decoded token in ``cache`` for a layer whose conv state is updated in place (transformers >= 5.25
+    counts tokens this way; older caches have no count to advance)."""
+    if hasattr(cache, "increase_count"):
+        cache.increase_count(layer_idx, 0)
+
+
+class ForcedHooks:
+    """Fire accelerate's hooks of child modules whose weights a forward reads directly (CPU/disk offloading)."""
+
+    def __init__(self, module: nn.Module, names: tuple[str, ...]):
+        self.pairs = [(child, getattr(child, "_hf_hook", None)) for child in (getattr(module, n) for n in names)]
+
+    def __enter__(self):
+        for child, hook in self.pairs:
+            if hook is not None:
+                hook.pre_forward(child)
+
+    def __exit__(self, *exc):
+        for child, hook in reversed(self.pairs):
+            if hook is not None:
+                hook.post_forward(child, ())
+
+
+@dataclass
+class CompreSSMModelOutput(ModelOutput):
+    """Backbone output: ``last_hidden_state`` (b, L, hidden), the decode ``cache``, optional ``hidden_states``."""
+
+    last_hidden_state: torch.Tensor | None = None
+    cache: Any | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class CompreSSMCausalLMOutput(ModelOutput):
+    """Causal-LM output: ``loss``, ``logits`` (b, L, vocab), the decode ``cache``, optional ``hidden_states``."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: Any | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def backbone_forward(
+    model, input_ids, inputs_embeds, cache, use_cache, output_hidden_states, return_dict, attention_mask, kwargs
+) -> tuple | CompreSSMModelOutput:
+    """The forward of every CompreSSM backbone: embeddings → blocks → final norm. input_ids (b, L) or inputs_embeds
+    (b, L, hidden) → (b, L, hidden). A decode cache is made when ``use_cache`` (default: ``config.use_cache`` outside
+    training)."""
+    if "cache_params" in kwargs:  # the older name transformers used for the decode cache
+        cache = kwargs.pop("cache_params")
+    config = model.config
+    output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+    use_cache = use_cache if use_cache is not None else (config.use_cache and not model.training)
+    return_dict = return_dict if return_dict is not None else config.return_dict
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
+    if inputs_embeds is None:
+        inputs_embeds = model.embeddings(input_ids)
+    if model.gradient_checkpointing and model.training and use_cache:
+        use_cache = False
+    if use_cache and cache is None:
+        cache = DynamicCache(config=config)
+    if not use_cache:
+        cache = None
+    mask = padding_mask(attention_mask, inputs_embeds.shape[1])
+    hidden_states = inputs_embeds
+    all_hidden_states = () if output_hidden_states else None
+    for block in model.layers:
+        hidden_states = block(hidden_states, cache=cache, attention_mask=mask)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states + (hidden_states,)
+    hidden_states = model.norm_f(hidden_states)
+    if output_hidden_states:
+        all_hidden_states = all_hidden_states + (hidden_states,)
+    if not return_dict:
+        return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
+    return CompreSSMModelOutput(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+
+
+class CompreSSMCausalLMMixin:
+    """The language-model head over ``self.backbone`` shared by the families (list it before the family's
+    pre-trained class and `GenerationMixin`). ``lm_head`` is tied to the input embeddings when
+    ``config.tie_word_embeddings``."""
+
+    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings):
+        self.backbone.set_input_embeddings(new_embeddings)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        inputs_embeds=None,
+        use_cache=None,
+        cache=None,
+        attention_mask=None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ):
+        """`GenerationMixin`'s inputs; after the first step the recurrent state carries the past, so no mask."""
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            cache=cache,
+            attention_mask=attention_mask,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        if use_cache and not is_first_iteration:
+            model_inputs["attention_mask"] = None
+        return model_inputs
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Any | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> tuple | CompreSSMCausalLMOutput:
+        """Backbone → ``lm_head``: logits (b, L, vocab) in float32 (the last ``logits_to_keep`` positions when it is
+        > 0); ``labels`` (b, L) give the shifted next-token cross-entropy (-100 ignored)."""
+        if "cache_params" in kwargs:
+            cache = kwargs.pop("cache_params")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.backbone(
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            attention_mask=attention_mask,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            output = tuple(v for v in (logits, outputs.cache, outputs.hidden_states) if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return CompreSSMCausalLMOutput(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _layer_of(key: str) -> int | None:
+    match = _LAYER_KEY.search(key)
+    return int(match.group(1)) if match else None
+
+
+class CompreSSMPreTrainedModel(PreTrainedModel):
+    """Base of every CompreSSM model: per-layer sizes read from the mixers, strict loading, history file.
+
+    A family's mixer exposes ``ssm_state_size`` (read from its parameters); ``mixer_class`` names it.
+    """
+
+    base_model_prefix = "backbone"
+    supports_gradient_checkpointing = True
+    _is_stateful = True
+    history_file = "compression_history.json"
+    mixer_class: type[nn.Module] = nn.Module  # set by each family
+
+    def ssm_mixers(self) -> list[nn.Module]:
+        """The SSM mixers, in layer order."""
+        return [m for m in self.modules() if isinstance(m, self.mixer_class)]
+
+    def state_sizes(self) -> list[int]:
+        """The state size of each layer, read from the parameters."""
+        return [int(m.ssm_state_size) for m in self.ssm_mixers()]
+
+    def check_savable(self) -> None:
+        """Raise `ValueError` unless a folder saved now loads back: the config's invariants hold and its
+        ``num_hidden_layers`` / ``state_sizes`` equal the layers and parameter shapes of this model."""
+        config = self.config
+        sizes = self.state_sizes()
+        if len(sizes) != config.num_hidden_layers:
+            raise ValueError(
+                f"config.num_hidden_layers={config.num_hidden_layers} but the model has {len(sizes)} layers: a folder "
+                f"saved like this could not be loaded. Set config.num_hidden_layers = {len(sizes)}."
+            )
+        if hasattr(config, "check_invariants"):
+            config.check_invariants()
+        if config.state_sizes is not None and list(config.state_sizes) != sizes:
+            raise ValueError(
+                f"config.state_sizes={list(config.state_sizes)} but the layers' parameters have state sizes {sizes}: "
+                f"a folder saved like this could not be loaded. Set config.state_sizes = model.state_sizes() (cuts "
+                f"made with hf_compressssm keep them in sync)."
+            )
+        config.check_state_sizes(sizes)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus ``compression_history.json`` (written atomically) when the model
+        was compressed. The config is checked against the model first: nothing is written if it is inconsistent."""
+        self.check_savable()
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        history = getattr(self, "compression_history", None)
+        if history and kwargs.get("is_main_process", True):
+            write_json_atomic(os.path.join(save_directory, self.history_file), history)
+        return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, strict about the SSM layers, plus the compression history of a local
+        folder when present.
+
+        Raises `ValueError` when a layer tensor is missing from the checkpoint, when the checkpoint's layer count
+        differs from ``config.num_hidden_layers``, or when ``ignore_mismatched_sizes=True`` would re-initialise a layer
+        tensor (head tensors such as ``classifier.weight`` may be). A size mismatch without
+        ``ignore_mismatched_sizes`` keeps transformers' error, with a note on what to do. A corrupt
+        ``compression_history.json`` only warns. ``pretrained_model_name_or_path=None`` (weights from ``state_dict``
+        or none at all) is not checked.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except RuntimeError as err:
+            if "ignore_mismatched_sizes" in str(err) or "size mismatch" in str(err):
+                err.add_note(
+                    "CompreSSM models keep their per-layer state sizes in config.json: if the mismatched tensors are "
+                    "layer tensors such as A_log, x_proj.weight, in_proj.weight or conv1d.weight, load the folder "
+                    "with its own config.json (not a config from another stage of compression). If only head tensors "
+                    "such as classifier.weight differ (e.g. a new num_labels), pass ignore_mismatched_sizes=True to "
+                    "re-initialise the head."
+                )
+            raise
+        if pretrained_model_name_or_path is not None:
+            _check_loading_info(model, info, pretrained_model_name_or_path)
+            path = os.path.join(str(pretrained_model_name_or_path), cls.history_file)
+            if os.path.isfile(path):
+                history = read_history(path)
+                if history is not None:
+                    model.compression_history = history
+        return (model, info) if output_loading_info else model
+
+
+def _check_loading_info(model: nn.Module, info: dict, source) -> None:
+    """Refuse a load that re-initialised or dropped SSM layer tensors (see `CompreSSMPreTrainedModel.from_pretrained`)."""
+    num_layers = model.config.num_hidden_layers
+    bare = not hasattr(model, model.base_model_prefix)  # the bare backbone: every key is a backbone key
+
+    def in_backbone(key: str) -> bool:
+        return bare or key.startswith(model.base_model_prefix + ".")
+
+    layer_mismatches = sorted(m for m in info.get("mismatched_keys", ()) if _layer_of(m[0]) is not None)
+    if layer_mismatches:
+        listed = "; ".join(f"{key}: checkpoint {tuple(a)} vs model {tuple(b)}" for key, a, b in layer_mismatches)
+        raise ValueError(
+            f"ignore_mismatched_sizes=True would re-initialise SSM layer tensors of {source}: {listed}. Only head "
+            f"tensors (e.g. classifier.weight / classifier.bias) may be re-initialised on load. The config's "
+            f"state_sizes do not match the checkpoint: load the folder with its own config.json."
+        )
+    missing = sorted(k for k in info.get("missing_keys", ()) if in_backbone(k))
+    extra_layers = sorted({i for k in info.get("unexpected_keys", ()) if (i := _layer_of(k)) is not None})
+    model_layer_keys = [k for k, _ in model.state_dict().items() if _layer_of(k) is not None]
+    loaded_layers = {_layer_of(k) for k in model_layer_keys if k not in set(missing)}
+    checkpoint_layers = max(loaded_layers | set(extra_layers), default=-1) + 1
+    if extra_layers or (missing and checkpoint_layers != num_layers):
+        raise ValueError(
+            f"The checkpoint in {source} has {checkpoint_layers} layers but config.num_hidden_layers={num_layers}: "
+            f"layers would be {'dropped' if extra_layers else 're-initialised at random'}. Keep config.json and the "
+            f"weights of one save together (num_hidden_layers and state_sizes must describe the checkpoint)."
+        )
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(
+            f"The checkpoint in {source} lacks {len(missing)} backbone tensor(s): {shown}. They would be "
+            f"re-initialised at random, which a compressed layer never survives. Use a complete checkpoint (a folder "
+            f"written by save_pretrained), or build the model with from_config and load weights yourself."
+        )
+
+
+def read_history(path: str) -> list | None:
+    """``compression_history.json`` as a list, or None with a warning when the file is unreadable or corrupt."""
+    try:
+        with open(path) as f:
+            history = json.load(f)
+        if not isinstance(history, list):
+            raise ValueError(f"expected a JSON list, got {type(history).__name__}")
+    except (OSError, ValueError) as err:
+        logger.warning(
+            f"Ignoring {path}: it could not be read ({err}). The weights loaded normally; only the compression "
+            f"history (metadata) is missing. Delete or restore the file to silence this warning."
+        )
+        return None
+    return history
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write ``obj`` as JSON through a temporary file and a rename (a reader never sees a half-written file)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
