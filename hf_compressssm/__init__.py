@@ -9,7 +9,7 @@ Importing the package registers the model families (Mamba-1, Mamba-2) with the A
 for remote-code export, so ``save_pretrained`` writes ``auto_map`` and the self-contained configuration/modeling files next to the weights.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from transformers import (
     AutoConfig,

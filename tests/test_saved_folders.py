@@ -254,3 +254,18 @@ def test_upgrade_removes_only_our_obsolete_code_files(tmp_path):
     }
     assert digests(folder)["model.safetensors"] == weights
     assert upgrade_folder(folder) == []
+
+
+def test_loading_an_old_folder_names_the_upgrade_command(tmp_path, caplog):
+    from hf_compressssm.models import modeling_compressssm_common as common
+
+    folder = tmp_path / "old"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "saved_f9ea757_mamba2", folder)
+    with caplog.at_level("WARNING"):
+        common._warn_if_old_code(str(folder))
+    assert f"python -m hf_compressssm upgrade {folder}" in caplog.text
+    upgrade_folder(folder)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        common._warn_if_old_code(str(folder))
+    assert "upgrade" not in caplog.text

@@ -390,6 +390,7 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
             raise
         if pretrained_model_name_or_path is not None:
             _check_loading_info(model, info, pretrained_model_name_or_path)
+            _warn_if_old_code(str(pretrained_model_name_or_path))
             path = os.path.join(str(pretrained_model_name_or_path), cls.history_file)
             if os.path.isfile(path):
                 history = read_history(path)
@@ -431,6 +432,20 @@ def _check_loading_info(model: nn.Module, info: dict, source) -> None:
             f"The checkpoint in {source} lacks {len(missing)} backbone tensor(s): {shown}. They would be "
             f"re-initialised at random, which a compressed layer never survives. Use a complete checkpoint (a folder "
             f"written by save_pretrained), or build the model with from_config and load weights yourself."
+        )
+
+
+def _warn_if_old_code(folder: str) -> None:
+    """Warn once when a local folder carries modeling code from before this shared file existed: that code imports
+    transformers' private names and fails to load as remote code on newer transformers releases."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return
+    shipped = [f for f in os.listdir(folder) if f.startswith("modeling_compressssm_") and f.endswith(".py")]
+    if shipped and "modeling_compressssm_common.py" not in shipped:
+        logger.warning_once(
+            f"{folder} carries CompreSSM modeling code written before version 0.3 of hf_compressssm: it loads here "
+            f"(the installed package's classes are used), but not with trust_remote_code=True on transformers >= "
+            f"5.25. Run `python -m hf_compressssm upgrade {folder}` to rewrite its code files (weights untouched)."
         )
 
 
