@@ -29,6 +29,7 @@ class MambaFamily(SSMFamily):
     convert_hint = "CompreSSMMambaForCausalLM.from_mamba(model)"
     remote_code_files = (
         "configuration_compressssm_mamba.py",
+        "configuration_compressssm_common.py",
         "modeling_compressssm_mamba.py",
         "modeling_compressssm_common.py",
         "selective_scan.py",

@@ -39,6 +39,7 @@ class Mamba2Family(SSMFamily):
     convert_hint = "CompreSSMMamba2ForCausalLM.from_mamba2(model)"
     remote_code_files = (
         "configuration_compressssm_mamba2.py",
+        "configuration_compressssm_common.py",
         "modeling_compressssm_mamba2.py",
         "modeling_compressssm_common.py",
         "ssd_scan.py",

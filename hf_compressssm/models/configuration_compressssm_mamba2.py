@@ -1,17 +1,18 @@
 """Configuration of a Mamba-2 model whose layers each have their own SSM state size.
 
 This file stands on its own (it is copied next to saved weights as Hugging Face remote code): it imports only
-``transformers``, ``huggingface_hub`` and the standard library.
+``transformers``, ``huggingface_hub``, the standard library and its sibling
+``configuration_compressssm_common.py`` (the per-layer state sizes both families share).
 """
-
-from collections.abc import Sequence
 
 from huggingface_hub.dataclasses import strict
 from transformers import Mamba2Config
 
+from .configuration_compressssm_common import PerLayerStateSizes
+
 
 @strict
-class CompreSSMMamba2Config(Mamba2Config):
+class CompreSSMMamba2Config(PerLayerStateSizes, Mamba2Config):
     r"""
     A [`Mamba2Config`] with one SSM state size per layer.
 
@@ -59,39 +60,6 @@ class CompreSSMMamba2Config(Mamba2Config):
             self.state_sizes = [int(self.state_size)] * int(self.num_hidden_layers)
         else:
             self.state_sizes = self.check_state_sizes(self.state_sizes)
-
-    def check_state_sizes(self, state_sizes: Sequence[int]) -> list[int]:
-        """Check a per-layer state-size list against this config and return it as a new list of ints.
-
-        Raises `ValueError` naming the first offending layer and the rule it breaks.
-        """
-        if isinstance(state_sizes, (str, bytes)) or not isinstance(state_sizes, Sequence):
-            raise ValueError(f"state_sizes must be a list with one int per layer, got {type(state_sizes).__name__}.")
-        if len(state_sizes) != self.num_hidden_layers:
-            raise ValueError(
-                f"state_sizes has {len(state_sizes)} entries but the model has num_hidden_layers="
-                f"{self.num_hidden_layers}: give exactly one state size per layer."
-            )
-        checked = []
-        for layer, size in enumerate(state_sizes):
-            if isinstance(size, bool) or not isinstance(size, int):
-                raise ValueError(f"state_sizes[{layer}] must be an int, got {size!r} ({type(size).__name__}).")
-            if size < 1:
-                raise ValueError(f"state_sizes[{layer}]={size} is invalid: every layer needs at least 1 state.")
-            if size > self.state_size:
-                raise ValueError(
-                    f"state_sizes[{layer}]={size} exceeds state_size={self.state_size}, the largest allowed size; "
-                    f"raise state_size or shrink that layer."
-                )
-            checked.append(int(size))
-        return checked
-
-    def with_state_sizes(self, state_sizes: Sequence[int]) -> "CompreSSMMamba2Config":
-        """Return a new config equal to this one except for ``state_sizes`` (this config is left untouched)."""
-        checked = self.check_state_sizes(state_sizes)
-        new = self.__class__.from_dict(self.to_dict())
-        new.state_sizes = checked
-        return new
 
     def layer_config(self, layer_idx: int) -> Mamba2Config:
         """A stock `Mamba2Config` describing layer ``layer_idx`` (its ``state_size`` is that layer's size)."""
