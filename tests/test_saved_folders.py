@@ -32,6 +32,9 @@ from hf_compressssm.__main__ import main
 from hf_compressssm.hub.upgrade import UpgradeError, folder_needs_upgrade, upgrade_folder
 
 
+pytestmark = pytest.mark.compat
+
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 NEW_FIXTURES = ["saved_f9ea757_mamba", "saved_f9ea757_mamba2"]

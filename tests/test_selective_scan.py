@@ -164,6 +164,7 @@ def test_float32_matches_transformers_reference(bsz, dim, seqlen, n, flags):
         )
 
 
+@pytest.mark.compat
 @needs_numba
 @pytest.mark.parametrize("bsz,dim,seqlen,n", [(2, 16, 33, 16), (1, 3, 1, 2), (2, 32, 64, 5)])
 def test_float64_tight(bsz, dim, seqlen, n):
@@ -186,6 +187,7 @@ def test_float64_tight(bsz, dim, seqlen, n):
         assert_close(grads[k], rgrads[k], 1e-6, f"d{k} (reference rounded to float32)")
 
 
+@pytest.mark.compat
 @needs_numba
 def test_gradcheck_float64_with_initial_and_last_state():
     inputs = make_inputs(1, 3, 4, 2, torch.float64, seed=3)
