@@ -21,6 +21,8 @@ import hf_compressssm
 from hf_compressssm import CompreSSMMamba2ForCausalLM, CompreSSMMambaForCausalLM
 
 
+pytestmark = pytest.mark.compat  # also run on the declared minimum versions (.ci/run's second pass)
+
 MODELS = Path(hf_compressssm.__file__).parent / "models"
 SHIPPED = sorted(p for p in MODELS.glob("*.py") if p.name != "__init__.py")
 
@@ -147,3 +149,42 @@ def test_left_padded_cached_generation_matches_stock(family):
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(ours.eval().generate(ids, **kwargs), stock.eval().generate(ids, **kwargs))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_remote_code_without_the_package_or_numba_runs_on_torch(family, tmp_path):
+    """A folder loaded with trust_remote_code in a process that has neither hf_compressssm nor numba."""
+    import os
+    import subprocess
+
+    from helpers import BLOCK_PACKAGE
+
+    _, ours = _pair(family, seed=7)
+    ours.eval()
+    ids = random_ids()
+    with torch.no_grad():
+        expected = ours(ids).logits
+    ours.save_pretrained(tmp_path / "model")
+    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
+    script = (
+        BLOCK_PACKAGE
+        + "sys.modules['numba'] = None  # import numba -> ImportError\n"
+        + f"""
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
+data = torch.load({str(tmp_path / "expected.pt")!r})
+with torch.no_grad():
+    torch.testing.assert_close(model(data['ids']).logits, data['logits'], atol=1e-4, rtol=1e-4)
+assert sys.modules.get('numba') is None
+print('REMOTE_OK', type(model).__name__)
+"""
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_COMPRESSSSM_SCAN_BACKEND")}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"REMOTE_OK {type(ours).__name__}" in result.stdout
