@@ -20,7 +20,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_compressssm import CompreSSMCallback
 from hf_compressssm.families import find_mixers
-from hf_compressssm.models import modeling_compressssm_mamba2 as m2
+from hf_compressssm.models import kernel_policy
 
 
 pytestmark = pytest.mark.compat
@@ -33,9 +33,9 @@ if missing_packages():
 def emulated(stock: bool = False, as_cuda: bool = True):
     """Emulated kernels; CPU tensors count as CUDA for the Mamba-2 mixer when ``as_cuda``."""
     return emulated_cuda(
-        device_hooks=((m2, "_device_type"),) if as_cuda else (),
+        device_hooks=((kernel_policy, "_device_type"),) if as_cuda else (),
         patches=(*ssd_patches(), *(stock_mamba2_patches() if stock else ())),
-        import_caches=(m2._IMPORTS,),
+        import_caches=(kernel_policy._IMPORTS,),
     )
 
 

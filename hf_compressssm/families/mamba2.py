@@ -43,6 +43,7 @@ class Mamba2Family(SSMFamily):
         "modeling_compressssm_mamba2.py",
         "modeling_compressssm_common.py",
         "ssd_scan.py",
+        "kernel_policy.py",
     )
     #: ``in_proj`` and ``out_proj`` are called as modules on the torch path; ``conv1d``'s weight is read directly.
     lora_targets = ("in_proj", "out_proj")

@@ -321,3 +321,86 @@ def available_backends(device=None) -> list[str]:
         out.append("mambapy")
     out.append("torch")
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mamba-2
+# --------------------------------------------------------------------------------------------------------------
+
+_SSD_MODULE = "mamba_ssm.ops.triton.ssd_combined"
+
+
+@dataclass(frozen=True)
+class Mamba2KernelPlan:
+    """The kernels one Mamba-2 forward uses.
+
+    ``scan``: ``mamba_ssm`` (triton SSD, ``mamba_chunk_scan_combined``) | ``torch``; ``conv`` and ``conv_step``:
+    ``causal_conv1d`` | ``torch``; ``step`` (decode state update): ``mamba_ssm`` | ``torch``; ``fused``: a training
+    forward runs ``mamba_split_conv1d_scan_combined`` (reads ``conv1d``, ``norm`` and ``out_proj`` weights directly);
+    ``fallbacks``: why a kernel was not used on CUDA (warned once).
+    """
+
+    scan: str
+    conv: str
+    fused: bool
+    step: str
+    conv_step: str
+    fallbacks: tuple[str, ...] = ()
+
+
+def plan_mamba2_kernels(
+    device,
+    dtype: torch.dtype | None = None,
+    *,
+    conv_width: int,
+    activation: str | None,
+    training: bool,
+    cached: bool,
+    plain_modules: bool,
+    padded: bool,
+    conv_dim: int,
+    state_size: int,
+) -> Mamba2KernelPlan:
+    """The kernels of one Mamba-2 forward.
+
+    CPU (any device but CUDA): the torch code of ``ssd_scan.py``. CUDA: ``mamba_ssm``'s SSD kernels and
+    ``causal_conv1d`` when importable and the dtype is float32/float16/bfloat16; ``causal_conv1d`` also needs conv
+    width 2-4 and a SiLU activation. The fused training kernel additionally needs plain ``conv1d``/``norm``/``out_proj``
+    modules (an adapter there would be bypassed), no padding in the batch (it does not re-mask after the convolution)
+    and ``I + 2GN`` (``conv_dim``) divisible by 8 (``mamba_ssm``'s ``ensure_stride`` asserts it); otherwise the
+    unfused kernels run. ``fallbacks`` says why a kernel was not used on CUDA.
+    """
+    if _device_type(device) != "cuda":
+        return Mamba2KernelPlan("torch", "torch", False, "torch", "torch")
+    fallbacks = []
+    dtype_ok = dtype is None or dtype in KERNEL_DTYPES
+    ssd = _try_import(_SSD_MODULE)
+    if ssd is None:
+        fallbacks.append(
+            'mamba_ssm is not installed: the SSD scan runs the torch code on CUDA (pip install "hf-compressssm[cuda]")'
+        )
+    elif not dtype_ok:
+        fallbacks.append(f"the mamba_ssm SSD kernels cannot take dtype {dtype}: using the torch code")
+    scan = "mamba_ssm" if ssd is not None and dtype_ok else "torch"
+    step = "mamba_ssm" if scan == "mamba_ssm" else "torch"
+    conv = "torch"
+    if _try_import(_CONV_MODULE) is None:
+        fallbacks.append(
+            'causal_conv1d is not installed: the convolution runs in torch (pip install "hf-compressssm[cuda]")'
+        )
+    elif conv_width not in CONV_WIDTHS or activation not in ("silu", "swish") or not dtype_ok:
+        fallbacks.append(
+            f"causal_conv1d cannot take conv_kernel={conv_width}, hidden_act={activation!r}, dtype {dtype}: using "
+            f"the torch convolution"
+        )
+    else:
+        conv = "causal_conv1d"
+    fused = False
+    if training and not cached and scan == "mamba_ssm" and conv == "causal_conv1d":
+        if conv_dim % 8:
+            fallbacks.append(
+                f"the fused mamba_ssm kernel needs I + 2GN divisible by 8, got {conv_dim} (N = {state_size}): using "
+                f"the unfused kernels"
+            )
+        fused = plain_modules and not padded and conv_dim % 8 == 0
+    return Mamba2KernelPlan(scan, conv, fused, step, conv, tuple(fallbacks))

@@ -7,10 +7,8 @@ chosen per call (`CompreSSMMamba2Mixer.kernel_plan`): CPU tensors run the torch 
 to saved weights as remote code: it imports torch, public names of ``transformers`` and its sibling files.
 """
 
-import importlib
 import math
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +18,7 @@ from transformers import GenerationMixin, GradientCheckpointingLayer, Mamba2Conf
 from transformers import logging as hf_logging
 
 from .configuration_compressssm_mamba2 import CompreSSMMamba2Config
+from .kernel_policy import Mamba2KernelPlan, _try_import, plan_mamba2_kernels
 from .modeling_compressssm_common import (
     CompreSSMCausalLMMixin,
     CompreSSMModelOutput,
@@ -43,41 +42,6 @@ from .ssd_scan import ssd_chunk_scan, ssd_state_update
 
 
 logger = hf_logging.get_logger(__name__)
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_IMPORTS: dict[str, Any] = {}
-
-
-def _try_import(name: str) -> Any:
-    """The module ``name``, or None when it (or its compiled extension) cannot be imported; remembered."""
-    if name not in _IMPORTS:
-        try:
-            _IMPORTS[name] = importlib.import_module(name)
-        except Exception:  # ImportError, or a CUDA extension that fails to load
-            _IMPORTS[name] = None
-    return _IMPORTS[name]
-
-
-def _device_type(device) -> str:
-    return torch.device(device).type
-
-
-@dataclass(frozen=True)
-class Mamba2KernelPlan:
-    """The kernels one Mamba-2 forward uses.
-
-    ``scan``: ``mamba_ssm`` (triton SSD, ``mamba_chunk_scan_combined``) | ``torch``; ``conv`` and ``conv_step``:
-    ``causal_conv1d`` | ``torch``; ``step`` (decode state update): ``mamba_ssm`` | ``torch``; ``fused``: a training
-    forward runs ``mamba_split_conv1d_scan_combined`` (reads ``conv1d``, ``norm`` and ``out_proj`` weights directly);
-    ``fallbacks``: why a kernel was not used on CUDA (warned once).
-    """
-
-    scan: str
-    conv: str
-    fused: bool
-    step: str
-    conv_step: str
-    fallbacks: tuple[str, ...] = ()
 
 
 class CompreSSMGatedRMSNorm(nn.Module):
@@ -187,49 +151,26 @@ class CompreSSMMamba2Mixer(nn.Module):
         and ``I + 2GN`` divisible by 8 (``mamba_ssm``'s ``ensure_stride`` asserts it); otherwise the unfused
         kernels run.
         """
-        if _device_type(device) != "cuda":
-            return Mamba2KernelPlan("torch", "torch", False, "torch", "torch")
-        fallbacks = []
-        dtype_ok = dtype is None or dtype in _KERNEL_DTYPES
-        ssd = _try_import("mamba_ssm.ops.triton.ssd_combined")
-        if ssd is None:
-            fallbacks.append(
-                "mamba_ssm is not installed: the SSD scan runs transformers' torch code on CUDA "
-                '(pip install "hf-compressssm[cuda]")'
-            )
-        elif not dtype_ok:
-            fallbacks.append(f"the mamba_ssm SSD kernels cannot take dtype {dtype}: using the torch code")
-        scan = "mamba_ssm" if ssd is not None and dtype_ok else "torch"
-        step = "mamba_ssm" if scan == "mamba_ssm" else "torch"
-        conv = "torch"
-        if _try_import("causal_conv1d") is None:
-            fallbacks.append(
-                'causal_conv1d is not installed: the convolution runs in torch (pip install "hf-compressssm[cuda]")'
-            )
-        elif not 2 <= self.conv_kernel_size <= 4 or self.activation not in ("silu", "swish") or not dtype_ok:
-            fallbacks.append(
-                f"causal_conv1d cannot take conv_kernel={self.conv_kernel_size}, hidden_act={self.activation!r}, "
-                f"dtype {dtype}: using the torch convolution"
-            )
-        else:
-            conv = "causal_conv1d"
-        fused = False
-        if self.training and not cached and scan == "mamba_ssm" and conv == "causal_conv1d":
-            plain = (
-                type(self.conv1d) is nn.Conv1d
-                and type(self.out_proj) is nn.Linear
-                and type(self.norm) is CompreSSMGatedRMSNorm
-            )
-            padded = attention_mask is not None and not bool(attention_mask.all())
-            if self.conv_dim % 8:
-                fallbacks.append(
-                    f"the fused mamba_ssm kernel needs I + 2GN divisible by 8, got {self.conv_dim} (N = "
-                    f"{self.ssm_state_size}): using the unfused kernels"
-                )
-            fused = plain and not padded and self.conv_dim % 8 == 0
-        for reason in fallbacks:
+        plain = (
+            type(self.conv1d) is nn.Conv1d
+            and type(self.out_proj) is nn.Linear
+            and type(self.norm) is CompreSSMGatedRMSNorm
+        )
+        plan = plan_mamba2_kernels(
+            device,
+            dtype,
+            conv_width=self.conv_kernel_size,
+            activation=self.activation,
+            training=self.training,
+            cached=cached,
+            plain_modules=plain,
+            padded=attention_mask is not None and not bool(attention_mask.all()),
+            conv_dim=self.conv_dim,
+            state_size=self.ssm_state_size,
+        )
+        for reason in plan.fallbacks:
             logger.warning_once(f"CompreSSMMamba2Mixer: {reason}.")
-        return Mamba2KernelPlan(scan, conv, fused, step, conv, tuple(fallbacks))
+        return plan
 
     def forward(
         self,
