@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,14 +186,26 @@ class CompreSSMCausalLMOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
+def take_old_cache_name(cache: Any, kwargs: dict) -> Any:
+    """``cache``, or the cache passed under transformers' older name ``cache_params`` (with a FutureWarning)."""
+    if "cache_params" in kwargs:
+        warnings.warn(
+            "`cache_params` is deprecated and will be removed in transformers 6: pass the decode cache as `cache`.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        old = kwargs.pop("cache_params")
+        return old if cache is None else cache
+    return cache
+
+
 def backbone_forward(
     model, input_ids, inputs_embeds, cache, use_cache, output_hidden_states, return_dict, attention_mask, kwargs
 ) -> tuple | CompreSSMModelOutput:
     """The forward of every CompreSSM backbone: embeddings → blocks → final norm. input_ids (b, L) or inputs_embeds
     (b, L, hidden) → (b, L, hidden). A decode cache is made when ``use_cache`` (default: ``config.use_cache`` outside
     training)."""
-    if "cache_params" in kwargs:  # the older name transformers used for the decode cache
-        cache = kwargs.pop("cache_params")
+    cache = take_old_cache_name(cache, kwargs)
     config = model.config
     output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
     use_cache = use_cache if use_cache is not None else (config.use_cache and not model.training)
@@ -274,8 +287,7 @@ class CompreSSMCausalLMMixin:
     ) -> tuple | CompreSSMCausalLMOutput:
         """Backbone → ``lm_head``: logits (b, L, vocab) in float32 (the last ``logits_to_keep`` positions when it is
         > 0); ``labels`` (b, L) give the shifted next-token cross-entropy (-100 ignored)."""
-        if "cache_params" in kwargs:
-            cache = kwargs.pop("cache_params")
+        cache = take_old_cache_name(cache, kwargs)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.backbone(
             input_ids,

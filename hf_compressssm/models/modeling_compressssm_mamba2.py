@@ -37,6 +37,7 @@ from .modeling_compressssm_common import (
     init_zeros_,
     inverse_softplus_time_steps,
     kernel_layout,
+    take_old_cache_name,
 )
 from .ssd_scan import ssd_chunk_scan, ssd_state_update
 
@@ -184,8 +185,7 @@ class CompreSSMMamba2Mixer(nn.Module):
             return self._forward(hidden_states, cache, attention_mask, **kwargs)
 
     def _forward(self, hidden_states, cache, attention_mask, **kwargs) -> torch.Tensor:
-        if "cache_params" in kwargs:  # the stock forward's deprecated name
-            cache = kwargs.pop("cache_params")
+        cache = take_old_cache_name(cache, kwargs)
         batch_size, seq_len, _ = hidden_states.shape
         dtype = hidden_states.dtype
         conv_state = recurrent_state = None
