@@ -1,4 +1,4 @@
-"""Strict loading and invariants at every entry point (issue 15 rows 6, 7, 10; points 5 and 6)."""
+"""Strict loading and invariants at every entry point (issue 15 rows 6, 7, 10; points 5 and 6), for every family."""
 
 import json
 import logging
@@ -9,10 +9,13 @@ import pytest
 import torch
 from helpers import random_ids, tiny_config, tiny_lm
 from huggingface_hub.errors import StrictDataclassClassValidationError
+from mamba2_helpers import tiny_mamba2_config, tiny_mamba2_lm
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from hf_compressssm import (
+    CompreSSMMamba2ForCausalLM,
+    CompreSSMMamba2Model,
     CompreSSMMambaConfig,
     CompreSSMMambaForCausalLM,
     CompreSSMMambaForSequenceClassification,
@@ -22,11 +25,35 @@ from hf_compressssm import (
 
 pytestmark = pytest.mark.compat
 
+FAMILIES = {
+    "mamba": dict(
+        config=tiny_config,
+        lm=tiny_lm,
+        lm_class=CompreSSMMambaForCausalLM,
+        backbone_class=CompreSSMMambaModel,
+        classes=(CompreSSMMambaModel, CompreSSMMambaForCausalLM, CompreSSMMambaForSequenceClassification),
+        layer_keys=("backbone.layers.1.mixer.A_log", "backbone.layers.0.mixer.x_proj.weight"),
+    ),
+    "mamba2": dict(
+        config=tiny_mamba2_config,
+        lm=tiny_mamba2_lm,
+        lm_class=CompreSSMMamba2ForCausalLM,
+        backbone_class=CompreSSMMamba2Model,
+        classes=(CompreSSMMamba2Model, CompreSSMMamba2ForCausalLM),
+        layer_keys=("backbone.layers.1.mixer.A_log", "backbone.layers.0.mixer.in_proj.weight"),
+    ),
+}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return FAMILIES[request.param]
+
 
 @pytest.fixture
-def saved(tmp_path):
-    """A [8, 5] model saved in ``tmp_path/model``; returns (model, folder)."""
-    model = tiny_lm(state_sizes=[8, 5]).eval()
+def saved(tmp_path, family):
+    """A [8, 5] model of the family saved in ``tmp_path/model``; returns (model, folder)."""
+    model = family["lm"](state_sizes=[8, 5]).eval()
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     return model, folder
@@ -39,19 +66,20 @@ def _edit_config(folder, **changes):
 
 
 # ---------------------------------------------------------------- row 6: missing tensors, wrong layer count
-@pytest.mark.parametrize("key", ["backbone.layers.1.mixer.A_log", "backbone.layers.0.mixer.x_proj.weight"])
-def test_missing_mixer_weight_raises(saved, key):
+@pytest.mark.parametrize("which", [0, 1])
+def test_missing_mixer_weight_raises(saved, family, which):
     _, folder = saved
+    key = family["layer_keys"][which]
     tensors = load_file(folder / "model.safetensors")
     del tensors[key]
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    for load in (AutoModelForCausalLM.from_pretrained, CompreSSMMambaForCausalLM.from_pretrained):
+    for load in (AutoModelForCausalLM.from_pretrained, family["lm_class"].from_pretrained):
         with pytest.raises(ValueError, match=r"lacks 1 backbone tensor\(s\): " + re.escape(key) + r"\."):
             load(folder)
 
 
 @pytest.mark.parametrize("layers, sizes, what", [(3, [8, 5, 5], "re-initialised at random"), (1, [8], "dropped")])
-def test_layer_count_disagreeing_with_checkpoint_raises(saved, layers, sizes, what):
+def test_layer_count_disagreeing_with_checkpoint_raises(saved, family, layers, sizes, what):
     _, folder = saved
     _edit_config(folder, num_hidden_layers=layers, state_sizes=sizes)
     with pytest.raises(
@@ -59,7 +87,7 @@ def test_layer_count_disagreeing_with_checkpoint_raises(saved, layers, sizes, wh
     ):
         AutoModelForCausalLM.from_pretrained(folder)
     with pytest.raises(ValueError, match=rf"num_hidden_layers={layers}"):
-        CompreSSMMambaModel.from_pretrained(folder)  # the bare backbone too
+        family["backbone_class"].from_pretrained(folder)  # the bare backbone too
 
 
 def test_layer_count_edited_alone_is_refused_by_the_config(saved):
@@ -89,12 +117,12 @@ def test_corrupt_history_warns_and_weights_load(saved, caplog, content):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-def test_history_round_trip_is_atomic(tmp_path):
-    model = tiny_lm(state_sizes=[8, 5])
+def test_history_round_trip_is_atomic(tmp_path, family):
+    model = family["lm"](state_sizes=[8, 5])
     model.compression_history = [{"step": 3, "sizes_after": [8, 5]}]
     model.save_pretrained(tmp_path)
     assert sorted(p for p in os.listdir(tmp_path) if ".tmp" in p) == []
-    loaded = CompreSSMMambaForCausalLM.from_pretrained(tmp_path)
+    loaded = family["lm_class"].from_pretrained(tmp_path)
     assert loaded.compression_history == model.compression_history
 
 
@@ -108,14 +136,12 @@ def test_history_round_trip_is_atomic(tmp_path):
         (dict(state_sizes=[8, 0]), r"state_sizes\[1\]=0 is invalid"),
     ],
 )
-def test_config_constructor_invariants(overrides, message):
+def test_config_constructor_invariants(family, overrides, message):
     with pytest.raises(ValueError, match=message):
-        tiny_config(**overrides)
+        family["config"](**overrides)
 
 
-@pytest.mark.parametrize(
-    "model_class", [CompreSSMMambaModel, CompreSSMMambaForCausalLM, CompreSSMMambaForSequenceClassification]
-)
+@pytest.mark.parametrize("which", [0, 1, 2])
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -125,8 +151,11 @@ def test_config_constructor_invariants(overrides, message):
         (dict(state_size=0), r"state_size must be an int >= 1, got 0"),
     ],
 )
-def test_model_build_checks_config_changed_after_construction(model_class, change, message):
-    config = tiny_config(state_sizes=[8, 5])
+def test_model_build_checks_config_changed_after_construction(family, which, change, message):
+    if which >= len(family["classes"]):
+        pytest.skip("the family has no such head (Mamba-2: backbone and causal LM)")
+    model_class = family["classes"][which]
+    config = family["config"](state_sizes=[8, 5])
     for key, value in change.items():
         setattr(config, key, value)
     with pytest.raises(ValueError, match=message):
@@ -143,8 +172,8 @@ def test_model_build_checks_config_changed_after_construction(model_class, chang
         (dict(state_size=0), r"state_size must be an int >= 1"),
     ],
 )
-def test_save_pretrained_refuses_before_writing(tmp_path, change, message):
-    model = tiny_lm(state_sizes=[8, 5])
+def test_save_pretrained_refuses_before_writing(tmp_path, family, change, message):
+    model = family["lm"](state_sizes=[8, 5])
     for key, value in change.items():
         setattr(model.config, key, value)
     folder = tmp_path / "out"
@@ -158,8 +187,8 @@ def test_save_pretrained_refuses_before_writing(tmp_path, change, message):
     assert os.listdir(existing) == []
 
 
-def test_config_save_pretrained_validates(tmp_path):
-    config = tiny_config(state_sizes=[8, 5])
+def test_config_save_pretrained_validates(tmp_path, family):
+    config = family["config"](state_sizes=[8, 5])
     config.state_sizes = [8, 0]
     with pytest.raises(StrictDataclassClassValidationError, match=r"state_sizes\[1\]=0 is invalid"):
         config.save_pretrained(tmp_path)

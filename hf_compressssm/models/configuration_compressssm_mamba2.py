@@ -51,6 +51,7 @@ class CompreSSMMamba2Config(PerLayerStateSizes, Mamba2Config):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self._check_global_sizes()
         if self.n_groups < 1 or self.num_heads % self.n_groups:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of n_groups={self.n_groups} (each group of heads "

@@ -358,6 +358,7 @@ class CompreSSMMamba2Model(CompreSSMMamba2PreTrainedModel):
     """The bare Mamba-2 backbone with per-layer state sizes; outputs `CompreSSMModelOutput`."""
 
     def __init__(self, config: CompreSSMMamba2Config):
+        config.check_invariants()  # attributes may have been changed since the config was constructed
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
