@@ -5,7 +5,8 @@ each family), ``compression/`` (the pipeline, one module per stage, and the `Tra
 synthetic tasks and training helpers the scripts use), ``hub/`` (cards, upload) and ``peft_utils``.
 
 Importing the package registers the model families (Mamba-1, Mamba-2) with the Auto classes (``AutoConfig``,
-``AutoModel``, ``AutoModelForCausalLM``, ``AutoModelForSequenceClassification`` for Mamba-1) and marks the classes
+``AutoModel``, ``AutoModelForCausalLM``, ``AutoModelForSequenceClassification`` for Mamba-1) and the hybrid hosts
+(Granite 4.0-H: ``AutoConfig``, ``AutoModelForCausalLM``) and marks the classes
 for remote-code export, so ``save_pretrained`` writes ``auto_map`` and the self-contained configuration/modeling files next to the weights.
 """
 
@@ -20,6 +21,8 @@ from transformers import (
 
 from .compression import CompressionArguments, CompreSSMCallback, ReductionReport, compress_model
 from .models import (
+    CompreSSMGraniteMoeHybridConfig,
+    CompreSSMGraniteMoeHybridForCausalLM,
     CompreSSMMamba2Config,
     CompreSSMMamba2ForCausalLM,
     CompreSSMMamba2Model,
@@ -50,6 +53,11 @@ def _register() -> None:
         auto_class.register(CompreSSMMamba2Config, model_class, exist_ok=True)
         model_class.register_for_auto_class(auto_class.__name__)
     CompreSSMMamba2Config.register_for_auto_class()
+    for config_class, model_class in ((CompreSSMGraniteMoeHybridConfig, CompreSSMGraniteMoeHybridForCausalLM),):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+        model_class.register_for_auto_class("AutoModelForCausalLM")
+        config_class.register_for_auto_class()
 
 
 _register()
@@ -68,5 +76,7 @@ __all__ = [
     "CompreSSMMamba2ForCausalLM",
     "CompreSSMMamba2Model",
     "CompreSSMMamba2PreTrainedModel",
+    "CompreSSMGraniteMoeHybridConfig",
+    "CompreSSMGraniteMoeHybridForCausalLM",
     "__version__",
 ]

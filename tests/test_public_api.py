@@ -32,6 +32,8 @@ ALLOWED_TRANSFORMERS = {
         "DynamicCache",
         "GenerationMixin",
         "GradientCheckpointingLayer",
+        "GraniteMoeHybridConfig",
+        "GraniteMoeHybridForCausalLM",
         "MambaConfig",
         "MambaForCausalLM",
         "Mamba2Config",

@@ -213,7 +213,11 @@ def _no_config(tmp_path: Path) -> Path:
         (lambda tmp: tmp / "missing", "is not a folder: pass the folder"),
         (lambda tmp: Path(shutil.copy(FIXTURES / "saved_f9ea757_mamba" / "config.json", tmp)), "is not a folder"),
         (_no_config, "has no config.json: pass the folder save_pretrained wrote"),
-        (_foreign, "has model_type 'mamba', not one of hf_compressssm's (compressssm_mamba, compressssm_mamba2)"),
+        (
+            _foreign,
+            "has model_type 'mamba', not one of hf_compressssm's "
+            "(compressssm_granitemoehybrid, compressssm_mamba, compressssm_mamba2)",
+        ),
     ],
     ids=["missing", "file", "no_config", "foreign_model_type"],
 )

@@ -1,6 +1,7 @@
 """SSM families the compression pipeline knows, and the lookups every stage uses to reach a model's mixers.
 
-A new family plugs in by subclassing `SSMFamily` and appending an instance to `FAMILIES`.
+A new family plugs in by subclassing `SSMFamily` and appending an instance to `FAMILIES`; a new hybrid host whose SSM
+layers are Mamba-2 layers is one more `Mamba2Host` description (`families.mamba2`).
 """
 
 from __future__ import annotations
@@ -9,10 +10,27 @@ from torch import nn
 
 from .base import LayerStatistics, ShrinkAxis, SSMFamily
 from .mamba import MambaFamily
-from .mamba2 import Mamba2Family
+from .mamba2 import HOSTS, Mamba2Family, Mamba2Host
 
 
-FAMILIES: list[SSMFamily] = [MambaFamily(), Mamba2Family()]
+FAMILIES: list[SSMFamily] = [MambaFamily(), *(Mamba2Family(host) for host in HOSTS)]
+
+# Hybrid or SSM architectures of transformers whose layers this package does not compress (yet), by model_type.
+UNSUPPORTED_SSM_MODELS = {
+    "bamba": "Bamba",
+    "falcon_h1": "Falcon-H1",
+    "falcon_mamba": "Falcon-Mamba",
+    "jamba": "Jamba",
+    "nemotron_h": "NVIDIA Nemotron-H",
+    "zamba": "Zamba",
+    "zamba2": "Zamba2",
+}
+
+
+def supported_models() -> str:
+    """The architectures whose SSM layers the pipeline compresses, for error messages."""
+    hosts = [f"{h.title} ({h.stock_model_type}: {h.convert_hint})" for h in HOSTS]
+    return f"Mamba ({MambaFamily.stock_model_type}: {MambaFamily.convert_hint}), " + ", ".join(hosts)
 
 
 def family_of_mixer(module: nn.Module) -> SSMFamily | None:
@@ -32,8 +50,17 @@ def family_of(model: nn.Module) -> SSMFamily:
     """The one family of ``model``'s mixers; `ValueError` when it has none (or mixes families)."""
     families = {id(f): f for f in (family_of_mixer(m) for m in model.modules()) if f is not None}
     if not families:
-        known = ", ".join(f.name for f in FAMILIES)
-        raise ValueError(f"{type(model).__name__} has no SSM mixers of a known family ({known}): nothing to compress.")
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        unsupported = UNSUPPORTED_SSM_MODELS.get(model_type)
+        what = (
+            f"is {unsupported} (model_type {model_type!r}), an architecture whose SSM layers hf_compressssm does not "
+            f"support yet"
+            if unsupported
+            else "has no SSM mixers of a known family"
+        )
+        raise ValueError(
+            f"{type(model).__name__} {what}: nothing to compress. Supported architectures: {supported_models()}."
+        )
     if len(families) > 1:
         raise ValueError(f"{type(model).__name__} mixes SSM families {[f.name for f in families.values()]}.")
     return next(iter(families.values()))
@@ -59,6 +86,8 @@ __all__ = [
     "FAMILIES",
     "LayerStatistics",
     "Mamba2Family",
+    "Mamba2Host",
+    "UNSUPPORTED_SSM_MODELS",
     "MambaFamily",
     "SSMFamily",
     "ShrinkAxis",
@@ -67,4 +96,5 @@ __all__ = [
     "family_of_mixer",
     "find_mixers",
     "layer_state_sizes",
+    "supported_models",
 ]

@@ -1,4 +1,9 @@
-"""The Mamba-2 family: transformers' `Mamba2Mixer` and our per-layer `CompreSSMMamba2Mixer`.
+"""Mamba-2 layers, in a pure Mamba-2 model or inside a hybrid host model (Granite 4.0-H, Bamba).
+
+One family class, `Mamba2Family`, parameterised by a `Mamba2Host`: the small per-architecture description of where
+the Mamba-2 layers are (the class names of the host's Mamba-2 mixers), which cached attributes follow a cut, how a
+stock model of the host is converted, and which files its folders ship. The mixers of every host share the Mamba-2
+layout and forward, so calibration, scores and surgery are the same; attention / MoE modules are never touched.
 
 Per mixer (I = ``intermediate_size``, H heads of P channels, G groups of N states): ``in_proj.weight`` is
 (2I + 2GN + H, hidden), split as ``[z | x | B | C | dt]``; the depthwise ``conv1d`` runs over ``[x | B | C]``
@@ -12,6 +17,7 @@ Scores: `hf_compressssm.compression.scores_mamba2` (docs/method_mamba2.md).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,27 +30,82 @@ from ..compression.scores_mamba2 import (
     ssd_state_scores,
     ssd_statistics,
 )
+from ..models.modeling_compressssm_hybrid import kept_rows, mamba2_state_size, sync_mamba2_sizes
 from .base import LayerStatistics, ShrinkAxis, SSMFamily
 
 
-# transformers' mixer and ours (also when loaded as remote code), recognised by name: transformers' class is not part
-# of its public API.
-_MIXER_CLASS_NAMES = ("Mamba2Mixer", "CompreSSMMamba2Mixer")
+@dataclass(frozen=True)
+class Mamba2Host:
+    """Where a model keeps its Mamba-2 layers: one entry per supported architecture.
+
+    Mixers are recognised by class name (transformers' classes are not part of its public API; a folder loaded as
+    remote code has its own copies of ours).
+    """
+
+    #: Family name (reports, errors) and a readable name of the architecture.
+    name: str
+    title: str
+    #: model_type of the stock transformers config and of our per-layer config.
+    stock_model_type: str
+    model_type: str
+    #: Class names of the host's Mamba-2 mixers (stock, and ours where we have our own).
+    mixer_class_names: tuple[str, ...]
+    #: How a user turns a stock model into one whose layers can each have their own size.
+    convert_hint: str
+    #: Files ``save_pretrained`` writes next to the weights.
+    remote_code_files: tuple[str, ...]
+    #: Attributes the mixer caches from the state size, re-synced after a cut (skipped where they are properties).
+    synced_attributes: tuple[str, ...] = ("ssm_state_size", "conv_dim")
 
 
-class Mamba2Family(SSMFamily):
-    name = "mamba2"
-    stock_model_type = "mamba2"
-    model_type = "compressssm_mamba2"
-    convert_hint = "CompreSSMMamba2ForCausalLM.from_mamba2(model)"
-    remote_code_files = (
+MAMBA2 = Mamba2Host(
+    name="mamba2",
+    title="Mamba-2",
+    stock_model_type="mamba2",
+    model_type="compressssm_mamba2",
+    mixer_class_names=("Mamba2Mixer", "CompreSSMMamba2Mixer"),
+    convert_hint="CompreSSMMamba2ForCausalLM.from_mamba2(model)",
+    remote_code_files=(
         "configuration_compressssm_mamba2.py",
         "configuration_compressssm_common.py",
         "modeling_compressssm_mamba2.py",
         "modeling_compressssm_common.py",
         "ssd_scan.py",
         "kernel_policy.py",
-    )
+    ),
+)
+
+GRANITE_MOE_HYBRID = Mamba2Host(
+    name="granitemoehybrid",
+    title="IBM Granite 4.0-H",
+    stock_model_type="granitemoehybrid",
+    model_type="compressssm_granitemoehybrid",
+    mixer_class_names=("GraniteMoeHybridMambaLayer",),
+    convert_hint="CompreSSMGraniteMoeHybridForCausalLM.from_stock(model)",
+    remote_code_files=(
+        "configuration_compressssm_granitemoehybrid.py",
+        "configuration_compressssm_common.py",
+        "modeling_compressssm_granitemoehybrid.py",
+        "modeling_compressssm_hybrid.py",
+        "modeling_compressssm_common.py",
+    ),
+)
+
+#: Every host whose Mamba-2 layers the pipeline compresses.
+HOSTS = (MAMBA2, GRANITE_MOE_HYBRID)
+
+
+class Mamba2Family(SSMFamily):
+    """The Mamba-2 layers of one host (default: a pure Mamba-2 model)."""
+
+    def __init__(self, host: Mamba2Host = MAMBA2):
+        self.host = host
+        self.name = host.name
+        self.stock_model_type = host.stock_model_type
+        self.model_type = host.model_type
+        self.convert_hint = host.convert_hint
+        self.remote_code_files = host.remote_code_files
+
     #: ``in_proj`` and ``out_proj`` are called as modules on the torch path; ``conv1d``'s weight is read directly.
     lora_targets = ("in_proj", "out_proj")
     never_lora_targets = ("conv1d",)
@@ -53,22 +114,16 @@ class Mamba2Family(SSMFamily):
     grouped = True
 
     def is_mixer(self, module: nn.Module) -> bool:
-        return type(module).__name__ in _MIXER_CLASS_NAMES
+        return type(module).__name__ in self.host.mixer_class_names
 
     def state_size(self, mixer: nn.Module) -> int:
-        return (int(mixer.conv1d.weight.shape[0]) - mixer.intermediate_size) // (2 * mixer.n_groups)
+        return mamba2_state_size(mixer)
 
     def state_groups(self, mixer: nn.Module) -> int:
         return int(mixer.n_groups)
 
     def sync_state_size(self, mixer: nn.Module) -> None:
-        size = self.state_size(mixer)
-        channels = int(mixer.conv1d.weight.shape[0])
-        for attr, value in (("ssm_state_size", size), ("conv_dim", channels)):
-            if not isinstance(getattr(type(mixer), attr, None), property):
-                setattr(mixer, attr, value)  # a stock mixer caches them; ours reads conv1d
-        mixer.conv1d.in_channels = mixer.conv1d.out_channels = mixer.conv1d.groups = channels
-        mixer.in_proj.out_features = int(mixer.in_proj.weight.shape[0])
+        sync_mamba2_sizes(mixer, self.host.synced_attributes)  # a stock mixer caches them; ours reads conv1d
 
     def shrinkable_parameters(self, mixer: nn.Module) -> list[nn.Parameter]:
         params = [mixer.in_proj.weight, mixer.in_proj.bias, mixer.conv1d.weight, mixer.conv1d.bias]
@@ -150,18 +205,4 @@ class Mamba2Family(SSMFamily):
         return ssd_energy_scores(sum_sq, count, self.state_groups(mixer))
 
 
-def kept_rows(mixer: nn.Module, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For kept states ``keep`` (G, k) (each row ascending; a (k,) keep applies to every group), the kept
-    ``in_proj`` rows and ``conv1d`` channels."""
-    inner, heads, groups = mixer.intermediate_size, mixer.num_heads, mixer.n_groups
-    size = (int(mixer.conv1d.weight.shape[0]) - inner) // (2 * groups)
-    device = mixer.conv1d.weight.device
-    keep = keep.to(device)
-    keep = keep.expand(groups, -1) if keep.ndim == 1 else keep
-    flat = (keep + size * torch.arange(groups, device=device)[:, None]).reshape(-1)  # ascending, group-major
-    gn = groups * size
-    conv = torch.cat([torch.arange(inner, device=device), inner + flat, inner + gn + flat])
-    in_rows = torch.cat(
-        [torch.arange(inner, device=device), inner + conv, torch.arange(heads, device=device) + 2 * inner + 2 * gn]
-    )
-    return in_rows, conv
+__all__ = ["GRANITE_MOE_HYBRID", "HOSTS", "MAMBA2", "Mamba2Family", "Mamba2Host", "kept_rows"]

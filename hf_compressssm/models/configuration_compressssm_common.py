@@ -1,11 +1,20 @@
 """Per-layer SSM state sizes on a transformers config, shared by every CompreSSM family's configuration.
 
-A family's config lists `PerLayerStateSizes` before its stock config class and defines ``layer_config(i)``. The mixin
-adds ``state_sizes`` checks and makes the sizes visible through transformers' own per-layer mechanism:
-``config.per_layer_config[i].state_size == config.state_sizes[i]``, ``config.is_heterogeneous`` when the sizes differ,
-``per_layer_config={i: {"state_size": n}}`` accepted as input. Unlike a heterogeneous stock config,
-``config.state_size`` stays readable (it is the cap N). This file is copied next to saved weights as remote code: it
-imports only the standard library.
+`StateSizeRules` holds the rules of a state-size list: ``state_size`` is the cap N, ``state_sizes`` has one size per
+SSM layer (`StateSizeRules.ssm_layers`), each in ``[1, N]``. Two mixins build on it:
+
+* `PerLayerStateSizes` (pure SSM models: every layer is an SSM layer). A family's config lists it before its stock
+  config class and defines ``layer_config(i)``. The sizes are also visible through transformers' own per-layer
+  mechanism: ``config.per_layer_config[i].state_size == config.state_sizes[i]``, ``config.is_heterogeneous`` when the
+  sizes differ, ``per_layer_config={i: {"state_size": n}}`` accepted as input. Unlike a heterogeneous stock config,
+  ``config.state_size`` stays readable (it is the cap N).
+* `HybridStateSizes` (a stock hybrid host: Mamba-2 layers among attention layers). ``config.json`` stores
+  ``mamba_state_sizes``, one entry per layer (the size of a Mamba layer, None for any other layer);
+  ``state_sizes`` is the view of the Mamba layers' sizes in layer order and ``state_size`` the host's
+  ``mamba_d_state``. The host's transformers per-layer mechanism is left alone: the stock host model reads it for its
+  attention layers (rope, caches), and it never sees the state sizes.
+
+This file is copied next to saved weights as remote code: it imports only the standard library.
 """
 
 from collections.abc import Iterable, Sequence
@@ -44,8 +53,20 @@ class _PerLayerStateSizeView(Sequence):
         return self._config.layer_config(layer_idx)
 
 
-class PerLayerStateSizes:
-    """Mixin for a config with ``state_size`` (the cap N), ``num_hidden_layers`` and ``state_sizes`` (one per layer)."""
+class StateSizeRules:
+    """Rules of a config with ``state_size`` (the cap N), ``num_hidden_layers`` and ``state_sizes`` (one size per SSM
+    layer, in layer order)."""
+
+    def ssm_layers(self) -> list[int]:
+        """Indices of the layers that have an SSM state (every layer of a pure SSM model)."""
+        return list(range(self.num_hidden_layers))
+
+    _ssm_layer_noun = "layer"
+    _cap_name = "state_size"
+
+    def _layer_count(self) -> str:
+        """How this config counts its SSM layers, for error messages."""
+        return f"num_hidden_layers={self.num_hidden_layers}"
 
     # ------------------------------------------------------------------ invariants
     def _check_global_sizes(self) -> None:
@@ -55,35 +76,36 @@ class PerLayerStateSizes:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
 
     def check_state_sizes(self, state_sizes: Sequence[int]) -> list[int]:
-        """Check a per-layer state-size list against this config and return it as a new list of ints.
+        """Check a state-size list (one int per SSM layer) against this config and return it as a new list of ints.
 
         Raises `ValueError` naming the first offending layer and the rule it breaks.
         """
         self._check_global_sizes()
         if isinstance(state_sizes, (str, bytes)) or not isinstance(state_sizes, Sequence):
             raise ValueError(f"state_sizes must be a list with one int per layer, got {type(state_sizes).__name__}.")
-        if len(state_sizes) != self.num_hidden_layers:
+        if len(state_sizes) != len(self.ssm_layers()):
             raise ValueError(
-                f"state_sizes has {len(state_sizes)} entries but the model has num_hidden_layers="
-                f"{self.num_hidden_layers}: give exactly one state size per layer."
+                f"state_sizes has {len(state_sizes)} entries but the model has {self._layer_count()}: give exactly one "
+                f"state size per {self._ssm_layer_noun}."
             )
         checked = []
-        for layer, size in enumerate(state_sizes):
+        for index, (layer, size) in enumerate(zip(self.ssm_layers(), state_sizes)):
+            name = f"state_sizes[{index}]" + (f" (layer {layer})" if index != layer else "")
             if isinstance(size, bool) or not isinstance(size, int):
-                raise ValueError(f"state_sizes[{layer}] must be an int, got {size!r} ({type(size).__name__}).")
+                raise ValueError(f"{name} must be an int, got {size!r} ({type(size).__name__}).")
             if size < 1:
-                raise ValueError(f"state_sizes[{layer}]={size} is invalid: every layer needs at least 1 state.")
+                raise ValueError(f"{name}={size} is invalid: every layer needs at least 1 state.")
             if size > self.state_size:
                 raise ValueError(
-                    f"state_sizes[{layer}]={size} exceeds state_size={self.state_size}, the largest allowed size; "
-                    f"raise state_size or shrink that layer."
+                    f"{name}={size} exceeds {self._cap_name}={self.state_size}, the largest allowed size; "
+                    f"raise {self._cap_name} or shrink that layer."
                 )
             checked.append(int(size))
         return checked
 
     def check_invariants(self) -> None:
-        """Check ``state_size >= 1``, ``len(state_sizes) == num_hidden_layers`` and each size in ``[1, state_size]``
-        on the config as it is now (attributes may have been changed after construction). Raises `ValueError`."""
+        """Check ``state_size >= 1``, one size per SSM layer and each size in ``[1, state_size]`` on the config as it
+        is now (attributes may have been changed after construction). Raises `ValueError`."""
         if self.state_sizes is not None:
             self.check_state_sizes(self.state_sizes)
         else:
@@ -93,7 +115,7 @@ class PerLayerStateSizes:
         """Class validator run by ``@strict`` at construction and by ``config.save_pretrained``."""
         self.check_invariants()
 
-    def with_state_sizes(self, state_sizes: Sequence[int]) -> "PerLayerStateSizes":
+    def with_state_sizes(self, state_sizes: Sequence[int]) -> "StateSizeRules":
         """Return a new config equal to this one except for ``state_sizes`` (this config is left untouched)."""
         checked = self.check_state_sizes(state_sizes)
         new = self.__class__.from_dict(self.to_dict())
@@ -101,7 +123,11 @@ class PerLayerStateSizes:
         return new
 
     def _sizes(self) -> list[int]:
-        return list(self.state_sizes) if self.state_sizes is not None else [self.state_size] * self.num_hidden_layers
+        return list(self.state_sizes) if self.state_sizes is not None else [self.state_size] * len(self.ssm_layers())
+
+
+class PerLayerStateSizes(StateSizeRules):
+    """Mixin for a pure SSM config: ``state_sizes`` (a config field) has one size per layer."""
 
     # ------------------------------------------------------------------ transformers' per-layer config mechanism
     @property
@@ -150,4 +176,78 @@ class PerLayerStateSizes:
         d.pop("skip", None)
 
 
-__all__ = ["PerLayerStateSizes"]
+class HybridStateSizes(StateSizeRules):
+    """Mixin for a hybrid host config: ``mamba_state_sizes`` (a config field, one entry per layer, None for the
+    layers that are not Mamba layers) holds the sizes; ``state_sizes`` is the list of the Mamba layers' sizes (read
+    and written by the compression pipeline) and ``state_size`` the host's cap ``mamba_d_state``. Call
+    `init_state_sizes` at the end of ``__post_init__``."""
+
+    #: ``layer_types`` entries of the Mamba layers (transformers' name, and the legacy one).
+    ssm_layer_types = ("linear_attention", "mamba")
+    _ssm_layer_noun = "Mamba layer"
+    _cap_name = "mamba_d_state"
+
+    @property
+    def state_size(self) -> int:
+        """The largest allowed per-group state size N: the host's ``mamba_d_state``."""
+        return self.mamba_d_state
+
+    def ssm_layers(self) -> list[int]:
+        return [i for i, kind in enumerate(self.layer_types) if kind in self.ssm_layer_types]
+
+    def _layer_count(self) -> str:
+        return f"{len(self.ssm_layers())} Mamba layers (layers {self.ssm_layers()} of layer_types)"
+
+    @property
+    def state_sizes(self) -> list[int]:
+        """The Mamba layers' state sizes, in layer order (``mamba_state_sizes`` without the None entries)."""
+        full = self.__dict__.get("mamba_state_sizes")
+        if full is None:
+            return [self.state_size] * len(self.ssm_layers())
+        return [size for size in full if size is not None]
+
+    @state_sizes.setter
+    def state_sizes(self, state_sizes: Sequence[int]) -> None:
+        checked = self.check_state_sizes(state_sizes)
+        full: list[int | None] = [None] * self.num_hidden_layers
+        for layer, size in zip(self.ssm_layers(), checked):
+            full[layer] = size
+        self.mamba_state_sizes = full
+
+    def init_state_sizes(self) -> None:
+        """Default ``mamba_state_sizes`` to ``mamba_d_state`` on every Mamba layer, or check the given list."""
+        self._check_global_sizes()
+        if self.mamba_state_sizes is None:
+            self.state_sizes = [self.state_size] * len(self.ssm_layers())
+        else:
+            self.check_invariants()
+            self.mamba_state_sizes = [None if s is None else int(s) for s in self.mamba_state_sizes]
+
+    def check_invariants(self) -> None:
+        """Check that ``mamba_state_sizes`` has one entry per layer, a size in ``[1, mamba_d_state]`` exactly at the
+        Mamba layers of ``layer_types`` and None elsewhere (on the config as it is now). Raises `ValueError`."""
+        self._check_global_sizes()
+        full = self.mamba_state_sizes
+        if full is None:
+            return
+        if isinstance(full, (str, bytes)) or not isinstance(full, Sequence) or len(full) != self.num_hidden_layers:
+            raise ValueError(
+                f"mamba_state_sizes must be a list with one entry per layer (num_hidden_layers="
+                f"{self.num_hidden_layers}): the state size of a Mamba layer, None for any other layer; got {full!r}."
+            )
+        ssm = set(self.ssm_layers())
+        for layer, size in enumerate(full):
+            if layer in ssm and size is None:
+                raise ValueError(
+                    f"mamba_state_sizes[{layer}] is None but layer {layer} is a Mamba layer (layer_types[{layer}]="
+                    f"{self.layer_types[layer]!r}): give its state size."
+                )
+            if layer not in ssm and size is not None:
+                raise ValueError(
+                    f"mamba_state_sizes[{layer}]={size!r} but layer {layer} is a {self.layer_types[layer]!r} layer, "
+                    f"which has no SSM state: set that entry to None."
+                )
+        self.check_state_sizes(self.state_sizes)
+
+
+__all__ = ["HybridStateSizes", "PerLayerStateSizes", "StateSizeRules"]

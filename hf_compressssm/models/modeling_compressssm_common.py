@@ -1,11 +1,11 @@
 """What every CompreSSM model family shares: norms, padding masks, outputs, weight init and the save/load contract.
 
-The contract (`CompreSSMPreTrainedModel`): a model is saved only when its config describes its parameters (a folder
-that could not be loaded is never written), ``compression_history.json`` is written atomically and a corrupt one
-only warns on load, and loading is strict about the SSM layers: a checkpoint that lacks layer tensors, has another
-layer count, or would have layer tensors re-initialised by ``ignore_mismatched_sizes=True`` is refused. Loading
-without a checkpoint (``from_pretrained(None, config=..., state_dict=...)``) is the caller's explicit choice and is
-not checked.
+The contract (`CompreSSMCheckpointMixin`, used by `CompreSSMPreTrainedModel` and by the hybrid hosts): a model is
+saved only when its config describes its parameters (a folder that could not be loaded is never written),
+``compression_history.json`` is written atomically and a corrupt one only warns on load, and loading is strict about
+the layers: a checkpoint that lacks layer tensors, has another layer count, or would have layer tensors
+re-initialised by ``ignore_mismatched_sizes=True`` is refused. Loading without a checkpoint
+(``from_pretrained(None, config=..., state_dict=...)``) is the caller's explicit choice and is not checked.
 
 This file is copied next to saved weights as remote code: it imports torch, public names of ``transformers`` and
 ``transformers.modeling_outputs`` only.
@@ -323,45 +323,16 @@ def _layer_of(key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-class CompreSSMPreTrainedModel(PreTrainedModel):
-    """Base of every CompreSSM model: per-layer sizes read from the mixers, strict loading, history file.
+class CompreSSMCheckpointMixin:
+    """The save/load contract of every CompreSSM model (list it before the `PreTrainedModel` base): a folder is
+    written only when `check_savable` passes, ``compression_history.json`` travels with the weights, and loading is
+    strict about the layers (see `from_pretrained`). A class using it defines `check_savable`."""
 
-    A family's mixer exposes ``ssm_state_size`` (read from its parameters); ``mixer_class`` names it.
-    """
-
-    base_model_prefix = "backbone"
-    supports_gradient_checkpointing = True
-    _is_stateful = True
     history_file = "compression_history.json"
-    mixer_class: type[nn.Module] = nn.Module  # set by each family
-
-    def ssm_mixers(self) -> list[nn.Module]:
-        """The SSM mixers, in layer order."""
-        return [m for m in self.modules() if isinstance(m, self.mixer_class)]
-
-    def state_sizes(self) -> list[int]:
-        """The state size of each layer, read from the parameters."""
-        return [int(m.ssm_state_size) for m in self.ssm_mixers()]
 
     def check_savable(self) -> None:
-        """Raise `ValueError` unless a folder saved now loads back: the config's invariants hold and its
-        ``num_hidden_layers`` / ``state_sizes`` equal the layers and parameter shapes of this model."""
-        config = self.config
-        sizes = self.state_sizes()
-        if len(sizes) != config.num_hidden_layers:
-            raise ValueError(
-                f"config.num_hidden_layers={config.num_hidden_layers} but the model has {len(sizes)} layers: a folder "
-                f"saved like this could not be loaded. Set config.num_hidden_layers = {len(sizes)}."
-            )
-        if hasattr(config, "check_invariants"):
-            config.check_invariants()
-        if config.state_sizes is not None and list(config.state_sizes) != sizes:
-            raise ValueError(
-                f"config.state_sizes={list(config.state_sizes)} but the layers' parameters have state sizes {sizes}: "
-                f"a folder saved like this could not be loaded. Set config.state_sizes = model.state_sizes() (cuts "
-                f"made with hf_compressssm keep them in sync)."
-            )
-        config.check_state_sizes(sizes)
+        """Raise `ValueError` unless a folder saved now loads back (the config describes the parameters)."""
+        raise NotImplementedError
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus ``compression_history.json`` (written atomically) when the model
@@ -411,8 +382,48 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
         return (model, info) if output_loading_info else model
 
 
+class CompreSSMPreTrainedModel(CompreSSMCheckpointMixin, PreTrainedModel):
+    """Base of every CompreSSM model: per-layer sizes read from the mixers, strict loading, history file.
+
+    A family's mixer exposes ``ssm_state_size`` (read from its parameters); ``mixer_class`` names it.
+    """
+
+    base_model_prefix = "backbone"
+    supports_gradient_checkpointing = True
+    _is_stateful = True
+    mixer_class: type[nn.Module] = nn.Module  # set by each family
+
+    def ssm_mixers(self) -> list[nn.Module]:
+        """The SSM mixers, in layer order."""
+        return [m for m in self.modules() if isinstance(m, self.mixer_class)]
+
+    def state_sizes(self) -> list[int]:
+        """The state size of each layer, read from the parameters."""
+        return [int(m.ssm_state_size) for m in self.ssm_mixers()]
+
+    def check_savable(self) -> None:
+        """Raise `ValueError` unless a folder saved now loads back: the config's invariants hold and its
+        ``num_hidden_layers`` / ``state_sizes`` equal the layers and parameter shapes of this model."""
+        config = self.config
+        sizes = self.state_sizes()
+        if len(sizes) != config.num_hidden_layers:
+            raise ValueError(
+                f"config.num_hidden_layers={config.num_hidden_layers} but the model has {len(sizes)} layers: a folder "
+                f"saved like this could not be loaded. Set config.num_hidden_layers = {len(sizes)}."
+            )
+        if hasattr(config, "check_invariants"):
+            config.check_invariants()
+        if config.state_sizes is not None and list(config.state_sizes) != sizes:
+            raise ValueError(
+                f"config.state_sizes={list(config.state_sizes)} but the layers' parameters have state sizes {sizes}: "
+                f"a folder saved like this could not be loaded. Set config.state_sizes = model.state_sizes() (cuts "
+                f"made with hf_compressssm keep them in sync)."
+            )
+        config.check_state_sizes(sizes)
+
+
 def _check_loading_info(model: nn.Module, info: dict, source) -> None:
-    """Refuse a load that re-initialised or dropped SSM layer tensors (see `CompreSSMPreTrainedModel.from_pretrained`)."""
+    """Refuse a load that re-initialised or dropped SSM layer tensors (see `CompreSSMCheckpointMixin.from_pretrained`)."""
     num_layers = model.config.num_hidden_layers
     bare = not hasattr(model, model.base_model_prefix)  # the bare backbone: every key is a backbone key
 

@@ -1,0 +1,350 @@
+"""Hybrid hosts (Granite 4.0-H): per-layer Mamba state sizes on the stock model, exact conversion, save / strict
+load / remote code, generation with the hybrid cache, and compression (callback, compress_model) that cuts only the
+Mamba layers."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import BLOCK_PACKAGE, Blocks, optimizer_params, random_ids, training_args
+from hybrid_helpers import HYBRIDS, SIZES
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
+
+from hf_compressssm import CompreSSMCallback, compress_model
+from hf_compressssm.compression.distributed import shrinkable_parameter_names
+from hf_compressssm.families import family_of, find_mixers
+from hf_compressssm.families.mamba2 import kept_rows
+
+
+pytestmark = pytest.mark.compat
+
+hosts = pytest.mark.parametrize("host", HYBRIDS, ids=lambda h: h.name)
+
+
+def _left_padded(batch: int = 2, length: int = 7, seed: int = 0):
+    ids = random_ids(batch=batch, length=length, seed=seed)
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    return ids, mask
+
+
+# ---------------------------------------------------------------- configuration
+@hosts
+def test_config_sizes_per_layer_and_their_rules(host):
+    config = host.config(mamba_state_sizes=SIZES)
+    assert config.state_sizes == [8, 3, 5] and config.state_size == 8 and config.ssm_layers() == [0, 1, 3]
+    assert config.with_state_sizes([2, 2, 2]).mamba_state_sizes == [2, 2, None, 2]
+    assert host.config().mamba_state_sizes == [8, 8, None, 8]
+    assert type(config).from_dict(config.to_dict()).mamba_state_sizes == SIZES
+    for bad, message in (
+        ([8, 3, 4, 5], r"layer 2 is a 'full_attention' layer.*set that entry to None"),
+        ([8, None, None, 5], r"mamba_state_sizes\[1\] is None but layer 1 is a Mamba layer"),
+        ([8, 3, None], r"one entry per layer \(num_hidden_layers=4\)"),
+        ([8, 3, None, 9], r"state_sizes\[2\] \(layer 3\)=9 exceeds mamba_d_state=8"),
+        ([8, 0, None, 5], r"at least 1 state"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            host.config(mamba_state_sizes=bad)
+    with pytest.raises(ValueError, match=r"3 Mamba layers \(layers \[0, 1, 3\]"):
+        config.state_sizes = [4, 4]
+
+
+# ---------------------------------------------------------------- conversion
+@hosts
+def test_from_stock_is_exact_and_to_stock_goes_back(host):
+    stock = host.stock(seed=1)
+    before = {k: v.clone() for k, v in stock.state_dict().items()}
+    ours = host.model_class.from_stock(stock).eval()
+    assert type(ours) is host.model_class and ours.state_sizes() == [8, 8, None, 8]
+    ids, mask = _left_padded()
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ours(ids, attention_mask=mask).logits, stock(ids, attention_mask=mask).logits)
+        assert torch.equal(ours.generate(ids, **kwargs), stock.generate(ids, **kwargs))
+        back = ours.to_stock().eval()
+        assert type(back) is host.stock_model_class
+        assert torch.equal(back(ids).logits, stock(ids).logits)
+    ours.model.layers[0].mamba.A_log.data.add_(1.0)  # a copy: the stock model is untouched
+    assert all(torch.equal(v, stock.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(TypeError, match="already"):
+        host.model_class.from_stock(ours)
+
+
+@hosts
+def test_from_stock_folder_and_to_stock_needs_one_size(host, tmp_path):
+    stock = host.stock(seed=2)
+    stock.save_pretrained(tmp_path / "stock")
+    ours = host.model_class.from_stock(tmp_path / "stock").eval()
+    assert ours.config.compression == {"base_model": str(tmp_path / "stock")}
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, stock(ids).logits)
+    with pytest.raises(ValueError, match=r"one state size for every Mamba layer.*\[8, 3, None, 5\]"):
+        host.ours(mamba_state_sizes=SIZES).to_stock()
+
+
+# ---------------------------------------------------------------- heterogeneous sizes: save, load, generate
+@hosts
+def test_heterogeneous_sizes_save_load_and_generate(host, tmp_path):
+    model = host.ours(seed=3, mamba_state_sizes=SIZES)
+    assert model.state_sizes() == SIZES
+    for mixer, n in zip(model.ssm_mixers(), [8, 3, 5]):
+        assert mixer.ssm_state_size == n and mixer.conv_dim == 64 + 2 * 2 * n
+        assert mixer.in_proj.weight.shape[0] == 2 * 64 + 2 * 2 * n + 8
+    model.save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["mamba_state_sizes"] == SIZES and "state_sizes" not in saved
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert type(loaded) is host.model_class and loaded.state_sizes() == SIZES
+    ids, mask = _left_padded()
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        batch = loaded.generate(ids, attention_mask=mask, **kwargs)
+        assert torch.equal(batch, model.generate(ids, attention_mask=mask, **kwargs))
+        alone = loaded.generate(ids[:1, 3:], **kwargs)  # the left-padded row, without its padding
+        assert torch.equal(batch[0, 3 : 3 + alone.shape[1]], alone[0])  # (the batch pads after an early EOS)
+        out = loaded(ids, use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        states = [cache.layers[i].recurrent_states[0] for i in (0, 1, 3)]
+        assert [s.shape[-1] for s in states] == [8, 3, 5]  # (b, H, P, N) per Mamba layer
+
+
+@hosts
+def test_gradient_checkpointing_gives_the_same_gradients(host):
+    ids = random_ids(length=19)
+    grads = []
+    for checkpointing in (False, True):
+        model = host.ours(seed=4, mamba_state_sizes=SIZES).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.is_activation_checkpointing
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------- strict save / load
+@hosts
+def test_strict_loading_refuses_edited_sizes_and_missing_tensors(host, tmp_path):
+    model = host.ours(seed=5, mamba_state_sizes=SIZES)
+    model.save_pretrained(tmp_path / "m")
+
+    edited = tmp_path / "edited"
+    shutil.copytree(tmp_path / "m", edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["mamba_state_sizes"] = [8, 4, None, 5]
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises((RuntimeError, ValueError), match=r"(?i)size|shape"):
+        AutoModelForCausalLM.from_pretrained(edited)
+    with pytest.raises(ValueError, match="re-initialise SSM layer tensors"):
+        AutoModelForCausalLM.from_pretrained(edited, ignore_mismatched_sizes=True)
+
+    for key in ("model.layers.1.mamba.A_log", "model.layers.2.self_attn.q_proj.weight"):
+        missing = tmp_path / key
+        shutil.copytree(tmp_path / "m", missing)
+        weights = load_file(missing / "model.safetensors")
+        del weights[key]
+        save_file(weights, missing / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=rf"lacks 1 backbone tensor\(s\): {key}"):
+            AutoModelForCausalLM.from_pretrained(missing)
+
+    model.config.mamba_state_sizes = [8, 4, None, 5]  # out of sync with the parameters: nothing is written
+    with pytest.raises(ValueError, match=r"Set config.mamba_state_sizes = model.state_sizes\(\)"):
+        model.save_pretrained(tmp_path / "never")
+    model.config.mamba_state_sizes = [8, 3, 5, None]
+    with pytest.raises(ValueError, match="full_attention"):
+        model.save_pretrained(tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+@hosts
+def test_remote_code_in_a_process_without_the_package(host, tmp_path):
+    model = host.ours(seed=6, mamba_state_sizes=SIZES)
+    ids, mask = _left_padded()
+    with torch.no_grad():
+        expected = model(ids).logits
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    model.save_pretrained(tmp_path / "model")
+    torch.save({"ids": ids, "mask": mask, "logits": expected, "generated": generated}, tmp_path / "expected.pt")
+    script = (
+        BLOCK_PACKAGE
+        + f"""
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
+data = torch.load({str(tmp_path / "expected.pt")!r})
+with torch.no_grad():
+    torch.testing.assert_close(model(data['ids']).logits, data['logits'], atol=1e-5, rtol=1e-5)
+    out = model.generate(data['ids'], attention_mask=data['mask'], max_new_tokens=5, do_sample=False, pad_token_id=0)
+assert torch.equal(out, data['generated'])
+assert model.state_sizes() == {SIZES!r}, model.state_sizes()
+print('REMOTE_OK', type(model).__name__, type(model).__module__)
+"""
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HF_COMPRESSSSM_SCAN_BACKEND"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"REMOTE_OK {host.model_class.__name__} transformers_modules" in result.stdout
+
+
+# ---------------------------------------------------------------- compression
+def _non_ssm(model) -> dict[str, torch.Tensor]:
+    shrinkable = set(shrinkable_parameter_names(model))
+    return {n: p for n, p in model.named_parameters() if n not in shrinkable}
+
+
+@hosts
+def test_callback_cuts_only_the_mamba_layers_and_the_optimizer_follows(host, tmp_path):
+    model = host.ours(seed=7).train()
+    family = family_of(model)
+    assert family.name == host.name
+    snapshots = {}
+
+    class Spy(TrainerCallback):
+        def __init__(self, key):
+            self.key = key
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if state.global_step == 3:
+                params = dict(model.named_parameters())
+                snapshots[self.key] = {
+                    "params": {n: (p, p.detach().clone()) for n, p in params.items()},
+                    "state": {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in params.items()},
+                }
+
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=6),
+        train_dataset=Blocks(),
+        callbacks=[Spy("before"), CompreSSMCallback(tau=0.3, reduction_steps=[3]), Spy("after")],
+    )
+    trainer.train()
+    sizes = model.state_sizes()
+    assert sizes[2] is None and all(s < 8 for s in sizes if s is not None)
+    assert model.config.mamba_state_sizes == sizes
+    assert {id(p) for p in optimizer_params(trainer)} == {id(p) for p in model.parameters()}
+    before, after = snapshots["before"], snapshots["after"]
+    shrinkable = set(shrinkable_parameter_names(model))
+    assert shrinkable == {
+        f"model.layers.{i}.mamba.{n}" for i in (0, 1, 3) for n in ("in_proj.weight", "conv1d.weight", "conv1d.bias")
+    }
+    for name, (param, value) in before["params"].items():
+        if name in shrinkable:
+            continue
+        # attention, MoE, norms, embeddings and the unshrunk SSM tensors: the same parameter, the same bytes,
+        # the same optimizer state
+        assert after["params"][name][0] is param and torch.equal(after["params"][name][1], value), name
+        for key, moment in before["state"][name].items():
+            assert torch.equal(after["state"][name][key], moment), name
+    kept = {d["layer"]: d["kept"] for d in model.compression_history[0]["layers"]}
+    reference = host.ours()
+    for index, layer in enumerate((0, 1, 3)):
+        in_rows, conv = kept_rows(find_mixers(reference)[index], torch.tensor(kept[index]))
+        for suffix, rows in (("in_proj.weight", in_rows), ("conv1d.weight", conv), ("conv1d.bias", conv)):
+            name = f"model.layers.{layer}.mamba.{suffix}"
+            assert torch.equal(after["params"][name][1], before["params"][name][1][rows]), name
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(after["state"][name][key], before["state"][name][key][rows]), name
+    model.save_pretrained(tmp_path / "final")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+    model.eval()
+    ids = random_ids(length=20)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert loaded.state_sizes() == sizes and [h["step"] for h in loaded.compression_history] == [3]
+
+
+@hosts
+def test_resume_inside_a_calibration_window_equals_the_uninterrupted_run(host, tmp_path):
+    def run(out, resume=None):
+        model = host.ours(seed=8) if resume is None else host.model_class.from_pretrained(resume)
+        args = training_args(out, max_steps=10, save_strategy="steps", save_steps=6, lr_scheduler_type="linear")
+        callback = CompreSSMCallback(mode="fixed", fixed_fraction=0.25, reduction_steps=[4, 8], calibration_batches=4)
+        trainer = Trainer(model=model, args=args, train_dataset=Blocks(n=128), callbacks=[callback])
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    full = run(tmp_path / "a")
+    assert full.state_sizes() == [5, 5, None, 5]  # 8 → 6 → 5 (ceil of 3/4)
+    checkpoint = tmp_path / "a" / "checkpoint-6"  # steps 5-8 feed the cut at 8
+    assert json.loads((checkpoint / "config.json").read_text())["mamba_state_sizes"] == [6, 6, None, 6]
+    shutil.copytree(checkpoint, tmp_path / "ckpt")
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "ckpt"))
+    assert resumed.state_sizes() == full.state_sizes()
+    assert [h["step"] for h in resumed.compression_history] == [4, 8]
+    assert [h["layers"][0]["kept"] for h in resumed.compression_history] == [
+        h["layers"][0]["kept"] for h in full.compression_history
+    ]
+    for (n1, p1), (n2, p2) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert n1 == n2
+        torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-5, msg=n1)
+
+
+@hosts
+def test_compress_model_post_hoc_and_stock_models_are_converted_first(host, tmp_path):
+    model = host.ours(seed=9)
+    batches = [{"input_ids": random_ids(batch=2, length=24, seed=s)} for s in range(2)]
+    attention = {n: p.detach().clone() for n, p in _non_ssm(model).items()}
+    report = compress_model(model, batches, target_sizes=[4, 2, 6], calibration_batches=2)
+    assert report.sizes_after == [4, 2, 6] and model.state_sizes() == [4, 2, None, 6]
+    assert all(torch.equal(p, attention[n]) for n, p in _non_ssm(model).items())
+    model.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)
+    with pytest.raises(ValueError, match=r"convert it first with CompreSSMGraniteMoeHybridForCausalLM.from_stock"):
+        compress_model(host.stock(), batches, tau=0.3)
+
+
+def test_an_unsupported_hybrid_names_the_supported_ones():
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    model = NemotronHForCausalLM(
+        NemotronHConfig(
+            vocab_size=32,
+            hidden_size=32,
+            num_hidden_layers=2,
+            hybrid_override_pattern="M*",
+            mamba_num_heads=4,
+            mamba_head_dim=16,
+            ssm_state_size=8,
+            n_groups=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=16,
+        )
+    )
+    with pytest.raises(ValueError, match=r"NVIDIA Nemotron-H.*does not support yet.*IBM Granite 4\.0-H"):
+        compress_model(model, [{"input_ids": random_ids()}], tau=0.3)
+
+
+@hosts
+def test_lora_on_attention_and_mamba_projections_trains_and_follows_a_cut(host, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = host.ours(seed=10)
+    targets = ["q_proj", "v_proj", "in_proj", "out_proj"]
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+    trainer = Trainer(
+        model=lora,
+        args=training_args(tmp_path, max_steps=6),
+        train_dataset=Blocks(),
+        callbacks=[CompreSSMCallback(tau=0.3, reduction_steps=[3])],
+    )
+    trainer.train()
+    assert all(s < 8 for s in model.state_sizes() if s is not None)
+    trained = {
+        n.split(".lora_B")[0].split(".")[-1] for n, p in lora.named_parameters() if "lora_B" in n and p.abs().sum() > 0
+    }
+    assert trained == set(targets)
