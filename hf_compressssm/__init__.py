@@ -6,8 +6,8 @@ synthetic tasks and training helpers the scripts use), ``hub/`` (cards, upload) 
 
 Importing the package registers the model families (Mamba-1, Mamba-2) with the Auto classes (``AutoConfig``,
 ``AutoModel``, ``AutoModelForCausalLM``, ``AutoModelForSequenceClassification`` for Mamba-1) and the hybrid hosts
-(Granite 4.0-H: ``AutoConfig``, ``AutoModelForCausalLM``) and marks the classes
-for remote-code export, so ``save_pretrained`` writes ``auto_map`` and the self-contained configuration/modeling files next to the weights.
+(Granite 4.0-H, Bamba: ``AutoConfig``, ``AutoModelForCausalLM``), and marks the classes for remote-code export,
+so ``save_pretrained`` writes ``auto_map`` and the self-contained configuration/modeling files next to the weights.
 """
 
 __version__ = "0.3.0"
@@ -21,6 +21,8 @@ from transformers import (
 
 from .compression import CompressionArguments, CompreSSMCallback, ReductionReport, compress_model
 from .models import (
+    CompreSSMBambaConfig,
+    CompreSSMBambaForCausalLM,
     CompreSSMGraniteMoeHybridConfig,
     CompreSSMGraniteMoeHybridForCausalLM,
     CompreSSMMamba2Config,
@@ -53,7 +55,10 @@ def _register() -> None:
         auto_class.register(CompreSSMMamba2Config, model_class, exist_ok=True)
         model_class.register_for_auto_class(auto_class.__name__)
     CompreSSMMamba2Config.register_for_auto_class()
-    for config_class, model_class in ((CompreSSMGraniteMoeHybridConfig, CompreSSMGraniteMoeHybridForCausalLM),):
+    for config_class, model_class in (
+        (CompreSSMGraniteMoeHybridConfig, CompreSSMGraniteMoeHybridForCausalLM),
+        (CompreSSMBambaConfig, CompreSSMBambaForCausalLM),
+    ):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
         model_class.register_for_auto_class("AutoModelForCausalLM")
@@ -78,5 +83,7 @@ __all__ = [
     "CompreSSMMamba2PreTrainedModel",
     "CompreSSMGraniteMoeHybridConfig",
     "CompreSSMGraniteMoeHybridForCausalLM",
+    "CompreSSMBambaConfig",
+    "CompreSSMBambaForCausalLM",
     "__version__",
 ]

@@ -1,5 +1,5 @@
 """Tiny hybrid hosts (Mamba-2 layers among attention / MoE layers) shared by the hybrid tests: hidden 32, 4 layers
-with one attention layer (index 2), 8 Mamba heads of 8 channels in 2 groups, N = 8, chunk 8, 3 experts."""
+with one attention layer (index 2), 8 Mamba heads of 8 channels in 2 groups, N = 8, chunk 8 (Granite: 3 experts)."""
 
 from dataclasses import dataclass
 
@@ -78,6 +78,32 @@ GRANITE = HybridSpec(
     ),
 )
 
-HYBRIDS = [GRANITE]
+BAMBA = HybridSpec(
+    name="bamba",
+    stock_config="BambaConfig",
+    stock_model="BambaForCausalLM",
+    ours_config="CompreSSMBambaConfig",
+    ours_model="CompreSSMBambaForCausalLM",
+    values=dict(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=4,
+        attn_layer_indices=[2],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mamba_n_heads=8,
+        mamba_n_groups=2,
+        mamba_d_state=8,
+        mamba_d_head=8,
+        mamba_chunk_size=8,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+)
+
+HYBRIDS = [GRANITE, BAMBA]
 #: Mamba-layer sizes of the heterogeneous model of the tests (layer 2 is the attention layer).
 SIZES = [8, 3, None, 5]

@@ -29,6 +29,8 @@ SHIPPED = sorted(p for p in MODELS.glob("*.py") if p.name != "__init__.py")
 # module -> names it may be imported from (None: the module itself, any attribute)
 ALLOWED_TRANSFORMERS = {
     "transformers": {
+        "BambaConfig",
+        "BambaForCausalLM",
         "DynamicCache",
         "GenerationMixin",
         "GradientCheckpointingLayer",

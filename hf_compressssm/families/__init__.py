@@ -17,7 +17,6 @@ FAMILIES: list[SSMFamily] = [MambaFamily(), *(Mamba2Family(host) for host in HOS
 
 # Hybrid or SSM architectures of transformers whose layers this package does not compress (yet), by model_type.
 UNSUPPORTED_SSM_MODELS = {
-    "bamba": "Bamba",
     "falcon_h1": "Falcon-H1",
     "falcon_mamba": "Falcon-Mamba",
     "jamba": "Jamba",

@@ -91,8 +91,24 @@ GRANITE_MOE_HYBRID = Mamba2Host(
     ),
 )
 
+BAMBA = Mamba2Host(
+    name="bamba",
+    title="Bamba",
+    stock_model_type="bamba",
+    model_type="compressssm_bamba",
+    mixer_class_names=("BambaMixer",),
+    convert_hint="CompreSSMBambaForCausalLM.from_stock(model)",
+    remote_code_files=(
+        "configuration_compressssm_bamba.py",
+        "configuration_compressssm_common.py",
+        "modeling_compressssm_bamba.py",
+        "modeling_compressssm_hybrid.py",
+        "modeling_compressssm_common.py",
+    ),
+)
+
 #: Every host whose Mamba-2 layers the pipeline compresses.
-HOSTS = (MAMBA2, GRANITE_MOE_HYBRID)
+HOSTS = (MAMBA2, GRANITE_MOE_HYBRID, BAMBA)
 
 
 class Mamba2Family(SSMFamily):
@@ -205,4 +221,4 @@ class Mamba2Family(SSMFamily):
         return ssd_energy_scores(sum_sq, count, self.state_groups(mixer))
 
 
-__all__ = ["GRANITE_MOE_HYBRID", "HOSTS", "MAMBA2", "Mamba2Family", "Mamba2Host", "kept_rows"]
+__all__ = ["BAMBA", "GRANITE_MOE_HYBRID", "HOSTS", "MAMBA2", "Mamba2Family", "Mamba2Host", "kept_rows"]

@@ -1,15 +1,17 @@
 """The Hugging Face modeling units of the SSM families with per-layer state sizes, and their kernels.
 
-Each family (Mamba-1, Mamba-2) and each hybrid host (Granite 4.0-H) is a ``configuration_*.py`` / ``modeling_*.py``
+Each family (Mamba-1, Mamba-2) and each hybrid host (Granite 4.0-H, Bamba) is a ``configuration_*.py`` / ``modeling_*.py``
 pair; the hosts share ``modeling_compressssm_hybrid.py``; the files they import with single-dot relative
 imports (``modeling_compressssm_common.py``, the kernels ``selective_scan.py``, ``ssd_scan.py``, ``kernel_policy.py``)
 sit in this one folder, because ``save_pretrained`` copies a unit and its relative imports next to the weights as
 remote code. These files import nothing from the rest of the package and only public names of transformers.
 """
 
+from .configuration_compressssm_bamba import CompreSSMBambaConfig
 from .configuration_compressssm_granitemoehybrid import CompreSSMGraniteMoeHybridConfig
 from .configuration_compressssm_mamba import CompreSSMMambaConfig
 from .configuration_compressssm_mamba2 import CompreSSMMamba2Config
+from .modeling_compressssm_bamba import CompreSSMBambaForCausalLM
 from .modeling_compressssm_granitemoehybrid import CompreSSMGraniteMoeHybridForCausalLM
 from .modeling_compressssm_hybrid import CompreSSMHybridMixin
 from .modeling_compressssm_mamba import (
@@ -41,5 +43,7 @@ __all__ = [
     "CompreSSMMamba2PreTrainedModel",
     "CompreSSMGraniteMoeHybridConfig",
     "CompreSSMGraniteMoeHybridForCausalLM",
+    "CompreSSMBambaConfig",
+    "CompreSSMBambaForCausalLM",
     "CompreSSMHybridMixin",
 ]

@@ -1,4 +1,4 @@
-"""Hybrid hosts (Granite 4.0-H): per-layer Mamba state sizes on the stock model, exact conversion, save / strict
+"""Hybrid hosts (Granite 4.0-H, Bamba): per-layer Mamba state sizes on the stock model, exact conversion, save / strict
 load / remote code, generation with the hybrid cache, and compression (callback, compress_model) that cuts only the
 Mamba layers."""
 
@@ -165,28 +165,32 @@ def test_strict_loading_refuses_edited_sizes_and_missing_tensors(host, tmp_path)
     assert not (tmp_path / "never").exists()
 
 
-@hosts
-def test_remote_code_in_a_process_without_the_package(host, tmp_path):
-    model = host.ours(seed=6, mamba_state_sizes=SIZES)
+def test_remote_code_in_a_process_without_the_package(tmp_path):
+    """Every host's folder loads with trust_remote_code in one process that cannot import hf_compressssm."""
     ids, mask = _left_padded()
-    with torch.no_grad():
-        expected = model(ids).logits
-        generated = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    model.save_pretrained(tmp_path / "model")
-    torch.save({"ids": ids, "mask": mask, "logits": expected, "generated": generated}, tmp_path / "expected.pt")
+    for host in HYBRIDS:
+        model = host.ours(seed=6, mamba_state_sizes=SIZES)
+        with torch.no_grad():
+            expected = model(ids).logits
+            generated = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        model.save_pretrained(tmp_path / host.name)
+        torch.save({"logits": expected, "generated": generated}, tmp_path / f"{host.name}.pt")
+    torch.save({"ids": ids, "mask": mask}, tmp_path / "inputs.pt")
     script = (
         BLOCK_PACKAGE
         + f"""
 import torch
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
-data = torch.load({str(tmp_path / "expected.pt")!r})
-with torch.no_grad():
-    torch.testing.assert_close(model(data['ids']).logits, data['logits'], atol=1e-5, rtol=1e-5)
-    out = model.generate(data['ids'], attention_mask=data['mask'], max_new_tokens=5, do_sample=False, pad_token_id=0)
-assert torch.equal(out, data['generated'])
-assert model.state_sizes() == {SIZES!r}, model.state_sizes()
-print('REMOTE_OK', type(model).__name__, type(model).__module__)
+data = torch.load({str(tmp_path / "inputs.pt")!r})
+for name in {[h.name for h in HYBRIDS]!r}:
+    model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r} + '/' + name, trust_remote_code=True).eval()
+    expected = torch.load({str(tmp_path)!r} + f'/{{name}}.pt')
+    with torch.no_grad():
+        torch.testing.assert_close(model(data['ids']).logits, expected['logits'], atol=1e-5, rtol=1e-5)
+        out = model.generate(data['ids'], attention_mask=data['mask'], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, expected['generated'])
+    assert model.state_sizes() == {SIZES!r}, model.state_sizes()
+    print('REMOTE_OK', type(model).__name__, type(model).__module__.split('.')[0])
 """
     )
     env = {k: v for k, v in os.environ.items() if k != "HF_COMPRESSSSM_SCAN_BACKEND"}
@@ -195,7 +199,8 @@ print('REMOTE_OK', type(model).__name__, type(model).__module__)
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"REMOTE_OK {host.model_class.__name__} transformers_modules" in result.stdout
+    for host in HYBRIDS:
+        assert f"REMOTE_OK {host.model_class.__name__} transformers_modules" in result.stdout
 
 
 # ---------------------------------------------------------------- compression
@@ -304,7 +309,7 @@ def test_compress_model_post_hoc_and_stock_models_are_converted_first(host, tmp_
     ids = random_ids()
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)
-    with pytest.raises(ValueError, match=r"convert it first with CompreSSMGraniteMoeHybridForCausalLM.from_stock"):
+    with pytest.raises(ValueError, match=rf"convert it first with {host.ours_model}.from_stock"):
         compress_model(host.stock(), batches, tau=0.3)
 
 
@@ -326,7 +331,7 @@ def test_an_unsupported_hybrid_names_the_supported_ones():
             intermediate_size=16,
         )
     )
-    with pytest.raises(ValueError, match=r"NVIDIA Nemotron-H.*does not support yet.*IBM Granite 4\.0-H"):
+    with pytest.raises(ValueError, match=r"NVIDIA Nemotron-H.*does not support yet.*IBM Granite 4\.0-H.*Bamba"):
         compress_model(model, [{"input_ids": random_ids()}], tau=0.3)
 
 
