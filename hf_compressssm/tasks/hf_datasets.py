@@ -19,6 +19,9 @@ install command.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging as std_logging
 import os
 from collections.abc import Iterator, Sequence
 from itertools import islice
@@ -58,6 +61,131 @@ def _hash(*values: Any) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class DataFileError(ValueError):
+    """A local data file that cannot be read as rows of text: empty, not UTF-8, a broken JSON record. The message
+    names the file (and the line or byte where known) and the fix."""
+
+
+class TooFewTokensError(ValueError):
+    """The text (or stream) has fewer tokens than one block."""
+
+
+_UTF8_HINT = "convert it first, e.g. `iconv -f latin1 -t utf-8 {path} > {fixed}`"
+
+
+def _first_undecodable(path: Path, chunk: int = 1 << 20) -> str | None:
+    """Where ``path`` stops being UTF-8 (byte offset and the offending byte), or None when all of it decodes."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as handle:
+        while True:
+            data = handle.read(chunk)
+            pending = len(decoder.getstate()[0])  # bytes of a character begun in the previous chunk
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as err:
+                start = offset - pending + err.start
+                return f"byte 0x{err.object[err.start]:02x} at offset {start} ({err.reason})"
+            if not data:
+                return None
+            offset += len(data)
+
+
+def _first_bad_json(path: Path) -> str | None:
+    """The first line of a JSON-lines file (or the position in a .json file) that does not parse, or None."""
+    with path.open(encoding="utf-8") as handle:
+        if path.suffix.lower() == ".json":
+            text = handle.read()
+            try:
+                json.loads(text)
+                return None
+            except json.JSONDecodeError as err:
+                if text.lstrip().startswith("{") and "\n" in text.strip():  # JSON lines in a .json file
+                    handle.seek(0)
+                else:
+                    return f"line {err.lineno} column {err.colno} is not valid JSON ({err.msg})"
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as err:
+                return f"line {number} is not a valid JSON record ({err.msg}; a truncated last line?)"
+    return None
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    seen = {id(err)}
+    while True:
+        nxt = err.__cause__ or err.__context__
+        if nxt is None or id(nxt) in seen:
+            return err
+        seen.add(id(nxt))
+        err = nxt
+
+
+def describe_read_error(err: BaseException, files: Sequence[str | os.PathLike]) -> str:
+    """One line saying which of ``files`` cannot be read and why (``err``: what ``datasets`` raised reading them).
+
+    The files are checked for what a user gets wrong (not UTF-8, a broken JSON record, no rows) only now that
+    reading failed, so a good file costs nothing extra."""
+    paths = [Path(f) for f in files]
+    for path in paths:
+        try:
+            where = _first_undecodable(path)
+        except OSError as os_err:
+            return f"cannot read {path}: {os_err.strerror or os_err}"
+        if where:
+            fixed = path.with_name(f"{path.stem}.utf8{path.suffix}")
+            return f"{path} is not UTF-8 text: {where}; " + _UTF8_HINT.format(path=path, fixed=fixed)
+    for path in paths:
+        if LOADERS.get(path.suffix.lower()) == "json":
+            where = _first_bad_json(path)
+            if where:
+                return f"{path}: {where}; fix or delete that record"
+    root = _root_cause(err)
+    names = ", ".join(str(p) for p in paths)
+    if type(root).__name__ == "SchemaInferenceError":  # no example was generated
+        return f"{names} hold(s) no rows of text; give a file with text"
+    return f"cannot read {names}: {type(root).__name__}: {root}"
+
+
+@contextlib.contextmanager
+def _quiet_loaders() -> Iterator[None]:
+    """Silence the ``datasets`` json loader's own error line (the error is reported once, by the caller)."""
+    quiet = std_logging.getLogger("datasets.packaged_modules.json.json")
+    level = quiet.level
+    quiet.setLevel(std_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        quiet.setLevel(level)
+
+
+@contextlib.contextmanager
+def reading(files: Sequence[str | os.PathLike] | None) -> Iterator[None]:
+    """Read (part of) a stream of the local ``files``: an error reading them becomes one `DataFileError` naming the
+    file and the fix (`describe_read_error`); without ``files`` (KJV, a Hub dataset) errors pass unchanged."""
+    try:
+        with _quiet_loaders():
+            yield
+    except (DataFileError, TooFewTokensError):
+        raise
+    except Exception as err:
+        if not files:
+            raise
+        raise DataFileError(describe_read_error(err, files)) from err
+
+
+def first_item(stream: Any, files: Sequence[str | os.PathLike] | None = None) -> Any:
+    """The first item of an ``IterableDataset`` (None when it is empty), read now so that a bad file fails before
+    training starts (see `reading`)."""
+    with reading(files):
+        return next(iter(stream), None)
+
+
 def _end_rows_with_newline(batch: dict[str, list], text_column: str) -> dict[str, list[str]]:
     texts = ["" if t is None else str(t) for t in batch[text_column]]
     return {"text": [t if t.endswith("\n") else t + "\n" for t in texts]}
@@ -77,10 +205,18 @@ def _local_files(paths: Sequence[str | os.PathLike]) -> tuple[str, list[str]]:
             files.append(path)
         else:
             raise FileNotFoundError(f"text file not found: {path}")
+    for path in files:
+        if path.stat().st_size == 0:
+            raise DataFileError(f"{path} is empty; give a file with text")
     loaders = {LOADERS.get(p.suffix.lower(), "text") for p in files}
     if len(loaders) > 1:
         raise ValueError(f"mixed file types ({', '.join(sorted(loaders))}); give files of one kind (text, json or csv)")
     return loaders.pop(), [str(p) for p in files]
+
+
+def local_files(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The files that ``--train_file`` / ``--validation_file`` ``paths`` name (folders: their known files, sorted)."""
+    return _local_files(paths)[1]
 
 
 def kjv_path() -> Path:
@@ -113,14 +249,15 @@ def load_raw_text(
     datasets = require_datasets()
     kwargs: dict[str, Any] = {"split": split}
     column = text_column
+    local: list[str] | None = None
     if source is None or (isinstance(source, str) and source.lower() == "kjv"):
         builder, kwargs["data_files"], kwargs["split"], column = "json", str(kjv_path()), "train", "text"
     elif not isinstance(source, (str, os.PathLike)) or Path(source).expanduser().exists():
         paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
         if not paths:
             raise ValueError("no training file given")
-        builder, kwargs["data_files"] = _local_files(paths)
-        kwargs["split"] = "train"
+        builder, local = _local_files(paths)
+        kwargs["data_files"], kwargs["split"] = local, "train"
         if builder == "text":
             kwargs["keep_linebreaks"], column = True, "text"
     elif str(source).startswith((".", "/", "~")) or Path(str(source)).suffix.lower() in LOADERS:
@@ -129,7 +266,13 @@ def load_raw_text(
         builder = str(source)
         if config_name:
             kwargs["name"] = config_name
-    rows = datasets.load_dataset(builder, streaming=streaming, **kwargs)
+    try:
+        with _quiet_loaders():
+            rows = datasets.load_dataset(builder, streaming=streaming, **kwargs)
+    except Exception as err:  # a local file that is not text of its kind: one line naming it and the fix
+        if local is None:
+            raise
+        raise DataFileError(describe_read_error(err, local)) from err
     names = rows.column_names if rows.column_names is not None else list(rows.features or {})
     if names and column not in names:  # (a json stream does not know its columns before it is read)
         raise ValueError(f"{source or 'kjv'} has no column {column!r}; columns: {names} (set --text_column)")
@@ -242,7 +385,7 @@ def group_blocks(tokens: Any, block_size: int, limit: int | None = None):
     except datasets.exceptions.DatasetGenerationError as err:
         raise ValueError(f"cannot group tokens into blocks: {err.__cause__ or err}") from err
     if len(blocks) == 0:
-        raise ValueError(f"the text has fewer tokens than one block of {block_size}")
+        raise TooFewTokensError(f"the text has fewer tokens than one block of {block_size}")
     return blocks.with_format("torch")
 
 
@@ -251,7 +394,7 @@ def take_blocks(blocks: IterableDataset, count: int):
     datasets = require_datasets()
     rows = [{k: np.asarray(v) for k, v in row.items()} for row in islice(blocks.with_format(None), count)]
     if not rows:
-        raise ValueError("the stream has fewer tokens than one block")
+        raise TooFewTokensError("the stream has fewer tokens than one block")
     features = _block_features(len(rows[0]["input_ids"]))
     return datasets.Dataset.from_list(rows, features=features).with_format("torch")
 
@@ -310,15 +453,21 @@ def synthetic_dataset(task: str, split: str = "train", seed: int = 0, **kwargs: 
 
 
 __all__ = [
+    "DataFileError",
     "INSTALL_DATASETS",
     "LOADERS",
     "group_blocks",
     "kjv_path",
+    "describe_read_error",
+    "first_item",
+    "reading",
     "load_raw_text",
+    "local_files",
     "pixel_dataset",
     "require_datasets",
     "split_by_characters",
     "synthetic_dataset",
     "take_blocks",
     "tokenize_rows",
+    "TooFewTokensError",
 ]

@@ -134,11 +134,13 @@ def _causal_lm_data(data_args: DataArguments, tokenizer, model_args: ModelArgume
         tokenizer = resolve_tokenizer(model_args, lines)
     try:
         if streaming:
+            files = hf_datasets.local_files(data_args.train_file) if data_args.train_file else None
             stream = hf_datasets.group_blocks(
                 hf_datasets.tokenize_rows(rows if train_rows is None else train_rows, tokenizer), block
             )
             if val_rows is None:
-                val = hf_datasets.take_blocks(stream, held_out)
+                with hf_datasets.reading(files):
+                    val = hf_datasets.take_blocks(stream, held_out)
                 train = stream.skip(held_out)
                 whole = True
             else:
@@ -146,12 +148,23 @@ def _causal_lm_data(data_args: DataArguments, tokenizer, model_args: ModelArgume
                 train = stream
             if data_args.max_train_samples is not None:
                 train = train.take(data_args.max_train_samples)
+            # the first training block now, before a model or an output folder exists: a bad or empty file fails here
+            if hf_datasets.first_item(train, files) is None:
+                after = f" after the {held_out} blocks held out for validation" if val_rows is None else ""
+                raise UsageError(
+                    f"the training stream has no block of {block} tokens{after}: give more text or a smaller "
+                    "--block_size."
+                )
         else:
             train, _ = _lm_blocks(
                 hf_datasets.tokenize_rows(train_rows, tokenizer, workers), block, data_args.max_train_samples
             )
             val_tokens = hf_datasets.tokenize_rows(val_rows, tokenizer, workers)
             val, whole = _lm_blocks(val_tokens, block, data_args.max_eval_samples)
+    except UsageError:
+        raise
+    except hf_datasets.DataFileError as err:
+        raise UsageError(f"{err}.") from err
     except ValueError as err:
         raise UsageError(f"block_size={block} is too long for this corpus: {err}.") from err
     if streaming and val_rows is None:
@@ -270,6 +283,8 @@ def build_datasets(data_args: DataArguments, tokenizer=None, model_args: ModelAr
         raise
     except data_lib.DataUnavailableError as err:
         raise UsageError(str(err)) from err
+    except hf_datasets.DataFileError as err:  # names the file and the fix already
+        raise UsageError(f"{err}.") from err
     except (FileNotFoundError, ImportError, OSError, ValueError, KeyError) as err:
         raise UsageError(f"cannot build the {data_args.task} data: {err}") from err
     raise UsageError(f"unknown task {data_args.task!r}; choose one of {', '.join(TASKS)}.")
