@@ -14,6 +14,8 @@ class HybridSpec:
     ours_config: str
     ours_model: str
     values: dict
+    mamba_path: str = "mamba"  # where a decoder layer keeps its Mamba-2 module / its attention module
+    attention_path: str = "self_attn"
 
     def _classes(self):
         import transformers
@@ -104,6 +106,34 @@ BAMBA = HybridSpec(
     ),
 )
 
-HYBRIDS = [GRANITE, BAMBA]
+NEMOTRON_H = HybridSpec(
+    name="nemotron_h",
+    stock_config="NemotronHConfig",
+    stock_model="NemotronHForCausalLM",
+    ours_config="CompreSSMNemotronHConfig",
+    ours_model="CompreSSMNemotronHForCausalLM",
+    values=dict(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=24,
+        layers_block_type=["mamba", "mamba", "attention", "mamba"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        mamba_num_heads=8,
+        mamba_head_dim=8,
+        n_groups=2,
+        ssm_state_size=8,
+        chunk_size=8,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    mamba_path="mixer",
+    attention_path="mixer",
+)
+
+HYBRIDS = [GRANITE, BAMBA, NEMOTRON_H]
 #: Mamba-layer sizes of the heterogeneous model of the tests (layer 2 is the attention layer).
 SIZES = [8, 3, None, 5]

@@ -45,7 +45,7 @@ def test_config_sizes_per_layer_and_their_rules(host):
         ([8, 3, 4, 5], r"layer 2 is a 'full_attention' layer.*set that entry to None"),
         ([8, None, None, 5], r"mamba_state_sizes\[1\] is None but layer 1 is a Mamba layer"),
         ([8, 3, None], r"one entry per layer \(num_hidden_layers=4\)"),
-        ([8, 3, None, 9], r"state_sizes\[2\] \(layer 3\)=9 exceeds mamba_d_state=8"),
+        ([8, 3, None, 9], r"state_sizes\[2\] \(layer 3\)=9 exceeds (mamba_d_state|ssm_state_size)=8"),
         ([8, 0, None, 5], r"at least 1 state"),
     ):
         with pytest.raises(ValueError, match=message):
@@ -69,7 +69,7 @@ def test_from_stock_is_exact_and_to_stock_goes_back(host):
         back = ours.to_stock().eval()
         assert type(back) is host.stock_model_class
         assert torch.equal(back(ids).logits, stock(ids).logits)
-    ours.model.layers[0].mamba.A_log.data.add_(1.0)  # a copy: the stock model is untouched
+    ours.ssm_mixers()[0].A_log.data.add_(1.0)  # a copy: the stock model is untouched
     assert all(torch.equal(v, stock.state_dict()[k]) for k, v in before.items())
     with pytest.raises(TypeError, match="already"):
         host.model_class.from_stock(ours)
@@ -147,7 +147,7 @@ def test_strict_loading_refuses_edited_sizes_and_missing_tensors(host, tmp_path)
     with pytest.raises(ValueError, match="re-initialise SSM layer tensors"):
         AutoModelForCausalLM.from_pretrained(edited, ignore_mismatched_sizes=True)
 
-    for key in ("model.layers.1.mamba.A_log", "model.layers.2.self_attn.q_proj.weight"):
+    for key in (f"model.layers.1.{host.mamba_path}.A_log", f"model.layers.2.{host.attention_path}.q_proj.weight"):
         missing = tmp_path / key
         shutil.copytree(tmp_path / "m", missing)
         weights = load_file(missing / "model.safetensors")
@@ -242,7 +242,9 @@ def test_callback_cuts_only_the_mamba_layers_and_the_optimizer_follows(host, tmp
     before, after = snapshots["before"], snapshots["after"]
     shrinkable = set(shrinkable_parameter_names(model))
     assert shrinkable == {
-        f"model.layers.{i}.mamba.{n}" for i in (0, 1, 3) for n in ("in_proj.weight", "conv1d.weight", "conv1d.bias")
+        f"model.layers.{i}.{host.mamba_path}.{n}"
+        for i in (0, 1, 3)
+        for n in ("in_proj.weight", "conv1d.weight", "conv1d.bias")
     }
     for name, (param, value) in before["params"].items():
         if name in shrinkable:
@@ -257,7 +259,7 @@ def test_callback_cuts_only_the_mamba_layers_and_the_optimizer_follows(host, tmp
     for index, layer in enumerate((0, 1, 3)):
         in_rows, conv = kept_rows(find_mixers(reference)[index], torch.tensor(kept[index]))
         for suffix, rows in (("in_proj.weight", in_rows), ("conv1d.weight", conv), ("conv1d.bias", conv)):
-            name = f"model.layers.{layer}.mamba.{suffix}"
+            name = f"model.layers.{layer}.{host.mamba_path}.{suffix}"
             assert torch.equal(after["params"][name][1], before["params"][name][1][rows]), name
             for key in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(after["state"][name][key], before["state"][name][key][rows]), name
@@ -314,25 +316,24 @@ def test_compress_model_post_hoc_and_stock_models_are_converted_first(host, tmp_
 
 
 def test_an_unsupported_hybrid_names_the_supported_ones():
-    from transformers import NemotronHConfig, NemotronHForCausalLM
+    from transformers import FalconH1Config, FalconH1ForCausalLM
 
-    model = NemotronHForCausalLM(
-        NemotronHConfig(
-            vocab_size=32,
-            hidden_size=32,
-            num_hidden_layers=2,
-            hybrid_override_pattern="M*",
-            mamba_num_heads=4,
-            mamba_head_dim=16,
-            ssm_state_size=8,
-            n_groups=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=16,
-        )
+    config = FalconH1Config(
+        vocab_size=32,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=16,
+        mamba_d_ssm=32,
+        mamba_n_heads=4,
+        mamba_d_head=8,
+        mamba_d_state=8,
+        mamba_chunk_size=8,
     )
-    with pytest.raises(ValueError, match=r"NVIDIA Nemotron-H.*does not support yet.*IBM Granite 4\.0-H.*Bamba"):
-        compress_model(model, [{"input_ids": random_ids()}], tau=0.3)
+    message = r"is Falcon-H1 \(model_type 'falcon_h1'\).*does not support yet.*IBM Granite 4\.0-H.*Bamba.*Nemotron-H"
+    with pytest.raises(ValueError, match=message):
+        compress_model(FalconH1ForCausalLM(config), [{"input_ids": random_ids()}], tau=0.3)
 
 
 @hosts

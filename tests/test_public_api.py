@@ -40,6 +40,8 @@ ALLOWED_TRANSFORMERS = {
         "MambaForCausalLM",
         "Mamba2Config",
         "Mamba2ForCausalLM",
+        "NemotronHConfig",
+        "NemotronHForCausalLM",
         "PreTrainedModel",
         "initialization",  # guarded: a missing module falls back to torch.nn.init with one warning
         "logging",

@@ -20,7 +20,6 @@ UNSUPPORTED_SSM_MODELS = {
     "falcon_h1": "Falcon-H1",
     "falcon_mamba": "Falcon-Mamba",
     "jamba": "Jamba",
-    "nemotron_h": "NVIDIA Nemotron-H",
     "zamba": "Zamba",
     "zamba2": "Zamba2",
 }

@@ -1,4 +1,4 @@
-"""Mamba-2 layers, in a pure Mamba-2 model or inside a hybrid host model (Granite 4.0-H, Bamba).
+"""Mamba-2 layers, in a pure Mamba-2 model or inside a hybrid host model (Granite 4.0-H, Bamba, Nemotron-H).
 
 One family class, `Mamba2Family`, parameterised by a `Mamba2Host`: the small per-architecture description of where
 the Mamba-2 layers are (the class names of the host's Mamba-2 mixers), which cached attributes follow a cut, how a
@@ -107,8 +107,24 @@ BAMBA = Mamba2Host(
     ),
 )
 
+NEMOTRON_H = Mamba2Host(
+    name="nemotron_h",
+    title="NVIDIA Nemotron-H",
+    stock_model_type="nemotron_h",
+    model_type="compressssm_nemotron_h",
+    mixer_class_names=("NemotronHMamba2Mixer",),
+    convert_hint="CompreSSMNemotronHForCausalLM.from_stock(model)",
+    remote_code_files=(
+        "configuration_compressssm_nemotron_h.py",
+        "configuration_compressssm_common.py",
+        "modeling_compressssm_nemotron_h.py",
+        "modeling_compressssm_hybrid.py",
+        "modeling_compressssm_common.py",
+    ),
+)
+
 #: Every host whose Mamba-2 layers the pipeline compresses.
-HOSTS = (MAMBA2, GRANITE_MOE_HYBRID, BAMBA)
+HOSTS = (MAMBA2, GRANITE_MOE_HYBRID, BAMBA, NEMOTRON_H)
 
 
 class Mamba2Family(SSMFamily):
@@ -221,4 +237,4 @@ class Mamba2Family(SSMFamily):
         return ssd_energy_scores(sum_sq, count, self.state_groups(mixer))
 
 
-__all__ = ["BAMBA", "GRANITE_MOE_HYBRID", "HOSTS", "MAMBA2", "Mamba2Family", "Mamba2Host", "kept_rows"]
+__all__ = ["BAMBA", "GRANITE_MOE_HYBRID", "HOSTS", "MAMBA2", "NEMOTRON_H", "Mamba2Family", "Mamba2Host", "kept_rows"]

@@ -20,10 +20,9 @@ class CompreSSMBambaConfig(HybridStateSizes, BambaConfig):
             The initial, largest allowed per-group state size ``N`` (``config.state_size`` reads it). Every Mamba
             layer starts here unless ``mamba_state_sizes`` says otherwise; compression never grows a layer beyond it.
         mamba_state_sizes (`list[int | None]`, *optional*):
-            One entry per layer (``len == num_hidden_layers``): the state size of a Mamba layer
-            (``layer_types[i] == "linear_attention"``, i.e. not in ``attn_layer_indices``; each
-            ``1 <= n <= mamba_d_state``), None for an attention layer. Defaults to ``mamba_d_state`` on every Mamba layer. ``config.state_sizes`` lists the Mamba layers'
-            sizes only.
+            One entry per layer (``len == num_hidden_layers``): the state size of a Mamba layer (a layer not in
+            ``attn_layer_indices``; each ``1 <= n <= mamba_d_state``), None for an attention layer. Defaults to
+            ``mamba_d_state`` on every Mamba layer. ``config.state_sizes`` lists the Mamba layers' sizes only.
         compression (`dict`, *optional*):
             Free-form record of how the model was compressed (τ, schedule, score); informational only.
 

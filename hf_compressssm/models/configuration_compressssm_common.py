@@ -10,8 +10,8 @@ SSM layer (`StateSizeRules.ssm_layers`), each in ``[1, N]``. Two mixins build on
   ``config.state_size`` stays readable (it is the cap N).
 * `HybridStateSizes` (a stock hybrid host: Mamba-2 layers among attention layers). ``config.json`` stores
   ``mamba_state_sizes``, one entry per layer (the size of a Mamba layer, None for any other layer);
-  ``state_sizes`` is the view of the Mamba layers' sizes in layer order and ``state_size`` the host's
-  ``mamba_d_state``. The host's transformers per-layer mechanism is left alone: the stock host model reads it for its
+  ``state_sizes`` is the view of the Mamba layers' sizes in layer order and ``state_size`` the host's cap
+  (``mamba_d_state``). The host's transformers per-layer mechanism is left alone: the stock host model reads it for its
   attention layers (rope, caches), and it never sees the state sizes.
 
 This file is copied next to saved weights as remote code: it imports only the standard library.
@@ -179,8 +179,8 @@ class PerLayerStateSizes(StateSizeRules):
 class HybridStateSizes(StateSizeRules):
     """Mixin for a hybrid host config: ``mamba_state_sizes`` (a config field, one entry per layer, None for the
     layers that are not Mamba layers) holds the sizes; ``state_sizes`` is the list of the Mamba layers' sizes (read
-    and written by the compression pipeline) and ``state_size`` the host's cap ``mamba_d_state``. Call
-    `init_state_sizes` at the end of ``__post_init__``."""
+    and written by the compression pipeline) and ``state_size`` the host's cap, the field named by ``_cap_name``
+    (``mamba_d_state``; Nemotron-H: ``ssm_state_size``). Call `init_state_sizes` at the end of ``__post_init__``."""
 
     #: ``layer_types`` entries of the Mamba layers (transformers' name, and the legacy one).
     ssm_layer_types = ("linear_attention", "mamba")
@@ -189,8 +189,8 @@ class HybridStateSizes(StateSizeRules):
 
     @property
     def state_size(self) -> int:
-        """The largest allowed per-group state size N: the host's ``mamba_d_state``."""
-        return self.mamba_d_state
+        """The largest allowed per-group state size N: the host's ``_cap_name`` field (``mamba_d_state``)."""
+        return getattr(self, self._cap_name)
 
     def ssm_layers(self) -> list[int]:
         return [i for i, kind in enumerate(self.layer_types) if kind in self.ssm_layer_types]

@@ -2,7 +2,7 @@
 SSM state size.
 
 A host's causal LM is the stock class with `CompreSSMHybridMixin` listed first. The stock model is built as usual
-(every Mamba layer at ``mamba_d_state``), then each Mamba layer keeps the first ``config.mamba_state_sizes[i]``
+(every Mamba layer at the cap ``mamba_d_state``), then each Mamba layer keeps the first ``config.mamba_state_sizes[i]``
 states of every group: its ``in_proj`` B/C rows and ``conv1d`` channels shrink and its cached ``ssm_state_size`` /
 ``conv_dim`` follow. The stock Mamba layer reads those two attributes at call time, so the stock forward, the hybrid
 cache (attention KV + per-layer SSM states, allocated from the real state tensors), generation and gradient
@@ -24,6 +24,11 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .modeling_compressssm_common import CompreSSMCheckpointMixin
+
+
+def is_mamba2_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a Mamba-2 layer (the stock mixers of every host have these parameters and fields)."""
+    return all(hasattr(module, name) for name in ("A_log", "conv1d", "in_proj", "n_groups", "intermediate_size"))
 
 
 def mamba2_state_size(mixer: nn.Module) -> int:
@@ -105,12 +110,11 @@ class CompreSSMHybridMixin(CompreSSMCheckpointMixin):
     """Per-layer SSM state sizes on a stock hybrid causal LM (list it before the stock class).
 
     A host sets ``stock_model_class`` (the stock causal LM) and ``config_class`` (its `HybridStateSizes` config); the
-    decoder layers are ``<base model>.layers`` and a layer's Mamba module is its ``mixer_attribute`` (None on
-    attention layers). Saving and loading follow `CompreSSMCheckpointMixin` (strict; ``compression_history.json``).
+    decoder layers are ``<base model>.layers``, and a layer's Mamba module is the one submodule that is a Mamba-2
+    layer (`is_mamba2_layer`), wherever the host keeps it (``mamba``, ``mixer``, ...). Saving and loading follow `CompreSSMCheckpointMixin` (strict; ``compression_history.json``).
     """
 
     stock_model_class: type[PreTrainedModel]
-    mixer_attribute = "mamba"
 
     def __init__(self, config, *args, **kwargs):
         config.check_invariants()  # attributes may have been changed since the config was constructed
@@ -120,9 +124,14 @@ class CompreSSMHybridMixin(CompreSSMCheckpointMixin):
                 keep_first_states(mixer, size)
 
     def _layer_mixers(self) -> list[nn.Module | None]:
-        """Each decoder layer's Mamba module (None for attention layers), in layer order."""
-        layers = getattr(self, self.base_model_prefix).layers
-        return [getattr(layer, self.mixer_attribute, None) for layer in layers]
+        """Each decoder layer's Mamba-2 module (None for the other layers), in layer order."""
+        mixers = []
+        for index, layer in enumerate(getattr(self, self.base_model_prefix).layers):
+            found = [m for m in layer.modules() if is_mamba2_layer(m)]
+            if len(found) > 1:
+                raise ValueError(f"decoder layer {index} holds {len(found)} Mamba-2 layers; a host has one per layer.")
+            mixers.append(found[0] if found else None)
+        return mixers
 
     def ssm_mixers(self) -> list[nn.Module]:
         """The Mamba layers' mixers, in layer order."""
@@ -205,6 +214,7 @@ class CompreSSMHybridMixin(CompreSSMCheckpointMixin):
 
 __all__ = [
     "CompreSSMHybridMixin",
+    "is_mamba2_layer",
     "keep_first_states",
     "kept_rows",
     "mamba2_state_size",
