@@ -329,6 +329,49 @@ def _train_expect_error(tmp_path, model, callback, message, **arg_overrides):
         assert torch.equal(p, before[n]), n
 
 
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_load_best_model_at_end_picks_the_best_checkpoint_at_the_final_sizes(tmp_path, family, caplog):
+    """Issue 21.5: the best evaluation is before the cuts (a metric that prefers large states), whose checkpoint no
+    longer fits the cut model; training must end with the best checkpoint saved since the last cut, never fail."""
+    from mamba2_helpers import tiny_mamba2_lm
+    from transformers.utils import logging as hf_logging
+
+    model = tiny_lm(state_sizes=[8, 8]) if family == "mamba" else tiny_mamba2_lm()
+    args = training_args(
+        tmp_path,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        save_total_limit=2,
+        per_device_eval_batch_size=4,
+        load_best_model_at_end=True,
+        metric_for_best_model="mean_state_size",
+        greater_is_better=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Blocks(),
+        eval_dataset=Blocks(n=4, seed=5),
+        compute_metrics=SizeMetric(model),
+        callbacks=[CompreSSMCallback(mode="fixed", fixed_fraction=0.5, reduction_steps=[3, 7])],
+    )
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            trainer.train()
+    finally:
+        hf_logging.disable_propagation()
+    assert "the cut at step 3 changed the state sizes, so the best checkpoint so far" in caplog.text
+    assert trainer.model is model and model.state_sizes() == [2, 2]
+    # every evaluation after the cut at 7 scores the same: the first one, at step 8, is the best
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-8")
+    assert trainer.state.best_metric == 2.0
+    best = json.loads((tmp_path / "checkpoint-8" / "config.json").read_text())
+    assert best["state_sizes"] == [2, 2]
+
+
 def test_schedule_beyond_max_steps(tmp_path):
     _train_expect_error(tmp_path, tiny_lm(), CompreSSMCallback(reduction_steps=[5, 50]), "beyond max_steps=12")
 
@@ -371,10 +414,11 @@ def test_hf_argument_parser_accepts_compression_arguments():
 
 
 # ---------------------------------------------------------------- multi-process
-def _torchrun(out, accumulation, negative_control=False):
+def _torchrun(out, accumulation, negative_control=False, save_steps=0):
     worker = os.path.join(os.path.dirname(__file__), "workers", "ddp_train.py")
     env = dict(os.environ, COMPRESSSSM_NEGATIVE_CONTROL="1" if negative_control else "0", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", worker, str(out), str(accumulation)]
+    cmd += [str(save_steps)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -387,6 +431,23 @@ def test_ddp_two_processes_stay_bit_identical_after_cuts(tmp_path):
     assert len(rank0["kept"]) == 2 and rank0["kept"] == rank1["kept"]
     assert rank0["sizes"] == rank1["sizes"] and all(s < 8 for s in rank0["sizes"])
     assert rank0["checksums"] == rank1["checksums"]
+
+
+@pytest.mark.slow
+def test_ddp_checkpoints_hold_every_rank_state_before_trainer_state(tmp_path):
+    """Issue 21.1 under DDP: each rank's callback state is in the checkpoint before the Trainer's trainer_state.json
+    (after which save_total_limit deletes the older checkpoint), so the newest checkpoint is always complete."""
+    from hf_compressssm.compression.checkpoint import checkpoint_problem, state_file_name
+
+    rank0, rank1 = _torchrun(tmp_path / "ddp", accumulation=1, save_steps=2)
+    assert rank0["checksums"] == rank1["checksums"]
+    checkpoints = sorted((tmp_path / "ddp").glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-10"]  # save_total_limit=1
+    folder = checkpoints[0]
+    assert checkpoint_problem(str(folder)) is None
+    written_last = os.stat(folder / "trainer_state.json").st_mtime_ns
+    for rank in (0, 1):
+        assert os.stat(folder / state_file_name(rank)).st_mtime_ns <= written_last
 
 
 @pytest.mark.slow

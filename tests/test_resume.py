@@ -13,11 +13,12 @@ import pytest
 import torch
 from helpers import Blocks, tiny_lm
 from mamba2_helpers import tiny_mamba2_lm
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_jit_checkpoint import CheckpointManager
 from transformers.utils import logging as hf_logging
 
 from hf_compressssm import CompreSSMCallback, CompreSSMMamba2ForCausalLM, CompreSSMMambaForCausalLM
-from hf_compressssm.compression.checkpoint import STATE_FILE
+from hf_compressssm.compression.checkpoint import STATE_FILE, checkpoint_problem
 
 
 MAX_STEPS = 12
@@ -53,7 +54,32 @@ MODES = {
 }
 
 
-def _run(out, mode, resume=None, callback_kwargs=None, **arg_overrides):
+class Preempt(TrainerCallback):
+    """Takes the Trainer's preemption (JIT) checkpoint at ``hook`` of optimisation step ``step`` and stops training,
+    as `transformers.trainer_jit_checkpoint.JITCheckpointCallback` does once SIGTERM's grace period is over."""
+
+    def __init__(self, hook, step):
+        self.hook, self.step, self.trainer, self.saved = hook, step, None, None
+
+    def _maybe(self, hook, state, control):
+        if hook == self.hook and self.saved is None and state.global_step + (hook != "on_step_end") == self.step:
+            control.should_training_stop = True
+            CheckpointManager(self.trainer).execute_jit_checkpoint()
+            self.saved = state.global_step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._maybe("on_step_begin", state, control)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._maybe("on_pre_optimizer_step", state, control)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.hook == "on_step_end" and self.saved is None and state.global_step == self.step:
+            control.should_save = False  # the preemption checkpoint replaces this step's regular save
+        self._maybe("on_step_end", state, control)
+
+
+def _run(out, mode, resume=None, callback_kwargs=None, preempt=None, preempt_first=True, **arg_overrides):
     if mode == "mamba2":
         model = tiny_mamba2_lm() if resume is None else CompreSSMMamba2ForCausalLM.from_pretrained(resume)
     else:
@@ -79,14 +105,19 @@ def _run(out, mode, resume=None, callback_kwargs=None, **arg_overrides):
         values.update(eval_strategy="steps", eval_steps=100, per_device_eval_batch_size=4)
     values.update(arg_overrides)
     callback = CompreSSMCallback(**(callback_kwargs or MODES[mode]))
+    callbacks = [callback]
+    if preempt is not None:  # before or after the CompreSSM callback in the Trainer's list
+        callbacks = [preempt, callback] if preempt_first else [callback, preempt]
     trainer = Trainer(
         model=model,
         args=TrainingArguments(**values),
         train_dataset=Blocks(n=96),
         eval_dataset=Blocks(n=4, seed=5) if mode == "pragmatic" else None,
         compute_metrics=metric if mode == "pragmatic" else None,
-        callbacks=[callback],
+        callbacks=callbacks,
     )
+    if preempt is not None:
+        preempt.trainer = trainer
     trainer.train(resume_from_checkpoint=resume)
     return trainer.model
 
@@ -193,3 +224,39 @@ def test_changed_arguments_on_resume_warn_and_history_keeps_what_was_done(uninte
         {"step": 6, "changed": {"tau": [0.3, 0.5], "calibration_batches": [3, 2]}}
     ]
     assert os.path.isfile(tmp_path / "r" / "compression_history.json")
+
+
+@pytest.mark.parametrize(
+    "mode, hook, step, preempt_first",
+    [
+        # before step 7 runs (inside the calibration window of the cut at 8)
+        ("tolerance", "on_step_begin", 7, True),
+        # inside step 7, after its forward (recorded for the cut at 8), before its optimizer step: the checkpoint
+        # is that of step 6 and must not hold step 7's statistics
+        ("tolerance", "on_pre_optimizer_step", 7, True),
+        ("mamba2", "on_pre_optimizer_step", 7, True),
+        # at the end of the cut step 4, before the CompreSSM callback cut: the cut is made when the run resumes
+        ("tolerance", "on_step_end", 4, True),
+        ("mamba2", "on_step_end", 8, True),
+        # at the end of step 4, after the cut (the preemption callback listed after CompreSSM, as train.py does)
+        ("tolerance", "on_step_end", 4, False),
+        # pragmatic: between the cut at 4 and its check at 6
+        ("pragmatic", "on_pre_optimizer_step", 5, True),
+    ],
+)
+def test_resume_from_a_preemption_checkpoint_equals_uninterrupted(
+    uninterrupted, tmp_path, mode, hook, step, preempt_first
+):
+    """Issue 21.2: a preemption checkpoint (transformers' enable_jit_checkpoint, no regular saves) taken anywhere in
+    a step holds the callback state; resuming from it gives the uninterrupted run."""
+    out, full = uninterrupted[mode]
+    preempt = Preempt(hook, step)
+    _run(tmp_path / "run", mode, preempt=preempt, preempt_first=preempt_first, save_strategy="no")
+    saved = step - (hook != "on_step_end")
+    checkpoint = tmp_path / "run" / f"checkpoint-{saved}"
+    assert preempt.saved == saved and [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == [checkpoint.name]
+    assert checkpoint_problem(str(checkpoint)) is None
+    state = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["CompreSSMCallback"]
+    assert state["attributes"]["_resume_state"]["step_end_pending"] is (hook == "on_step_end" and preempt_first)
+    resumed = _run(tmp_path / "resumed", mode, resume=str(checkpoint))
+    _assert_same_run(resumed, full)

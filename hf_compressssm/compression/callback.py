@@ -25,7 +25,14 @@ from transformers.utils import logging
 from ..families import check_per_layer_model, family_of, find_mixers
 from .arguments import CompressionArguments, check_min_state_size, check_training_setup
 from .calibration import TrainingStatisticsRecorder
-from .checkpoint import CALLBACK_NAME, find_state_file, load_state_file, save_state_file, state_file_name
+from .checkpoint import (
+    CALLBACK_NAME,
+    find_state_file,
+    load_state_file,
+    save_in_progress,
+    save_state_file,
+    state_file_name,
+)
 from .distributed import (
     GradientAllReducer,
     exclude_shrinkable_from_ddp,
@@ -49,11 +56,26 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     Multi-process: add the callback when building the `Trainer` (``callbacks=[...]``) so that ``on_init_end`` can
     keep the shrinkable parameters out of DDP before it wraps the model (see `hf_compressssm.distributed`).
 
-    Resume: every checkpoint carries the callback's state (`hf_compressssm.compression.checkpoint`), so
+    Resume: every checkpoint carries the callback's state (`hf_compressssm.compression.checkpoint`), written before
+    the Trainer's ``trainer_state.json`` (so before ``save_total_limit`` deletes an older checkpoint), so
     ``trainer.train(resume_from_checkpoint=folder)`` with a model built from that folder (its reduced sizes:
     ``from_pretrained(folder)``) continues exactly as the uninterrupted run. The state file is looked for in
     ``TrainingArguments.resume_from_checkpoint``, in the folder it was saved to and in ``output_dir/checkpoint-N``.
     Resuming with other `CompressionArguments` warns with the changed fields; the new ones apply from then on.
+    Preemption checkpoints (``enable_jit_checkpoint``) resume exactly too, wherever in a step the Trainer takes them.
+    Put the Trainer's ``JITCheckpointCallback`` after this callback
+    (``trainer.add_callback(trainer.pop_callback(JITCheckpointCallback))``, as ``scripts/train.py`` does): otherwise
+    a preemption checkpoint taken at the end of a step can precede this callback's work of that step (a cut, a
+    pragmatic evaluation request); the cut is then made when the run resumes (same result), but a pragmatic
+    evaluation asked for at that step happens one step later.
+
+    ``load_best_model_at_end``: a cut makes the earlier checkpoints unloadable into the model, so each cut (and each
+    pragmatic rollback) forgets the best metric so far; the best model is then the best checkpoint saved since the
+    last change of state sizes.
+
+    PEFT: a Trainer checkpoint of a PEFT model holds only the adapter, not the base model that the cuts shrink, so a
+    PEFT model with scheduled cuts is refused when the Trainer may write checkpoints (``save_strategy`` other than
+    ``"no"``, or ``enable_jit_checkpoint``).
     """
 
     def __init__(self, args: CompressionArguments | None = None, **kwargs):
@@ -72,6 +94,10 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         self._resume_state: dict | None = None  # set by Trainer(restore_callback_states_from_checkpoint=True)
         self._trainer_state = None
         self._trainer_args = None
+        self._training = False  # between on_train_begin and on_train_end
+        # (global_step, calibration window, seconds) when the current optimisation step began; None after its end
+        self._step_start: tuple[int, list, float] | None = None
+        self._written: tuple[str, int] | None = None  # (folder, step) of the last state file this process wrote
 
     # ------------------------------------------------------------------ setup
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -81,7 +107,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._check_supported(args, model)
         self._trainer_state, self._trainer_args = state, args
+        self._step_start, self._written = None, None
         self.schedule = self.args.schedule(state.max_steps)
+        self._check_checkpointing(args, model)
         saved = self._saved_state(state)
         previous_args = saved["args"] if saved else None
         record = update_compression_record(model, self.args, self.schedule)
@@ -92,7 +120,10 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             self._pending_check, self._last_eval = None, None
         else:
             done = {h["step"] for h in record.get("history", [])}
-            self._done_steps = {s for s in self.schedule if s <= state.global_step or s in done}
+            # a preemption checkpoint can be taken before this callback's end of its step: that step is still to do
+            pending = bool(saved and saved.get("step_end_pending"))
+            last = state.global_step - 1 if pending else state.global_step
+            self._done_steps = {s for s in self.schedule if s <= last or s in done}
             self._restore(args, state, model, saved)
         if previous_args is not None:
             self._warn_changed_arguments(model, state, previous_args)
@@ -112,39 +143,89 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             except ImportError:
                 logger.warning("CompreSSM: report_to includes tensorboard but it is not installed.")
         logger.info(f"CompreSSM: reductions scheduled at steps {self.schedule} of {state.max_steps}.")
+        self._training = True
+        if saved is not None and saved.get("step_end_pending"):
+            logger.info(
+                f"CompreSSM: the checkpoint of step {state.global_step} was saved before the callback's end of that "
+                "step (a preemption checkpoint); doing it now."
+            )
+            self._step_end(args, state, control, model, optimizer)
 
     # ------------------------------------------------------------------ checkpoints (ExportableState + file)
     def state(self) -> dict[str, Any]:
         """What ``trainer_state.json`` keeps of the callback (`ExportableState`): its arguments and, once training
-        has started, the bookkeeping that a resumed run needs (the tensors go to the state file in ``on_save``)."""
+        has started, the bookkeeping that a resumed run needs.
+
+        The Trainer calls this inside ``_save_checkpoint``, on the saving process, after writing the model,
+        optimizer and RNG files and just before ``trainer_state.json`` (and before deleting older checkpoints), so
+        this is where the process writes its tensors (`hf_compressssm.compression.checkpoint`) into the checkpoint
+        being saved: the checkpoint is complete exactly when ``trainer_state.json`` is there."""
         resume = None
-        if self._trainer_state is not None and self._trainer_state.global_step > 0:
+        trainer_state = self._trainer_state
+        if self._training and trainer_state is not None and trainer_state.global_step > 0:
             args = self._trainer_args
+            step = int(trainer_state.global_step)
+            start = self._step_start
+            # taken inside a step (preemption, before its optimizer step): the state as of the step's beginning
+            mid_step = start is not None and start[0] == step
+            # taken at the end of a step, before this callback's on_step_end (a callback listed before this one)
+            step_end_pending = start is not None and start[0] == step - 1
+            folder = os.path.join(args.output_dir, f"checkpoint-{step}")
             resume = {
                 "version": 1,
-                "global_step": int(self._trainer_state.global_step),
+                "global_step": step,
                 "args": self.args.to_dict(),
                 "done_steps": sorted(self._done_steps),
                 "last_eval": list(self._last_eval) if self._last_eval is not None else None,
                 "pending_check": (
                     {k: v for k, v in self._pending_check.items() if k != "snapshot"} if self._pending_check else None
                 ),
-                "folder": os.path.abspath(
-                    os.path.join(args.output_dir, f"checkpoint-{self._trainer_state.global_step}")
-                ),
+                "step_end_pending": step_end_pending,
+                "folder": os.path.abspath(folder),
                 "world_size": int(getattr(args, "world_size", 1) or 1),
             }
+            if save_in_progress(folder):
+                self._write_state_file(args, step, folder, start if mid_step else None)
         return {"args": self.args.to_dict(), "attributes": {"_resume_state": resume}}
 
-    def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        snapshot = self._pending_check["snapshot"] if self._pending_check else None
-        payload = {
-            "statistics": self._statistics.state(),
-            "generator": self._generator.get_state(),
-            "snapshot": snapshot,
+    def _write_state_file(self, args, step: int, folder: str, start: tuple | None = None) -> None:
+        """This process's tensors into ``folder`` (``start``: the statistics as of the step's beginning)."""
+        window, seconds = (start[1], start[2]) if start is not None else (list(self._statistics.window), None)
+        statistics = {
+            "window": [list(layers) for layers in window],
+            "seconds": self._statistics.seconds if seconds is None else seconds,
         }
-        save_state_file(folder, payload, state.global_step, int(getattr(args, "process_index", 0) or 0))
+        payload = {
+            "statistics": statistics,
+            "generator": self._generator.get_state(),
+            "snapshot": self._pending_check["snapshot"] if self._pending_check else None,
+        }
+        save_state_file(folder, payload, step, int(getattr(args, "process_index", 0) or 0))
+        self._written = (os.path.abspath(folder), int(step))
+
+    def _before_trainer_save(self, args, state, control) -> None:
+        """Multi-process: the Trainer calls ``state()`` on the saving process only, so the other processes write
+        their state files now, at the end of the step whose checkpoint the Trainer is about to save, and all wait
+        until every file is written (the saving process then writes ``trainer_state.json``)."""
+        if not control.should_save or not is_distributed():
+            return
+        if int(getattr(args, "process_index", 0) or 0) > 0:
+            self._write_state_file(
+                args, state.global_step, os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            )
+        if not getattr(args, "enable_jit_checkpoint", False):  # a preemption can stop one process's save: no wait
+            torch.distributed.barrier()
+
+    def on_save(self, args, state, control, **kwargs):
+        """A save whose ``state()`` call did not write this process's file (another output folder, e.g. a
+        hyper-parameter search trial, or a save asked for by a callback after this one): write it now."""
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if self._written != (os.path.abspath(folder), int(state.global_step)):
+            self._write_state_file(args, state.global_step, folder)
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._before_trainer_save(args, state, control)
         return control
 
     def _saved_state(self, state) -> dict | None:
@@ -196,6 +277,24 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             self._pending_check = {**saved["pending_check"], "snapshot": payload["snapshot"]}
         logger.info(f"CompreSSM: restored the callback state of step {state.global_step} from {path}.")
 
+    def _check_checkpointing(self, args, model) -> None:
+        """PEFT + cuts + Trainer checkpoints: refused before any step (nothing changed, nothing written)."""
+        if not self.schedule or not any(hasattr(m, "base_layer") for m in model.modules()):
+            return
+        save_strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+        jit = bool(getattr(args, "enable_jit_checkpoint", False))
+        if save_strategy == "no" and not jit:
+            return
+        setting = f"save_strategy={save_strategy!r}" + (" and enable_jit_checkpoint=True" if jit else "")
+        raise ValueError(
+            f"CompreSSM cannot cut a PEFT model that the Trainer checkpoints ({setting}): a checkpoint of a PEFT "
+            "model holds only the adapter weights, not the base model that the cuts shrink, so it could not be "
+            "resumed and its adapter would fit no saved base. Train with save_strategy='no' (and without "
+            "enable_jit_checkpoint) and save the result at the end (model.merge_and_unload().save_pretrained(...)), "
+            "or compress the base model first (a run without adapters, or compress_model) and add the adapters to "
+            "the compressed model."
+        )
+
     def _warn_changed_arguments(self, model, state, previous: dict) -> None:
         now = self.args.to_dict()
         changed = {k: [previous.get(k), v] for k, v in now.items() if previous.get(k) != v}
@@ -235,6 +334,8 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     # ------------------------------------------------------------------ the cut
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         """Record statistics during the last ``calibration_batches`` optimisation steps before each pending cut."""
+        # what a checkpoint taken inside this step (a preemption, before the optimizer step) must hold
+        self._step_start = (state.global_step, list(self._statistics.window), self._statistics.seconds)
         step = state.global_step + 1  # the optimisation step about to run
         k = self.args.calibration_batches
         self._statistics.active = any(
@@ -243,6 +344,12 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         return control
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._step_start = None
+        self._step_end(args, state, control, model, optimizer)
+        self._before_trainer_save(args, state, control)
+        return control
+
+    def _step_end(self, args, state, control, model, optimizer) -> None:
         step = state.global_step
         record = model.config.compression or {}
         if self.args.mode == "pragmatic":
@@ -251,9 +358,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             if step + 1 in self.schedule and step + 1 not in self._done_steps and not record.get("stopped"):
                 control.should_evaluate = True  # the "before" measurement of the next cut
         if step not in self.schedule or step in self._done_steps or record.get("stopped"):
-            return control
+            return
         if self._pending_check is not None:
-            return control  # pragmatic: wait for the comparison of the previous cut
+            return  # pragmatic: wait for the comparison of the previous cut
         self._done_steps.add(step)
         statistics = self._statistics.statistics(family_of(model))
         calibration_seconds = self._statistics.seconds
@@ -261,7 +368,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         self._statistics.active = False
         if statistics is None:
             logger.warning(f"CompreSSM: no training batch recorded before step {step}; reduction skipped.")
-            return control
+            return
         snapshot = self._snapshot(model, optimizer) if self.args.mode == "pragmatic" else None
         try:
             report = reduce_once(
@@ -277,10 +384,12 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             )
         except SurgeryError as err:  # undone: the model, optimizer, config and history are as before the attempt
             logger.warning(f"CompreSSM: the cut at step {step} failed and was undone; training goes on. {err}")
-            return control
+            return
         finally:
             self._reducer.attach(model)  # new parameters need their gradient hooks
         self._log_report(model, args, state, report)
+        if report.sizes_after != report.sizes_before:
+            self._forget_best_checkpoint(args, state, f"the cut at step {step}")
         if snapshot is not None and report.sizes_after != report.sizes_before:
             self._pending_check = {
                 "step": step,
@@ -289,13 +398,30 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 "snapshot": snapshot,
             }
             control.should_evaluate = step >= self._pending_check["due"]
-        return control
 
     def _rollback_delay(self, step: int) -> int:
         if self.args.rollback_delay_steps is not None:
             return int(self.args.rollback_delay_steps)
         later = [s for s in self.schedule if s > step]
         return max(0, (later[0] - step) // 2) if later else 1
+
+    def _forget_best_checkpoint(self, args, state, change: str) -> None:
+        """``load_best_model_at_end``: a checkpoint saved at other state sizes cannot be loaded into the model, so
+        the best metric so far is forgotten; the best model is chosen among the checkpoints saved from now on."""
+        if not getattr(args, "load_best_model_at_end", False):
+            return
+        if state.best_metric is None and state.best_global_step is None and state.best_model_checkpoint is None:
+            return
+        if state.is_world_process_zero:
+            logger.warning(
+                f"CompreSSM: {change} changed the state sizes, so the best checkpoint so far "
+                f"({state.best_model_checkpoint or f'step {state.best_global_step}'}, {args.metric_for_best_model} "
+                f"{state.best_metric}) no longer fits the model: load_best_model_at_end will pick the best "
+                "checkpoint saved from now on."
+            )
+        state.best_metric = None
+        state.best_global_step = None
+        state.best_model_checkpoint = None
 
     # ------------------------------------------------------------------ pragmatic mode
     def _snapshot(self, model, optimizer) -> dict:
@@ -325,6 +451,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 worse_by = sign * (float(value) - baseline) / max(abs(baseline), 1e-12)
                 if worse_by > self.args.rollback_tolerance:
                     self._rollback(model, optimizer, check, state, value, baseline)
+                    self._forget_best_checkpoint(args, state, f"the rollback at step {state.global_step}")
                     return control
         self._last_eval = (state.global_step, float(value))
         return control
@@ -381,6 +508,8 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         )
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._training = False
+        self._step_start = None
         self._statistics.detach()
         self._statistics.clear()
         self._reducer.detach()

@@ -3,8 +3,14 @@
 The callback's JSON-able state (schedule progress, the pending pragmatic check's bookkeeping, the arguments) travels
 the HF way, in ``trainer_state.json`` (``stateful_callbacks``, via `transformers.trainer_callback.ExportableState`).
 Its tensors (the recent calibration batches, the random-selection generator, a pending check's model and optimizer
-snapshot) are written by ``on_save`` into the checkpoint folder as ``compressssm_state.safetensors`` (one file per
-process: ``compressssm_state-rank{r}.safetensors`` for ranks > 0), atomically (temporary file + rename).
+snapshot) go into the checkpoint folder as ``compressssm_state.safetensors`` (one file per process:
+``compressssm_state-rank{r}.safetensors`` for ranks > 0), atomically (temporary file + rename), *before* the
+Trainer writes ``trainer_state.json``: the Trainer's ``_save_checkpoint`` writes the model, optimizer, scheduler and
+RNG files, then calls ``state()`` of every `ExportableState` callback, then writes ``trainer_state.json``, then
+deletes older checkpoints (``save_total_limit``); ``on_save`` runs only after all of that. So the saving process
+writes its file from ``state()``, and the other processes write theirs at the end of the step that asked for the
+save (then all wait at a barrier). A checkpoint whose ``trainer_state.json`` parses is therefore complete, and an
+older one is deleted only after a newer one is complete: a kill at any point leaves one checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -25,6 +31,14 @@ logger = logging.get_logger(__name__)
 STATE_FILE = "compressssm_state.safetensors"
 CALLBACK_NAME = "CompreSSMCallback"
 TRAINER_STATE = "trainer_state.json"
+JIT_SENTINEL = "checkpoint-is-incomplete.txt"  # transformers' JIT (preemption) checkpoint, removed when it is done
+WEIGHT_FILES = (
+    "model.safetensors",
+    "adapter_model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "adapter_model.bin",
+)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -111,6 +125,26 @@ def find_state_file(candidates: list[str | None], global_step: int, process_inde
     return None
 
 
+def _mtime(path: str) -> float | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def save_in_progress(folder: str) -> bool:
+    """Whether the Trainer is writing the checkpoint ``folder`` now: it exists and its ``trainer_state.json`` (the
+    Trainer's last file) is missing or older than its weights (a save of the same step again, e.g. a preemption
+    checkpoint after the regular one, rewrites the weights first)."""
+    if not os.path.isdir(folder):
+        return False
+    state = _mtime(os.path.join(folder, TRAINER_STATE))
+    if state is None:
+        return True
+    weights = [t for t in (_mtime(os.path.join(folder, n)) for n in WEIGHT_FILES) if t is not None]
+    return bool(weights) and max(weights) > state
+
+
 # ---------------------------------------------------------------- complete checkpoints
 def _safetensors_problem(path: str) -> str | None:
     from safetensors import safe_open
@@ -130,6 +164,8 @@ def checkpoint_problem(folder: str) -> str | None:
 
     Complete: ``trainer_state.json`` (written last by the Trainer) and ``config.json`` parse, the model weights are
     there and readable, and, when the checkpoint was saved with `CompreSSMCallback`, its state file is readable too.
+    A preemption checkpoint (``enable_jit_checkpoint``) whose marker file is newer than ``trainer_state.json`` is
+    being saved again over an earlier save of the same step, so it is incomplete too.
     """
     if not os.path.isdir(folder):
         return "it is not a folder"
@@ -140,6 +176,9 @@ def checkpoint_problem(folder: str) -> str | None:
         return f"{TRAINER_STATE} is missing"
     except (OSError, ValueError) as err:
         return f"{TRAINER_STATE} is unreadable ({err})"
+    sentinel = _mtime(os.path.join(folder, JIT_SENTINEL))
+    if sentinel is not None and sentinel > (_mtime(os.path.join(folder, TRAINER_STATE)) or 0):
+        return f"a preemption checkpoint was being written into it ({JIT_SENTINEL} is newer than {TRAINER_STATE})"
     config_path = os.path.join(folder, "config.json")
     adapter = os.path.isfile(os.path.join(folder, "adapter_config.json"))
     if not adapter:

@@ -27,7 +27,7 @@ class Blocks(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def main(out_dir: str, accumulation: int) -> None:
+def main(out_dir: str, accumulation: int, save_steps: int = 0) -> None:
     if os.environ.get("COMPRESSSSM_NEGATIVE_CONTROL") == "1":
         # Let DDP manage the shrinkable tensors (the naive design): the test must see the replicas drift.
         import hf_compressssm.compression.callback as callback_module
@@ -43,7 +43,9 @@ def main(out_dir: str, accumulation: int) -> None:
         gradient_accumulation_steps=accumulation,
         learning_rate=5e-3,
         report_to=[],
-        save_strategy="no",
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        save_total_limit=1,
         use_cpu=True,
         disable_tqdm=True,
         logging_steps=100,
@@ -71,4 +73,4 @@ def main(out_dir: str, accumulation: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1, int(sys.argv[3]) if len(sys.argv) > 3 else 0)
