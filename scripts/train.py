@@ -15,8 +15,12 @@ CompressionArguments; see --help. Bad input prints one error line and exits with
 
 Resume (like the transformers examples): with --save_strategy steps, rerunning the same command continues from the
 newest complete checkpoint-N in --output_dir (a half-written one, left by a kill, is skipped with a warning), with
-the model built from it (its reduced state sizes); --resume_from_checkpoint PATH picks a checkpoint;
---overwrite_output_dir starts afresh.
+the model built from it (its reduced state sizes); --resume_from_checkpoint PATH picks a checkpoint. Rerunning a
+finished command says so and changes nothing (exit 0). A non-empty --output_dir that is not a run of the same
+settings (arguments that change the result) is refused (exit 2) unless --overwrite_output_dir is given, which
+deletes the previous run's checkpoints and results there and starts afresh. One run at a time per --output_dir
+(a lock file; a second run exits 2 naming the first). A failed --push_to_hub upload after training exits 1 with the
+command that retries the upload alone.
 """
 
 import logging
@@ -33,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_compressssm.tasks import UsageError, parse_arguments, run_training  # noqa: E402
 from hf_compressssm.tasks.launcher import launcher_mismatch  # noqa: E402
+from hf_compressssm.tasks.run import UploadError  # noqa: E402
 
 
 def _print_summary(results: dict) -> None:
@@ -63,9 +68,30 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
+    except UploadError as err:  # trained and saved; only the upload failed
+        _print_summary(err.results)
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if results.get("already_finished"):
+        print(_finished_line(training_args))
+    else:
         _print_summary(results)
     return 0
+
+
+def _finished_line(training_args) -> str:
+    out = training_args.output_dir
+    line = (
+        f"{out} already holds the finished run of these settings: nothing to do (pass --overwrite_output_dir to "
+        "train it again from scratch, or choose another --output_dir)"
+    )
+    if training_args.push_to_hub and training_args.hub_model_id:
+        from hf_compressssm.hub.publish import upload_command
+
+        line += f"; to upload it: {upload_command(out, training_args.hub_model_id)}"
+    return line + "."
 
 
 if __name__ == "__main__":

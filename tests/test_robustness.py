@@ -9,6 +9,7 @@ import copy
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from transformers.utils import logging as hf_logging
 from hf_compressssm import CompressionArguments, CompreSSMCallback, compress_model
 from hf_compressssm.compression import history as history_lib
 from hf_compressssm.compression import reduction, surgery
+from hf_compressssm.compression.checkpoint import STATE_FILE, checkpoint_problem
 from hf_compressssm.compression.surgery import SurgeryError, shrink_mixers
 from hf_compressssm.families import find_mixers
 
@@ -217,6 +219,34 @@ def test_lora_model_trains_with_the_callback(tmp_path):
     assert params == {id(p) for p in wrapped.parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("save_strategy", ["steps", "epoch"])
+def test_lora_with_cuts_and_trainer_checkpoints_is_refused_before_anything_changes(tmp_path, save_strategy):
+    """Issue 21.6: a Trainer checkpoint of a PEFT model holds only the adapter, not the cut base: refused at the
+    start (model, optimizer and output folder unchanged), with the reason and the fix."""
+    model = tiny_lm(state_sizes=[8, 8])
+    wrapped = _lora(model)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = TrainingArguments(
+        str(out), max_steps=6, per_device_train_batch_size=4, report_to=[], use_cpu=True, save_strategy=save_strategy
+    )
+    data = [{"input_ids": r, "labels": r} for r in random_ids(batch=32, length=12)]
+    callback = CompreSSMCallback(mode="fixed", fixed_fraction=0.5, reduction_steps=[2, 4])
+    trainer = Trainer(model=wrapped, args=args, train_dataset=data, callbacks=[callback])
+    trainer.create_optimizer()
+    before = _everything(model, wrapped, trainer.optimizer)
+    with pytest.raises(ValueError, match=r"holds only the adapter weights.*save_strategy='no'"):
+        trainer.train()
+    _assert_unchanged(before, model, wrapped, trainer.optimizer)
+    assert os.listdir(out) == []
+    # without Trainer checkpoints the same run trains and cuts
+    args = TrainingArguments(
+        str(out), max_steps=6, per_device_train_batch_size=4, report_to=[], use_cpu=True, save_strategy="no"
+    )
+    Trainer(model=wrapped, args=args, train_dataset=data, callbacks=[callback]).train()
+    assert model.state_sizes() == [2, 2]
+
+
 def test_failed_cut_in_training_is_undone_and_training_goes_on(tmp_path, monkeypatch, hf_warnings):
     model = tiny_lm(state_sizes=[8, 8])
     config_cls = type(model.config)
@@ -367,7 +397,15 @@ if stage == "trainer_state":  # the Trainer's state file of checkpoint-4 is half
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, path)
     TrainerState.save_to_json = save_to_json
-else:  # killed after the Trainer's files, before the CompreSSM state of checkpoint-4 is in place
+elif stage == "after_rotation":  # checkpoint-4 saved, the older ones deleted (save_total_limit), before on_save
+    import transformers.trainer as trainer_module
+    rotate = trainer_module.rotate_checkpoints
+    def rotate_checkpoints(*args, **kwargs):
+        rotate(*args, **kwargs)
+        if os.path.isdir(os.path.join(kwargs["output_dir"], "checkpoint-4")):
+            os.kill(os.getpid(), signal.SIGKILL)
+    trainer_module.rotate_checkpoints = rotate_checkpoints
+else:  # killed while the CompreSSM state of checkpoint-4 is written (before the Trainer's trainer_state.json)
     from hf_compressssm.compression import callback
     original = callback.save_state_file
     def save_state_file(folder, *args, **kwargs):
@@ -403,28 +441,33 @@ def _assert_same_weights(a, b):
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=key)
 
 
+FAMILIES = {"mamba": [], "mamba2": ["--model_type", "compressssm_mamba2"]}
+
+
 @pytest.fixture(scope="module")
-def uninterrupted_script_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("script") / "full"
-    _train_script(*COMMON, "--output_dir", str(out))
-    return out
+def uninterrupted_script_runs(tmp_path_factory):
+    runs = {}
+
+    def get(family):
+        if family not in runs:
+            out = tmp_path_factory.mktemp("script") / f"full-{family}"
+            _train_script(*COMMON, *FAMILIES[family], "--output_dir", str(out))
+            runs[family] = out
+        return runs[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_script_run(uninterrupted_script_runs):
+    return uninterrupted_script_runs("mamba")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["trainer_state", "compressssm_state"])
 def test_killed_during_a_save_then_resumed_equals_uninterrupted(uninterrupted_script_run, tmp_path, stage):
     out = tmp_path / "run"
-    script = tmp_path / "killer.py"
-    script.write_text(KILLER.format(repo=REPO, train=TRAIN))
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    killed = subprocess.run(
-        [sys.executable, str(script), stage, *COMMON, "--output_dir", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
+    killed = _killed_run(tmp_path, stage, *COMMON, "--output_dir", str(out))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
     assert not (out / "model.safetensors").exists()  # the run never finished
@@ -435,6 +478,113 @@ def test_killed_during_a_save_then_resumed_equals_uninterrupted(uninterrupted_sc
     _assert_same_weights(out, uninterrupted_script_run)
     history = json.loads((out / "compression_history.json").read_text())
     assert [h["step"] for h in history] == [2, 4]  # no cut redone, none lost
+
+
+def _killed_run(tmp_path, stage, *argv):
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER.format(repo=REPO, train=TRAIN))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run(
+        [sys.executable, str(script), stage, *argv], env=env, capture_output=True, text=True, timeout=600, cwd=REPO
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_killed_after_the_trainer_deleted_the_older_checkpoint_resumes_from_the_newest(
+    uninterrupted_script_runs, tmp_path, family
+):
+    """Issue 21.1: with --save_total_limit 1 the Trainer deletes checkpoint-2 as soon as checkpoint-4 is saved, before
+    any on_save callback runs; a kill right there must leave checkpoint-4 complete, callback state included, and the
+    re-run must resume from it (not from step 0) and end as the uninterrupted run."""
+    out = tmp_path / "run"
+    argv = [*COMMON, *FAMILIES[family], "--save_total_limit", "1", "--output_dir", str(out)]
+    killed = _killed_run(tmp_path, "after_rotation", *argv)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]  # checkpoint-2 is gone
+    assert (out / "checkpoint-4" / STATE_FILE).is_file()
+    assert not (out / "model.safetensors").exists()  # the run never finished
+
+    resumed = _train_script(*argv)
+    assert "skipping the incomplete checkpoint" not in resumed.stderr
+    assert f"resuming from {out / 'checkpoint-4'}" in resumed.stderr, resumed.stderr[-3000:]
+    full = uninterrupted_script_runs(family)
+    _assert_same_weights(out, full)
+    assert (
+        json.loads((out / "config.json").read_text())["state_sizes"]
+        == json.loads((full / "config.json").read_text())["state_sizes"]
+    )
+    history = json.loads((out / "compression_history.json").read_text())
+    assert [h["step"] for h in history] == [2, 4]  # no cut redone, none lost
+
+
+SLOW_STEPS = """
+import runpy, sys, time
+sys.path.insert(0, {repo!r})
+import transformers
+training_step = transformers.Trainer.training_step
+def slow_training_step(self, *args, **kwargs):  # >= 0.1 s a step: SIGTERM's 3 s grace ends well before step 60
+    time.sleep(0.1)
+    return training_step(self, *args, **kwargs)
+transformers.Trainer.training_step = slow_training_step
+sys.argv = [{train!r}] + sys.argv[1:]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_sigterm_with_jit_checkpoint_stops_with_an_error_and_resumes(tmp_path, family):
+    """Issue 21.2: SIGTERM through the Trainer's preemption path (--enable_jit_checkpoint): a non-zero exit with one
+    "interrupted at step k of n" line, no final model, card or run file, and a checkpoint that the same command
+    resumes from, ending as the uninterrupted run."""
+    argv = [
+        "--preset", "tiny", *FAMILIES[family], "--max_steps", "60", "--reduction_steps", "2", "50",
+        "--save_strategy", "no", "--enable_jit_checkpoint", "--disable_tqdm", "true", "--seed", "0",
+    ]  # fmt: skip
+    out = tmp_path / "run"
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_STEPS.format(repo=REPO, train=TRAIN))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *argv, "--output_dir", str(out)],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    seen = []
+    try:
+        for line in proc.stderr:  # the first cut is logged at step 2: training runs
+            seen.append(line)
+            if "CompreSSM step 2:" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    stderr = "".join(seen) + stderr
+    assert proc.returncode == 143, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("train.py: interrupted at step ")]
+    assert len(lines) == 1, stderr[-3000:]
+    match = re.match(
+        r"train.py: interrupted at step (\d+) of 60 \(SIGTERM\); (\S+) is saved: re-run the same command", lines[0]
+    )
+    assert match, lines[0]
+    step, checkpoint = int(match.group(1)), match.group(2)
+    assert 2 <= step < 60 and os.path.dirname(checkpoint) == str(out)
+    assert [p.name for p in out.glob("checkpoint-*")] == [os.path.basename(checkpoint)]
+    assert checkpoint_problem(checkpoint) is None
+    for final in ("model.safetensors", "README.md", "compressssm_run.json", "config.json"):
+        assert not (out / final).exists(), final  # nothing written as if training had finished
+    assert "Saved model" not in stdout
+
+    resumed = _train_script(*argv, "--output_dir", str(out))
+    assert f"resuming from {checkpoint}" in resumed.stderr, resumed.stderr[-3000:]
+    full = tmp_path / "full"
+    _train_script(*argv, "--output_dir", str(full))
+    _assert_same_weights(out, full)
+    sizes = [json.loads((d / "config.json").read_text())["state_sizes"] for d in (out, full)]
+    assert sizes[0] == sizes[1]
+    histories = [json.loads((d / "compression_history.json").read_text()) for d in (out, full)]
+    assert [h["step"] for h in histories[0]] == [h["step"] for h in histories[1]]
 
 
 @pytest.mark.slow

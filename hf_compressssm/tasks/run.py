@@ -7,7 +7,6 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,11 @@ from ..compression.history import write_json_atomic
 from ..hub.model_card import find_template, save_model_card
 from .arguments import DataArguments, ModelArguments, UsageError
 from .model_builder import build_model
+from .output_dir import RUN_FILE, claim_output_dir, run_settings
 from .task_data import TaskData, build_datasets
 
 
 logger = logging.get_logger(__name__)
-
-RUN_FILE = "compressssm_run.json"
 
 
 def planned_max_steps(training_args: TrainingArguments, num_train_items: int) -> int:
@@ -131,10 +129,24 @@ def eval_summary(metrics: dict[str, float], metric: str) -> dict[str, float]:
     return out
 
 
-def run_info(model_args: ModelArguments, data_args: DataArguments) -> dict[str, Any]:
-    """What ``compressssm_run.json`` records so that ``scripts/evaluate.py`` rebuilds the matching split."""
-    data = {k: v for k, v in asdict(data_args).items() if k != "preset"}
-    return {"task": data_args.task, "data": data, "model": asdict(model_args)}
+def run_info(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments | None = None,
+    comp_args: CompressionArguments | None = None,
+) -> dict[str, Any]:
+    """What ``compressssm_run.json`` records: the data and model arguments (``scripts/evaluate.py`` rebuilds the
+    matching split from them) and, when given, the training and compression arguments (a re-run compares them)."""
+    return run_settings(model_args, data_args, training_args, comp_args)
+
+
+class UploadError(RuntimeError):
+    """Training finished and the folder is saved, but the ``--push_to_hub`` upload failed; ``results`` holds the
+    run's results, the message the command that retries the upload alone."""
+
+    def __init__(self, message: str, results: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.results = results
 
 
 def run_training(
@@ -147,12 +159,57 @@ def run_training(
 ) -> dict[str, Any]:
     """Build data and model, train with `CompreSSMCallback`, evaluate, save model + tokenizer + card + history.
 
-    Everything the user can get wrong is checked first (`UsageError`, nothing written). Returns a dict with
+    Everything the user can get wrong is checked first (`UsageError`, nothing written): the arguments, the Hub
+    for ``--push_to_hub`` (repo id, token, endpoint), the output folder (locked for this run; another run's folder
+    is refused unless ``--overwrite_output_dir``), the data and the model. Returns a dict with
     ``state_sizes_before``/``after``, ``parameters_before``/``after``, ``train`` and ``eval`` metrics,
-    ``output_dir`` and ``train_seconds``.
+    ``output_dir`` and ``train_seconds``; when ``--output_dir`` already holds the finished run of the same
+    settings nothing is trained and the dict is that run's results with ``already_finished`` True. A failed upload
+    after training raises `UploadError` (the folder is saved; the message says how to retry the upload).
     """
     validate_arguments(model_args, data_args, training_args, comp_args)
     find_template()  # the card is written at the end: fail now if the template is missing
+    push, hub = bool(training_args.push_to_hub), {}
+    checks = [lambda: hub.update(repo_id=_check_hub(training_args))] if push else []
+    with claim_output_dir(model_args, data_args, training_args, comp_args, checks=checks) as claim:
+        if claim.decision == "finished":
+            return {**(claim.record or {}).get("results", {}), "already_finished": True}
+        training_args.push_to_hub = False  # the Trainer would overwrite our card; we upload the folder ourselves
+        results = _train(model_args, data_args, training_args, comp_args, callbacks=[*callbacks, claim.callback])
+        if push and claim.main:
+            from ..hub.publish import HubUploadError, upload_folder
+
+            out = training_args.output_dir
+            try:
+                results["hub_url"] = upload_folder(
+                    out, hub["repo_id"], token=training_args.hub_token, private=training_args.hub_private_repo
+                )
+            except HubUploadError as err:
+                raise UploadError(str(err), results) from err
+        return results
+
+
+def _check_hub(training_args: TrainingArguments) -> str:
+    """`check_hub_access` for ``--push_to_hub`` (`UsageError` with the fix); the full repo id."""
+    from ..hub.publish import HubAccessError, check_hub_access
+
+    try:
+        return check_hub_access(
+            training_args.hub_model_id, token=training_args.hub_token, private=training_args.hub_private_repo
+        )
+    except HubAccessError as err:
+        raise UsageError(str(err)) from err
+
+
+def _train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    comp_args: CompressionArguments,
+    *,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """The run itself (`run_training` has checked the arguments and the Hub, and claimed the output folder)."""
     checkpoint = resume_checkpoint(model_args, training_args)
     task_data = build_datasets(data_args, model_args=model_args)
     set_seed(training_args.seed)
@@ -162,8 +219,6 @@ def run_training(
         model = build_model(dataclasses.replace(model_args, model_name_or_path=checkpoint), task_data)
         training_args.resume_from_checkpoint = checkpoint  # where the callback finds its saved state
     max_steps = _validate_with_model(model, task_data, training_args, comp_args)
-    push = bool(training_args.push_to_hub)
-    training_args.push_to_hub = False  # the Trainer would overwrite our card; we upload the folder ourselves
 
     sizes_before = list((model.config.compression or {}).get("initial_state_sizes") or model.config.state_sizes)
     if sizes_before == list(model.config.state_sizes):
@@ -232,14 +287,9 @@ def run_training(
             repo_id=training_args.hub_model_id,
         )
         write_json_atomic(
-            os.path.join(out, RUN_FILE), {**run_info(model_args, data_args), "results": results, "card": card}
+            os.path.join(out, RUN_FILE),
+            {**run_info(model_args, data_args, training_args, comp_args), "results": results, "card": card},
         )
         save_model_card(model, out, **card)
-        if push:
-            from ..hub.publish import upload_folder
-
-            results["hub_url"] = upload_folder(
-                out, training_args.hub_model_id, token=training_args.hub_token, private=training_args.hub_private_repo
-            )
     trainer.accelerator.wait_for_everyone()
     return results
