@@ -20,7 +20,9 @@ finished command says so and changes nothing (exit 0). A non-empty --output_dir 
 settings (arguments that change the result) is refused (exit 2) unless --overwrite_output_dir is given, which
 deletes the previous run's checkpoints and results there and starts afresh. One run at a time per --output_dir
 (a lock file; a second run exits 2 naming the first). A failed --push_to_hub upload after training exits 1 with the
-command that retries the upload alone.
+command that retries the upload alone. With --enable_jit_checkpoint, SIGTERM (a preemption) saves a checkpoint and
+stops: the script prints "interrupted at step k of n ... re-run the same command to resume", writes no final model,
+card or run file, and exits 143 (128 + SIGTERM); re-running the same command resumes from that checkpoint.
 """
 
 import logging
@@ -37,7 +39,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_compressssm.tasks import UsageError, parse_arguments, run_training  # noqa: E402
 from hf_compressssm.tasks.launcher import launcher_mismatch  # noqa: E402
-from hf_compressssm.tasks.run import UploadError  # noqa: E402
+from hf_compressssm.tasks.run import (  # noqa: E402
+    EXIT_INTERRUPTED,
+    TrainingInterrupted,
+    UploadError,  # noqa: E402
+)
 
 
 def _print_summary(results: dict) -> None:
@@ -68,6 +74,9 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:  # SIGTERM with --enable_jit_checkpoint: checkpoint saved, nothing final
+        print(f"train.py: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except UploadError as err:  # trained and saved; only the upload failed
         _print_summary(err.results)
         print(f"train.py: error: {err}", file=sys.stderr)

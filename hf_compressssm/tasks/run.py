@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -140,6 +142,51 @@ def run_info(
     return run_settings(model_args, data_args, training_args, comp_args)
 
 
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM: the status of a command stopped by SIGTERM
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped before its last step because the process got SIGTERM (``--enable_jit_checkpoint``: the
+    Trainer saved a preemption checkpoint and stopped); nothing final (model, card, run file) was written."""
+
+    def __init__(self, step: int, max_steps: int, checkpoint: str | None) -> None:
+        saved = f"{checkpoint} is saved" if checkpoint else "no checkpoint was saved"
+        super().__init__(
+            f"interrupted at step {step} of {max_steps} (SIGTERM); {saved}: re-run the same command to resume."
+        )
+        self.step, self.max_steps, self.checkpoint = step, max_steps, checkpoint
+
+
+@contextlib.contextmanager
+def _preemption(trainer: Trainer):
+    """With ``--enable_jit_checkpoint``: yields a list that records SIGTERM (the Trainer's handler then saves a
+    preemption checkpoint and stops training, and ``train()`` returns as if it had finished), and moves the
+    Trainer's JIT callback after `CompreSSMCallback`, so that a checkpoint taken at the end of a step follows that
+    step's cut."""
+    received: list[int] = []
+    if not getattr(trainer.args, "enable_jit_checkpoint", False):
+        yield received
+        return
+    from transformers.trainer_jit_checkpoint import JITCheckpointCallback
+
+    jit = trainer.pop_callback(JITCheckpointCallback)
+    if jit is not None:
+        trainer.add_callback(jit)
+    handler = signal.getsignal(signal.SIGTERM)  # the Trainer's
+
+    def on_sigterm(signum, frame):
+        received.append(signum)
+        if callable(handler):
+            handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield received
+    finally:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:  # the Trainer restores its predecessor at train end
+            signal.signal(signal.SIGTERM, handler)
+
+
 class UploadError(RuntimeError):
     """Training finished and the folder is saved, but the ``--push_to_hub`` upload failed; ``results`` holds the
     run's results, the message the command that retries the upload alone."""
@@ -246,8 +293,12 @@ def _train(
                 "--overwrite_output_dir to start afresh instead."
             )
     start = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    with _preemption(trainer) as sigterm:
+        train_output = trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - start
+    if sigterm and trainer.state.global_step < trainer.state.max_steps:
+        newest = last_complete_checkpoint(training_args.output_dir)
+        raise TrainingInterrupted(trainer.state.global_step, trainer.state.max_steps, newest)
     model = trainer.model
     eval_metrics = eval_summary(trainer.evaluate(), task_data.metric)
     results = {
