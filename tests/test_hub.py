@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -154,3 +155,85 @@ def test_load_from_hf_cache_offline_without_package(upload_dir, compressed, tmp_
     assert out["sizes"] == compressed.config.state_sizes
     assert out["vocab"] == 257 and "compressssm" in out["tags"]
     torch.testing.assert_close(torch.tensor(out["logits"]), expected, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- issue 21 item 11: --push_to_hub checks the Hub first
+UNREACHABLE = "http://127.0.0.1:9"  # loopback, nothing listens: the connection is refused at once
+
+
+def _push_args(out, *extra):
+    from hf_compressssm.tasks import parse_arguments
+
+    return parse_arguments(
+        ["--preset", "tiny", "--max_eval_samples", "2", "--disable_tqdm", "true", "--output_dir", str(out)]
+        + ["--push_to_hub", *extra]
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "token", "needle"),
+    [
+        (["--hub_model_id", "a/b/c"], "hf_fake", "--hub_model_id 'a/b/c' is not a Hub repo id"),
+        (["--hub_model_id", "me/tiny"], None, "--push_to_hub needs a Hugging Face token with write access"),
+        (["--hub_model_id", "me/tiny"], "hf_fake", f"cannot reach the Hub at {UNREACHABLE} to create me/tiny"),
+    ],
+    ids=["bad-repo-id", "no-token", "unreachable"],
+)
+def test_push_to_hub_checks_the_hub_before_training(tmp_path, monkeypatch, extra, token, needle):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from hf_compressssm.tasks import UsageError, run_training
+    from hf_compressssm.tasks import run as run_module
+
+    monkeypatch.setattr(constants, "ENDPOINT", UNREACHABLE)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)  # no login on this machine
+    monkeypatch.setattr(run_module, "build_datasets", lambda *a, **k: pytest.fail("data built before the Hub check"))
+    out = tmp_path / "out"
+    args = [*extra, *(["--hub_token", token] if token else [])]
+    with pytest.raises(UsageError, match=re.escape(needle)):
+        run_training(*_push_args(out, *args))
+    assert not out.exists()
+
+
+def test_failed_upload_after_training_says_how_to_retry(tmp_path, monkeypatch, capsys):
+    """The Hub answered the check but the upload fails (endpoint gone): the run is saved, the lock released, exit
+    1 with one line giving the command that retries the upload alone; that command then uploads the folder."""
+    from huggingface_hub import constants
+
+    import hf_compressssm.__main__ as cli
+    import hf_compressssm.hub.publish as publish
+    from hf_compressssm.tasks.experiment import load_script
+    from hf_compressssm.tasks.output_dir import LOCK_FILE
+
+    monkeypatch.setattr(constants, "ENDPOINT", UNREACHABLE)
+    monkeypatch.setattr(publish, "check_hub_access", lambda repo_id, **kwargs: repo_id)  # it answered then
+    script = load_script(REPO / "scripts" / "train.py", "train_script_hub")
+    out = tmp_path / "out"
+    argv = ["--preset", "tiny", "--max_eval_samples", "2", "--disable_tqdm", "true", "--output_dir", str(out)]
+    assert script.main([*argv, "--push_to_hub", "--hub_model_id", "me/tiny", "--hub_token", "hf_fake"]) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    retry = f"python -m hf_compressssm push {out} me/tiny"
+    assert len(errors) == 1 and "the upload of" in errors[0] and retry in errors[0], captured.err[-3000:]
+    assert "Per-layer state sizes" in captured.out, "the training results are still reported"
+    assert hub.missing_hub_files(out) == [] and not (out / LOCK_FILE).exists()
+
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            return type("Url", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, commit_message, revision=None, ignore_patterns=None):
+            uploaded.update(repo_id=repo_id, files=sorted(os.listdir(folder_path)), ignore=ignore_patterns)
+            return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    assert cli.main(["push", str(out), "me/tiny", "--token", "hf_fake"]) == 0
+    assert uploaded["repo_id"] == "me/tiny" and "model.safetensors" in uploaded["files"]
+    assert ".compressssm-run.lock*" in uploaded["ignore"] and "checkpoint-*" in uploaded["ignore"]
+    assert "Uploaded" in capsys.readouterr().out

@@ -75,8 +75,9 @@ class ModelArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Start a fresh run even if --output_dir holds checkpoints (by default the run resumes from the "
-            "newest complete checkpoint there; --resume_from_checkpoint PATH picks one)."
+            "help": "Start a fresh run in a non-empty --output_dir, deleting the previous run's checkpoints and "
+            "results there (by default a run of the same settings resumes from its newest complete checkpoint, a "
+            "finished one is left alone, and any other non-empty folder is refused)."
         },
     )
 
