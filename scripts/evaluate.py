@@ -7,8 +7,11 @@
     python scripts/evaluate.py MODEL --update_card                 # also put the measurements in MODEL/README.md
     python scripts/evaluate.py MODEL --compare_to FULL_MODEL --update_card   # + a full-vs-compressed table
 
-The task and data come from the model's ``compressssm_run.json`` (written by the train script) unless given.
-Perplexity is exp(mean token loss) on the fixed validation split; accuracy is over the test split
+The task and data come from the model's ``compressssm_run.json`` (written by the train script into the final folder
+and into each checkpoint-N; for a checkpoint without one, its run folder's) unless given; a Trainer checkpoint
+with no such record is refused rather than evaluated on a guessed split (name the data: --dataset_name,
+--train_file, --validation_file or --task). The model (and --compare_to) is loaded and checked (weights complete,
+config.json matching them, vocabulary covering the data) before anything is measured. Perplexity is exp(mean token loss) on the fixed validation split; accuracy is over the test split
 (pixel_classification) or over the labelled positions (mqar, selective_copying). Prints a table and writes JSON.
 """
 
@@ -100,10 +103,40 @@ def _reachable(endpoint: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def _read_record(path: str) -> dict:
+    from hf_compressssm.tasks import UsageError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UsageError(
+            f"{path} is unreadable ({err}); name the data instead (--dataset_name / --train_file)."
+        ) from err
+    if not isinstance(record, dict):
+        raise UsageError(f"{path} is not a run record; name the data instead (--dataset_name / --train_file).")
+    return record
+
+
+def _is_checkpoint(folder: str) -> bool:
+    """A Trainer checkpoint (or a run folder): it holds trainer_state.json."""
+    return os.path.isfile(os.path.join(folder, "trainer_state.json"))
+
+
 def _run_file(model: str) -> dict:
+    """The run record of ``model``: its own ``compressssm_run.json``, else, for a Trainer checkpoint, its run
+    folder's (the parent of ``checkpoint-N``); {} when there is none."""
     if os.path.isdir(model):
-        path = os.path.join(model, RUN_FILE)
-        return json.load(open(path)) if os.path.isfile(path) else {}
+        folders = [model]
+        if _is_checkpoint(model):
+            folders.append(os.path.dirname(os.path.abspath(model)))
+        for folder in folders:
+            path = os.path.join(folder, RUN_FILE)
+            if os.path.isfile(path):
+                if folder != model:
+                    print(f"evaluate.py: using the run record {path} of the checkpoint's run folder", file=sys.stderr)
+                return _read_record(path)
+        return {}
     try:
         from huggingface_hub import hf_hub_download
 
@@ -114,10 +147,11 @@ def _run_file(model: str) -> dict:
 
 def _prepare(args):
     """Everything that can fail because of the input, before anything is measured or written."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from hf_compressssm import tasks
     from hf_compressssm.tasks import DataArguments, ModelArguments, UsageError, build_datasets, resolve_tokenizer
+    from hf_compressssm.tasks.evaluation import load_model
 
     assert (tuple(tasks.TASKS), tasks.RUN_FILE) == (TASKS, RUN_FILE), "scripts/evaluate.py: copies out of date"
 
@@ -126,10 +160,35 @@ def _prepare(args):
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot load a model config from {args.model!r}: {err}") from err
     run = _run_file(args.model)
+    named_data = args.task or args.dataset_name or args.train_file or args.validation_file
+    if not run and not named_data and os.path.isdir(args.model) and _is_checkpoint(args.model):
+        raise UsageError(
+            f"{args.model} is a training checkpoint without a run record ({RUN_FILE}), and its run folder has none: "
+            "which data it was trained on is unknown. Name it: --dataset_name kjv (the default corpus), --train_file "
+            "FILE or --validation_file FILE, or --task for the other tasks."
+        )
     classifier = any("SequenceClassification" in a for a in (config.architectures or []))
     task = args.task or run.get("task") or ("pixel_classification" if classifier else "causal_lm")
     if classifier != (task == "pixel_classification"):
         raise UsageError(f"task {task} does not match the model's architecture {config.architectures}.")
+    auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    try:  # both models now: a truncated file or an edited config fails before anything is measured
+        model = load_model(args.model, auto, args.trust_remote_code, config)
+        full = None
+        if args.compare_to:
+            try:
+                full_config = AutoConfig.from_pretrained(args.compare_to, trust_remote_code=args.trust_remote_code)
+            except (OSError, ValueError) as err:
+                raise UsageError(f"cannot load a model config from --compare_to {args.compare_to!r}: {err}") from err
+            full_classifier = any("SequenceClassification" in a for a in (full_config.architectures or []))
+            if full_classifier != classifier:
+                raise UsageError(
+                    f"--compare_to {args.compare_to} is a {full_config.architectures} model but {args.model} is a "
+                    f"{config.architectures} model: compare models of the same task."
+                )
+            full = load_model(args.compare_to, auto, args.trust_remote_code, full_config)
+    except (OSError, ValueError) as err:
+        raise UsageError(str(err)) from err
     names = {f.name for f in fields(DataArguments)}
     values = {k: v for k, v in (run.get("data") or {}).items() if k in names} if run.get("task") == task else {}
     values["task"] = task
@@ -150,6 +209,17 @@ def _prepare(args):
     task_data = build_datasets(data_args, tokenizer=tokenizer)
     if task_data.vocab_size > config.vocab_size:
         raise UsageError(f"the data uses {task_data.vocab_size} token ids but the model has {config.vocab_size}.")
+    if full is not None and task_data.vocab_size > full.config.vocab_size:
+        raise UsageError(
+            f"--compare_to {args.compare_to} has a vocabulary of {full.config.vocab_size} token ids but the data "
+            f"(tokenized for {args.model}) uses {task_data.vocab_size}: compare with a model trained on the same "
+            "tokenizer."
+        )
+    if full is not None and classifier and full.config.num_labels != config.num_labels:
+        raise UsageError(
+            f"--compare_to {args.compare_to} has {full.config.num_labels} labels but {args.model} has "
+            f"{config.num_labels}: compare models of the same task."
+        )
     output = args.output or (
         os.path.join(args.model, REPORT_FILE)
         if os.path.isdir(args.model)
@@ -159,7 +229,7 @@ def _prepare(args):
         raise UsageError(f"the folder of --output {output} does not exist.")
     if args.update_card and not os.path.isdir(args.model):
         raise UsageError("--update_card needs a local model folder.")
-    return config, classifier, task, task_data, run, output
+    return config, task, task_data, run, output, model, full
 
 
 def main(argv=None) -> int:
@@ -173,13 +243,12 @@ def main(argv=None) -> int:
     from hf_compressssm.tasks import UsageError
 
     try:
-        config, classifier, task, task_data, run, output = _prepare(args)
+        config, task, task_data, run, output, model, full = _prepare(args)
     except UsageError as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         return 2
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from hf_compressssm.tasks.evaluation import (
         count_parameters,
@@ -190,8 +259,6 @@ def main(argv=None) -> int:
         training_throughput,
     )
 
-    auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
-    model = auto.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     sizes = layer_state_sizes(model)
@@ -218,8 +285,8 @@ def main(argv=None) -> int:
         ("state sizes", " ".join(map(str, sizes))),
         ("initial state sizes", " ".join(map(str, report["initial_state_sizes"]))),
     ]
-    if args.compare_to:
-        full = auto.from_pretrained(args.compare_to, trust_remote_code=args.trust_remote_code).to(device)
+    if full is not None:
+        full = full.to(device)
         full_quality = evaluate_quality(full, task_data.eval_dataset, task, batch_size=args.batch_size)
         keep = ("loss", "perplexity", "accuracy")
         full_sizes = layer_state_sizes(full)

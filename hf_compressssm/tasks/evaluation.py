@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
+import os
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -23,6 +25,75 @@ from ..families import layer_state_sizes
 
 
 logger = logging.get_logger(__name__)
+
+
+WEIGHTS_FILE, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def weights_problem(
+    folder: str | os.PathLike, config: Any, auto_class: Any, trust_remote_code: bool = False
+) -> str | None:
+    """Why the safetensors weights of a local model ``folder`` cannot be loaded with ``config`` (its config.json),
+    checked from the file headers only (no tensor is read): a missing, truncated or unreadable weights file, or
+    tensors whose shapes differ from the ones the config builds (an edited config.json). None: nothing found
+    (weights in another format are left to ``from_pretrained``)."""
+    from safetensors import safe_open
+
+    folder = os.fspath(folder)
+    if os.path.isfile(os.path.join(folder, WEIGHTS_INDEX)):
+        try:
+            with open(os.path.join(folder, WEIGHTS_INDEX), encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            return f"{WEIGHTS_INDEX} is unreadable ({_first_line(err)})"
+    elif os.path.isfile(os.path.join(folder, WEIGHTS_FILE)):
+        files = [WEIGHTS_FILE]
+    else:
+        return None
+    shapes: dict[str, tuple[str, list[int]]] = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = (name, list(f.get_slice(key).get_shape()))
+        except Exception as err:  # SafetensorError: truncated (a copy cut short) or not a safetensors file
+            return f"{name} is truncated or unreadable ({_first_line(err)}): copy or save the model again"
+    try:
+        with torch.device("meta"):
+            model = auto_class.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # the config cannot build a model: from_pretrained will say why
+        return None
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    mismatched = [k for k, (_, shape) in shapes.items() if k in expected and expected[k] != shape]
+    if not mismatched:
+        return None
+    key = mismatched[0]
+    more = f" (and {len(mismatched) - 1} more tensors)" if len(mismatched) > 1 else ""
+    return (
+        f"config.json does not match the weights: {key} is {shapes[key][1]} in {shapes[key][0]} but config.json "
+        f"builds {expected[key]}{more}; was config.json edited? Restore the config.json saved with these weights"
+    )
+
+
+def load_model(path: str, auto_class: Any, trust_remote_code: bool = False, config: Any = None) -> nn.Module:
+    """``auto_class.from_pretrained(path)`` with every way it can fail turned into one `ValueError` line: a local
+    folder's weights are checked against its config first (`weights_problem`), before anything is loaded."""
+    if config is not None and os.path.isdir(path):
+        problem = weights_problem(path, config, auto_class, trust_remote_code)
+        if problem:
+            raise ValueError(f"cannot load the model in {path}: {problem}.")
+    try:
+        return auto_class.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise ValueError(f"cannot load the model from {path}: {type(err).__name__}: {_first_line(err)}") from err
 
 
 def count_parameters(model: nn.Module) -> int:
