@@ -6,7 +6,7 @@ synthetic tasks and training helpers the scripts use), ``hub/`` (cards, upload) 
 
 Importing the package registers the model families (Mamba-1, Mamba-2) with the Auto classes (``AutoConfig``,
 ``AutoModel``, ``AutoModelForCausalLM``, ``AutoModelForSequenceClassification`` for Mamba-1) and the hybrid hosts
-(Granite 4.0-H, Bamba, Nemotron-H: ``AutoConfig``, ``AutoModelForCausalLM``), and marks the classes for remote-code export,
+(Granite 4.0-H, Bamba, Nemotron-H, Zamba2: ``AutoConfig``, ``AutoModelForCausalLM``), and marks the classes for remote-code export,
 so ``save_pretrained`` writes ``auto_map`` and the self-contained configuration/modeling files next to the weights.
 """
 
@@ -36,6 +36,8 @@ from .models import (
     CompreSSMMambaPreTrainedModel,
     CompreSSMNemotronHConfig,
     CompreSSMNemotronHForCausalLM,
+    CompreSSMZamba2Config,
+    CompreSSMZamba2ForCausalLM,
 )
 
 
@@ -61,6 +63,7 @@ def _register() -> None:
         (CompreSSMGraniteMoeHybridConfig, CompreSSMGraniteMoeHybridForCausalLM),
         (CompreSSMBambaConfig, CompreSSMBambaForCausalLM),
         (CompreSSMNemotronHConfig, CompreSSMNemotronHForCausalLM),
+        (CompreSSMZamba2Config, CompreSSMZamba2ForCausalLM),
     ):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
@@ -90,5 +93,7 @@ __all__ = [
     "CompreSSMBambaForCausalLM",
     "CompreSSMNemotronHConfig",
     "CompreSSMNemotronHForCausalLM",
+    "CompreSSMZamba2Config",
+    "CompreSSMZamba2ForCausalLM",
     "__version__",
 ]

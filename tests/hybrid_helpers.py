@@ -1,5 +1,6 @@
 """Tiny hybrid hosts (Mamba-2 layers among attention / MoE layers) shared by the hybrid tests: hidden 32, 4 layers
-with one attention layer (index 2), 8 Mamba heads of 8 channels in 2 groups, N = 8, chunk 8 (Granite: 3 experts)."""
+with one attention layer (index 2; Zamba2: two shared-attention "hybrid" layers, all four with a Mamba layer),
+8 Mamba heads of 8 channels in 2 groups, N = 8, chunk 8 (Granite: 3 experts)."""
 
 from dataclasses import dataclass
 
@@ -14,8 +15,24 @@ class HybridSpec:
     ours_config: str
     ours_model: str
     values: dict
-    mamba_path: str = "mamba"  # where a decoder layer keeps its Mamba-2 module / its attention module
-    attention_path: str = "self_attn"
+    #: Per-layer state sizes of the heterogeneous model of the tests (None: a layer without a Mamba layer).
+    sizes: tuple = (8, 3, None, 5)
+    #: A checkpoint key of an attention weight.
+    attention_key: str = "model.layers.2.self_attn.q_proj.weight"
+
+    @property
+    def ssm_layers(self) -> list[int]:
+        return [i for i, s in enumerate(self.sizes) if s is not None]
+
+    @property
+    def compact(self) -> list[int]:
+        """The Mamba layers' sizes (``config.state_sizes``)."""
+        return [s for s in self.sizes if s is not None]
+
+    def full(self, sizes) -> list:
+        """Per-layer list from one size (or one per Mamba layer), None at the other layers."""
+        sizes = iter(sizes) if isinstance(sizes, (list, tuple)) else iter([sizes] * len(self.ssm_layers))
+        return [None if s is None else next(sizes) for s in self.sizes]
 
     def _classes(self):
         import transformers
@@ -130,10 +147,37 @@ NEMOTRON_H = HybridSpec(
         bos_token_id=1,
         eos_token_id=2,
     ),
-    mamba_path="mixer",
-    attention_path="mixer",
+    attention_key="model.layers.2.mixer.q_proj.weight",
 )
 
-HYBRIDS = [GRANITE, BAMBA, NEMOTRON_H]
-#: Mamba-layer sizes of the heterogeneous model of the tests (layer 2 is the attention layer).
-SIZES = [8, 3, None, 5]
+ZAMBA2 = HybridSpec(
+    name="zamba2",
+    stock_config="Zamba2Config",
+    stock_model="Zamba2ForCausalLM",
+    ours_config="CompreSSMZamba2Config",
+    ours_model="CompreSSMZamba2ForCausalLM",
+    values=dict(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=16,
+        num_hidden_layers=4,
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],  # both hybrid layers share one attention block
+        num_mem_blocks=1,
+        adapter_rank=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_mamba_heads=8,
+        mamba_headdim=8,
+        mamba_ngroups=2,
+        mamba_d_state=8,
+        chunk_size=8,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    sizes=(8, 3, 6, 5),  # every Zamba2 layer has a Mamba layer
+    attention_key="model.layers.1.shared_transformer.self_attn.q_proj.weight",
+)
+
+HYBRIDS = [GRANITE, BAMBA, NEMOTRON_H, ZAMBA2]

@@ -43,6 +43,8 @@ ALLOWED_TRANSFORMERS = {
         "NemotronHConfig",
         "NemotronHForCausalLM",
         "PreTrainedModel",
+        "Zamba2Config",
+        "Zamba2ForCausalLM",
         "initialization",  # guarded: a missing module falls back to torch.nn.init with one warning
         "logging",
     },

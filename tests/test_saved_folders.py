@@ -217,7 +217,7 @@ def _no_config(tmp_path: Path) -> Path:
             _foreign,
             "has model_type 'mamba', not one of hf_compressssm's "
             "(compressssm_bamba, compressssm_granitemoehybrid, compressssm_mamba, compressssm_mamba2, "
-            "compressssm_nemotron_h)",
+            "compressssm_nemotron_h, compressssm_zamba2)",
         ),
     ],
     ids=["missing", "file", "no_config", "foreign_model_type"],

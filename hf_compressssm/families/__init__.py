@@ -21,7 +21,6 @@ UNSUPPORTED_SSM_MODELS = {
     "falcon_mamba": "Falcon-Mamba",
     "jamba": "Jamba",
     "zamba": "Zamba",
-    "zamba2": "Zamba2",
 }
 
 

@@ -1,4 +1,5 @@
-"""Mamba-2 layers, in a pure Mamba-2 model or inside a hybrid host model (Granite 4.0-H, Bamba, Nemotron-H).
+"""Mamba-2 layers, in a pure Mamba-2 model or inside a hybrid host model (Granite 4.0-H, Bamba, Nemotron-H,
+Zamba2).
 
 One family class, `Mamba2Family`, parameterised by a `Mamba2Host`: the small per-architecture description of where
 the Mamba-2 layers are (the class names of the host's Mamba-2 mixers), which cached attributes follow a cut, how a
@@ -123,8 +124,24 @@ NEMOTRON_H = Mamba2Host(
     ),
 )
 
+ZAMBA2 = Mamba2Host(
+    name="zamba2",
+    title="Zyphra Zamba2",
+    stock_model_type="zamba2",
+    model_type="compressssm_zamba2",
+    mixer_class_names=("Zamba2MambaMixer",),
+    convert_hint="CompreSSMZamba2ForCausalLM.from_stock(model)",
+    remote_code_files=(
+        "configuration_compressssm_zamba2.py",
+        "configuration_compressssm_common.py",
+        "modeling_compressssm_zamba2.py",
+        "modeling_compressssm_hybrid.py",
+        "modeling_compressssm_common.py",
+    ),
+)
+
 #: Every host whose Mamba-2 layers the pipeline compresses.
-HOSTS = (MAMBA2, GRANITE_MOE_HYBRID, BAMBA, NEMOTRON_H)
+HOSTS = (MAMBA2, GRANITE_MOE_HYBRID, BAMBA, NEMOTRON_H, ZAMBA2)
 
 
 class Mamba2Family(SSMFamily):
@@ -237,4 +254,14 @@ class Mamba2Family(SSMFamily):
         return ssd_energy_scores(sum_sq, count, self.state_groups(mixer))
 
 
-__all__ = ["BAMBA", "GRANITE_MOE_HYBRID", "HOSTS", "MAMBA2", "NEMOTRON_H", "Mamba2Family", "Mamba2Host", "kept_rows"]
+__all__ = [
+    "BAMBA",
+    "GRANITE_MOE_HYBRID",
+    "HOSTS",
+    "MAMBA2",
+    "NEMOTRON_H",
+    "ZAMBA2",
+    "Mamba2Family",
+    "Mamba2Host",
+    "kept_rows",
+]

@@ -1,6 +1,6 @@
 """The Hugging Face modeling units of the SSM families with per-layer state sizes, and their kernels.
 
-Each family (Mamba-1, Mamba-2) and each hybrid host (Granite 4.0-H, Bamba, Nemotron-H) is a ``configuration_*.py`` / ``modeling_*.py``
+Each family (Mamba-1, Mamba-2) and each hybrid host (Granite 4.0-H, Bamba, Nemotron-H, Zamba2) is a ``configuration_*.py`` / ``modeling_*.py``
 pair; the hosts share ``modeling_compressssm_hybrid.py``; the files they import with single-dot relative
 imports (``modeling_compressssm_common.py``, the kernels ``selective_scan.py``, ``ssd_scan.py``, ``kernel_policy.py``)
 sit in this one folder, because ``save_pretrained`` copies a unit and its relative imports next to the weights as
@@ -12,6 +12,7 @@ from .configuration_compressssm_granitemoehybrid import CompreSSMGraniteMoeHybri
 from .configuration_compressssm_mamba import CompreSSMMambaConfig
 from .configuration_compressssm_mamba2 import CompreSSMMamba2Config
 from .configuration_compressssm_nemotron_h import CompreSSMNemotronHConfig
+from .configuration_compressssm_zamba2 import CompreSSMZamba2Config
 from .modeling_compressssm_bamba import CompreSSMBambaForCausalLM
 from .modeling_compressssm_granitemoehybrid import CompreSSMGraniteMoeHybridForCausalLM
 from .modeling_compressssm_hybrid import CompreSSMHybridMixin
@@ -29,6 +30,7 @@ from .modeling_compressssm_mamba2 import (
     CompreSSMMamba2PreTrainedModel,
 )
 from .modeling_compressssm_nemotron_h import CompreSSMNemotronHForCausalLM
+from .modeling_compressssm_zamba2 import CompreSSMZamba2ForCausalLM
 
 
 __all__ = [
@@ -50,4 +52,6 @@ __all__ = [
     "CompreSSMHybridMixin",
     "CompreSSMNemotronHConfig",
     "CompreSSMNemotronHForCausalLM",
+    "CompreSSMZamba2Config",
+    "CompreSSMZamba2ForCausalLM",
 ]

@@ -182,8 +182,9 @@ class HybridStateSizes(StateSizeRules):
     and written by the compression pipeline) and ``state_size`` the host's cap, the field named by ``_cap_name``
     (``mamba_d_state``; Nemotron-H: ``ssm_state_size``). Call `init_state_sizes` at the end of ``__post_init__``."""
 
-    #: ``layer_types`` entries of the Mamba layers (transformers' name, and the legacy one).
-    ssm_layer_types = ("linear_attention", "mamba")
+    #: ``layer_types`` entries of the layers with a Mamba layer (transformers' name, the legacy one, and
+    #: ``"hybrid"``: linear and full attention in one layer, e.g. Zamba2's shared-attention layers).
+    ssm_layer_types = ("linear_attention", "mamba", "hybrid")
     _ssm_layer_noun = "Mamba layer"
     _cap_name = "mamba_d_state"
 
