@@ -496,3 +496,51 @@ def write_json_atomic(path: str, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# Keys of a config dict that are not architecture arguments.
+NON_ARCH_KEYS = frozenset({"model_type", "architectures", "transformers_version", "auto_map", "dtype"})
+
+
+def convert_from_stock(cls, model_or_path, stock_class, method: str, drop_keys=(), **from_pretrained_kwargs):
+    """``cls`` (a CompreSSM causal LM) with the weights of a stock ``stock_class`` model, an object or a folder / Hub
+    id; the config is the stock one plus ``compression = {"base_model": source}``. The logits are the stock model's."""
+    family = cls.config_class.__name__.removeprefix("CompreSSM").removesuffix("Config")
+    if isinstance(model_or_path, CompreSSMPreTrainedModel) or isinstance(
+        getattr(model_or_path, "config", None), cls.config_class
+    ):
+        raise TypeError(f"The model is already a CompreSSM {family} model; use it directly.")
+    if isinstance(model_or_path, (str, os.PathLike)):
+        source = str(model_or_path)
+        stock = stock_class.from_pretrained(source, **from_pretrained_kwargs)
+    elif isinstance(model_or_path, stock_class):
+        stock = model_or_path
+        source = getattr(stock.config, "_name_or_path", "") or None
+    else:
+        raise TypeError(
+            f"{method} expects a {stock_class.__name__} or a path/Hub id of one, got {type(model_or_path).__name__}."
+        )
+    drop = NON_ARCH_KEYS | set(drop_keys)
+    config = cls.config_class(**{k: v for k, v in stock.config.to_dict().items() if k not in drop})
+    if source:
+        config.compression = {"base_model": source}
+    model = cls(config).to(dtype=stock.dtype)
+    model.load_state_dict(stock.state_dict(), strict=True)
+    return model.to(stock.device)
+
+
+def convert_to_stock(model, stock_class, stock_config_class, method: str, drop_keys=(), drop_config_keys=()):
+    """A stock ``stock_class`` model with the weights of ``model``; every layer must have the same state size."""
+    sizes = model.state_sizes()
+    if len(set(sizes)) != 1:
+        raise ValueError(
+            f"{method}() needs one state size for every layer, but the layers have {sizes}: a stock "
+            f"{stock_config_class.__name__} holds a single state_size. Keep this model as a {type(model).__name__} "
+            "(it loads with the Auto classes), or compress every layer to the same size."
+        )
+    drop = NON_ARCH_KEYS | set(drop_keys) | set(drop_config_keys)
+    values = {k: v for k, v in model.config.to_dict().items() if k not in drop}
+    values["state_size"] = sizes[0]
+    stock = stock_class(stock_config_class(**values)).to(dtype=model.dtype)
+    stock.load_state_dict(model.state_dict(), strict=True)
+    return stock.to(model.device)

@@ -31,6 +31,8 @@ from .modeling_compressssm_common import (
     backbone_forward,
     causal_conv1d,
     causal_conv1d_step,
+    convert_from_stock,
+    convert_to_stock,
     init_constant_,
     init_copy_,
     init_kaiming_uniform_,
@@ -342,44 +344,25 @@ class CompreSSMMambaForCausalLM(CompreSSMCausalLMMixin, CompreSSMMambaPreTrained
 
         The logits of the returned model equal those of the stock model.
         """
-        if isinstance(model_or_path, CompreSSMPreTrainedModel):
-            raise TypeError("The model is already a CompreSSM Mamba model; use it directly.")
-        if isinstance(model_or_path, (str, os.PathLike)):
-            source = str(model_or_path)
-            mamba = MambaForCausalLM.from_pretrained(source, **from_pretrained_kwargs)
-        elif isinstance(model_or_path, MambaForCausalLM):
-            mamba = model_or_path
-            source = getattr(mamba.config, "_name_or_path", "") or None
-        else:
-            raise TypeError(
-                f"from_mamba expects a MambaForCausalLM or a path/Hub id of one, got {type(model_or_path).__name__}."
-            )
-        if isinstance(mamba.config, CompreSSMMambaConfig):
-            raise TypeError("The model is already a CompreSSM Mamba model; use it directly.")
-        values = {k: v for k, v in mamba.config.to_dict().items() if k not in _NON_ARCH_KEYS}
-        config = CompreSSMMambaConfig(**values)
-        if source:
-            config.compression = {"base_model": source}
-        model = cls(config).to(dtype=mamba.dtype)
-        model.load_state_dict(mamba.state_dict(), strict=True)
-        return model.to(mamba.device)
+        return convert_from_stock(
+            cls,
+            model_or_path,
+            MambaForCausalLM,
+            "from_mamba",
+            drop_keys=("intermediate_size",),
+            **from_pretrained_kwargs,
+        )
 
     def to_mamba(self) -> MambaForCausalLM:
         """Convert back to a stock `MambaForCausalLM`; every layer must have the same state size."""
-        sizes = self.state_sizes()
-        if len(set(sizes)) != 1:
-            raise ValueError(
-                f"to_mamba() needs one state size for every layer, but the layers have {sizes}: a stock MambaConfig "
-                "holds a single state_size. Keep this model as a CompreSSMMambaForCausalLM (it loads with the Auto "
-                "classes), or compress every layer to the same size."
-            )
-        values = {k: v for k, v in self.config.to_dict().items() if k not in _NON_ARCH_KEYS}
-        for key in ("state_sizes", "classifier_pooling", "compression", "scan_backend"):
-            values.pop(key, None)
-        values["state_size"] = sizes[0]
-        mamba = MambaForCausalLM(MambaConfig(**values)).to(dtype=self.dtype)
-        mamba.load_state_dict(self.state_dict(), strict=True)
-        return mamba.to(self.device)
+        return convert_to_stock(
+            self,
+            MambaForCausalLM,
+            MambaConfig,
+            "to_mamba",
+            drop_keys=("intermediate_size",),
+            drop_config_keys=("state_sizes", "classifier_pooling", "compression", "scan_backend"),
+        )
 
 
 class CompreSSMMambaForSequenceClassification(CompreSSMMambaPreTrainedModel):
@@ -462,10 +445,6 @@ class CompreSSMMambaForSequenceClassification(CompreSSMMambaPreTrainedModel):
             output = (logits, outputs.hidden_states) if outputs.hidden_states is not None else (logits,)
             return ((loss,) + output) if loss is not None else output
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
-
-
-# Keys of a config dict that are not architecture arguments.
-_NON_ARCH_KEYS = {"model_type", "architectures", "transformers_version", "auto_map", "intermediate_size", "dtype"}
 
 
 __all__ = [

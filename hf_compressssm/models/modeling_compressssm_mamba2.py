@@ -31,6 +31,8 @@ from .modeling_compressssm_common import (
     backbone_forward,
     causal_conv1d,
     causal_conv1d_step,
+    convert_from_stock,
+    convert_to_stock,
     init_copy_,
     init_kaiming_uniform_,
     init_ones_,
@@ -406,48 +408,13 @@ class CompreSSMMamba2ForCausalLM(CompreSSMCausalLMMixin, CompreSSMMamba2PreTrain
 
         The logits of the returned model equal those of the stock model.
         """
-        if isinstance(model_or_path, CompreSSMPreTrainedModel):
-            raise TypeError("The model is already a CompreSSM Mamba-2 model; use it directly.")
-        if isinstance(model_or_path, (str, os.PathLike)):
-            source = str(model_or_path)
-            stock = Mamba2ForCausalLM.from_pretrained(source, **from_pretrained_kwargs)
-        elif isinstance(model_or_path, Mamba2ForCausalLM):
-            stock = model_or_path
-            source = getattr(stock.config, "_name_or_path", "") or None
-        else:
-            raise TypeError(
-                f"from_mamba2 expects a Mamba2ForCausalLM or a path/Hub id of one, got {type(model_or_path).__name__}."
-            )
-        if isinstance(stock.config, CompreSSMMamba2Config):
-            raise TypeError("The model is already a CompreSSM Mamba-2 model; use it directly.")
-        values = {k: v for k, v in stock.config.to_dict().items() if k not in _NON_ARCH_KEYS}
-        config = CompreSSMMamba2Config(**values)
-        if source:
-            config.compression = {"base_model": source}
-        model = cls(config).to(dtype=stock.dtype)
-        model.load_state_dict(stock.state_dict(), strict=True)
-        return model.to(stock.device)
+        return convert_from_stock(cls, model_or_path, Mamba2ForCausalLM, "from_mamba2", **from_pretrained_kwargs)
 
     def to_mamba2(self) -> Mamba2ForCausalLM:
         """Convert back to a stock `Mamba2ForCausalLM`; every layer must have the same state size."""
-        sizes = self.state_sizes()
-        if len(set(sizes)) != 1:
-            raise ValueError(
-                f"to_mamba2() needs one state size for every layer, but the layers have {sizes}: a stock Mamba2Config "
-                "holds a single state_size. Keep this model as a CompreSSMMamba2ForCausalLM (it loads with the Auto "
-                "classes), or compress every layer to the same size."
-            )
-        values = {k: v for k, v in self.config.to_dict().items() if k not in _NON_ARCH_KEYS}
-        for key in ("state_sizes", "compression"):
-            values.pop(key, None)
-        values["state_size"] = sizes[0]
-        stock = Mamba2ForCausalLM(Mamba2Config(**values)).to(dtype=self.dtype)
-        stock.load_state_dict(self.state_dict(), strict=True)
-        return stock.to(self.device)
-
-
-# Keys of a config dict that are not architecture arguments.
-_NON_ARCH_KEYS = {"model_type", "architectures", "transformers_version", "auto_map", "dtype"}
+        return convert_to_stock(
+            self, Mamba2ForCausalLM, Mamba2Config, "to_mamba2", drop_config_keys=("state_sizes", "compression")
+        )
 
 
 __all__ = [
