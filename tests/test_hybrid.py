@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 from helpers import BLOCK_PACKAGE, Blocks, optimizer_params, random_ids, training_args
-from hybrid_helpers import GRANITE, HYBRIDS
+from hybrid_helpers import GRANITE, HYBRIDS, ZAMBA2
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
@@ -373,3 +373,18 @@ def test_lora_on_attention_and_mamba_projections_trains_and_follows_a_cut(host, 
         n.split(".lora_B")[0].split(".")[-1] for n, p in lora.named_parameters() if "lora_B" in n and p.abs().sum() > 0
     }
     assert trained == set(targets)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("host", [GRANITE, ZAMBA2], ids=lambda h: h.name)  # MoE; tied shared blocks
+def test_ddp_two_processes_stay_bit_identical_after_cuts(host, tmp_path):
+    worker = os.path.join(os.path.dirname(__file__), "workers", "ddp_train_hybrid.py")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", worker, str(out), host.name]
+    result = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0, rank1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["world_size"] == 2
+    assert len(rank0["kept"]) == 2 and rank0["kept"] == rank1["kept"]
+    assert rank0["sizes"] == rank1["sizes"] == host.full(5)  # 8 → 6 → 5 on every Mamba layer
+    assert rank0["checksums"] == rank1["checksums"]  # attention, MoE and Mamba weights alike

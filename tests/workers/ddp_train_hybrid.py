@@ -1,0 +1,64 @@
+"""2-process DDP worker for a hybrid host (run with torchrun; argv: out_dir, host name): HF Trainer +
+CompreSSMCallback cutting the Mamba layers of the tiny hybrid of tests/hybrid_helpers.py; writes per-rank checksums,
+sizes and kept indices."""
+
+import hashlib
+import json
+import os
+import sys
+
+import torch
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import random_ids  # noqa: E402
+from hybrid_helpers import HYBRIDS  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from hf_compressssm import CompreSSMCallback  # noqa: E402
+
+
+class Blocks(torch.utils.data.Dataset):
+    def __init__(self):
+        self.ids = random_ids(batch=96, length=16, seed=7)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def main(out_dir: str, host_name: str) -> None:
+    host = next(h for h in HYBRIDS if h.name == host_name)
+    model = host.ours(seed=0).train()
+    args = TrainingArguments(
+        output_dir=out_dir,
+        max_steps=8,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=100,
+        ddp_backend="gloo",
+        seed=0,
+    )
+    callback = CompreSSMCallback(mode="fixed", fixed_fraction=0.25, reduction_steps=[3, 6], calibration_batches=2)
+    trainer = Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[callback])
+    trainer.train()
+    rank = int(os.environ.get("RANK", 0))
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    checksums = {
+        name: hashlib.sha256(p.detach().cpu().numpy().tobytes()).hexdigest() for name, p in model.named_parameters()
+    }
+    kept = [[layer["kept"] for layer in entry["layers"]] for entry in getattr(model, "compression_history", [])]
+    result = {"rank": rank, "world_size": world, "sizes": model.state_sizes(), "checksums": checksums, "kept": kept}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
