@@ -20,6 +20,7 @@ from hf_compressssm import CompreSSMCallback, compress_model
 from hf_compressssm.compression.distributed import shrinkable_parameter_names
 from hf_compressssm.families import family_of, find_mixers
 from hf_compressssm.families.mamba2 import kept_rows
+from hf_compressssm.hub.model_card import render_model_card
 
 
 # The compatibility pass (.ci/run, minimum versions) runs every test on Granite 4.0-H and the remote-code test of all
@@ -329,6 +330,10 @@ def test_compress_model_post_hoc_and_stock_models_are_converted_first(host, tmp_
         assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)
     with pytest.raises(ValueError, match=rf"convert it first with {host.ours_model}.from_stock"):
         compress_model(host.stock(), batches, tau=0.3)
+    text = render_model_card(loaded, repo_id="someone/tiny-hybrid").text  # which layers are SSM, sizes before/after
+    for layer, size in enumerate(host.full(targets)):
+        assert (f"| {layer} | Mamba-2 | 8 | {size} |" if size else f"| {layer} | full attention | – | – |") in text
+    assert f"{len(targets)} of its 4 layers have a Mamba-2 layer" in text and "config.mamba_state_sizes" in text
 
 
 @pytest.mark.compat

@@ -1,4 +1,5 @@
-"""Model cards for CompreSSM models, rendered from ``templates/compressssm_mamba.md`` with `huggingface_hub.ModelCard`.
+"""Model cards for CompreSSM models (pure Mamba-1 / Mamba-2 and the hybrid hosts), rendered from
+``templates/compressssm_mamba.md`` with `huggingface_hub.ModelCard`.
 
 The template ships inside the package (``hf_compressssm/hub/templates/``); ``template_path`` overrides it.
 """
@@ -115,11 +116,46 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _layer_rows(initial: Sequence[int], final: Sequence[int]) -> list[dict[str, Any]]:
-    return [
-        {"layer": i, "initial": a, "final": b, "kept": f"{b / a:.0%}" if a else "-"}
-        for i, (a, b) in enumerate(zip(initial, final))
-    ]
+def _layer_rows(
+    initial: Sequence[int], final: Sequence[int], layers: Sequence[int] | None = None, kinds: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """One row per layer. ``initial`` / ``final``: the SSM layers' sizes; ``layers``: their indices among ``kinds``
+    (every layer's type, for a hybrid: its other layers get a row without sizes)."""
+    if layers is None:
+        return [
+            {"layer": i, "initial": a, "final": b, "kept": f"{b / a:.0%}" if a else "-"}
+            for i, (a, b) in enumerate(zip(initial, final))
+        ]
+    sizes = dict(zip(layers, zip(initial, final)))
+    rows = []
+    for i, kind in enumerate(kinds):
+        a, b = sizes.get(i, ("–", "–"))
+        kept = f"{b / a:.0%}" if i in sizes and a else "–"
+        rows.append({"layer": i, "kind": "Mamba-2" if i in sizes else kind, "initial": a, "final": b, "kept": kept})
+    return rows
+
+
+def _hybrid_facts(model: Any, family: Any) -> dict[str, Any]:
+    """What the card says about a hybrid host (`families.mamba2.Mamba2Host`) instead of a pure family."""
+    config = model.config
+    stock = getattr(model, "stock_model_class", None)
+    kinds = [str(k).replace("_", " ") for k in config.layer_types]
+    ssm = config.ssm_layers()
+    return {
+        "family_label": f"hybrid {family.host.title}",
+        "stock_class": stock.__name__ if stock is not None else family.host.stock_model_type,
+        "to_stock": "to_stock",
+        "kernels": f"The attention, MLP / MoE and Mamba-2 modules are the stock transformers modules of "
+        f"{family.host.title} (its kernels, its hybrid cache); only the Mamba layers' B/C projections and "
+        "convolution channels are smaller. Each of a Mamba layer's groups keeps N states.",
+        "hybrid": True,
+        "layer_kinds": kinds,
+        "ssm_layer_indices": ssm,
+        "num_ssm_layers": len(ssm),
+        "sizes_field": "config.mamba_state_sizes",
+        "intermediate_size": int(getattr(config, "mamba_expand", None) or getattr(config, "expand", 2))
+        * config.hidden_size,
+    }
 
 
 def _attempts(record: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -167,7 +203,9 @@ def render_model_card(
     """Render the card of a CompreSSM model.
 
     Args:
-        model: a CompreSSM Mamba model (its config gives the per-layer sizes, τ, schedule and ``base_model``).
+        model: a CompreSSM model, pure (Mamba-1, Mamba-2) or a hybrid host (Granite 4.0-H, Bamba, Nemotron-H,
+            Zamba2: the layer table then lists every layer with its type, sizes on the Mamba layers); its config
+            gives the per-layer sizes, τ, schedule and ``base_model``.
         task: ``causal_lm``, ``pixel_classification``, ``mqar``, ``selective_copying`` (default: from the class).
         repo_id: Hub id shown in the loading snippets (default: ``local_path``, the folder the card is saved in).
         dataset_description / datasets: free text, and dataset ids for the YAML ``datasets`` field.
@@ -182,8 +220,20 @@ def render_model_card(
     from ..families import family_of
 
     config = model.config
-    family = family_of(model).name
-    facts = _FAMILY_FACTS.get(family, _FAMILY_FACTS["mamba"])
+    ssm_family = family_of(model)
+    family = ssm_family.name
+    host = getattr(ssm_family, "host", None)
+    if host is not None and host.name != "mamba2":
+        facts = _hybrid_facts(model, ssm_family)
+    else:
+        facts = {
+            **_FAMILY_FACTS.get(family, _FAMILY_FACTS["mamba"]),
+            "hybrid": False,
+            "sizes_field": "config.state_sizes",
+        }
+        facts["intermediate_size"] = getattr(config, "intermediate_size", None) or int(
+            config.expand * config.hidden_size
+        )
     task = _task_of(model, task)
     record = dict(getattr(config, "compression", None) or {})
     history = list(getattr(model, "compression_history", None) or [])
@@ -196,7 +246,8 @@ def render_model_card(
     base_model = record.get("base_model")
     is_causal_lm = "SequenceClassification" not in type(model).__name__
     metric_names = sorted({"perplexity" if k in ("loss", "perplexity") else k for k in (metrics or {})})
-    name = model_name or (repo_id.split("/")[-1] if repo_id else "CompreSSM Mamba")
+    default_name = f"CompreSSM {host.title}" if facts["hybrid"] else "CompreSSM Mamba"
+    name = model_name or (repo_id.split("/")[-1] if repo_id else default_name)
 
     eval_results = None
     if metrics and datasets:  # the model-index names a Hub dataset id; data without one is described in the body
@@ -243,14 +294,13 @@ def render_model_card(
         base_model=base_model,
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
-        intermediate_size=getattr(config, "intermediate_size", None) or int(config.expand * config.hidden_size),
         **facts,
         vocab_size=config.vocab_size,
         num_labels=config.num_labels if not is_causal_lm else None,
         pooling=getattr(config, "classifier_pooling", "mean"),
         num_parameters=f"{sum(p.numel() for p in model.parameters()):,}",
         dataset_description=dataset_description or "not recorded",
-        layers=_layer_rows(initial, final),
+        layers=_layer_rows(initial, final, facts.get("ssm_layer_indices"), facts.get("layer_kinds", ())),
         mean_initial=f"{sum(initial) / len(initial):.1f}",
         mean_final=f"{sum(final) / len(final):.1f}",
         mean_kept=f"{sum(final) / max(1, sum(initial)):.0%}",
