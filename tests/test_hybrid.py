@@ -81,6 +81,8 @@ def test_from_stock_is_exact_and_to_stock_goes_back(host):
     assert all(torch.equal(v, stock.state_dict()[k]) for k, v in before.items())
     with pytest.raises(TypeError, match="already"):
         host.model_class.from_stock(ours)
+    with pytest.raises(TypeError, match=rf"needs a {host.ours_config}.*from_stock"):
+        host.model_class(stock.config)
 
 
 @hosts

@@ -117,6 +117,12 @@ class CompreSSMHybridMixin(CompreSSMCheckpointMixin):
     stock_model_class: type[PreTrainedModel]
 
     def __init__(self, config, *args, **kwargs):
+        if not hasattr(config, "mamba_state_sizes"):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__} (per-layer mamba_state_sizes), got a "
+                f"{type(config).__name__}: convert a stock model with {type(self).__name__}.from_stock(model), or "
+                f"build the config with {self.config_class.__name__}(**stock_config.to_dict())."
+            )
         config.check_invariants()  # attributes may have been changed since the config was constructed
         super().__init__(config, *args, **kwargs)
         for mixer, size in zip(self._layer_mixers(), config.mamba_state_sizes):
