@@ -502,19 +502,36 @@ def write_json_atomic(path: str, obj) -> None:
 NON_ARCH_KEYS = frozenset({"model_type", "architectures", "transformers_version", "auto_map", "dtype"})
 
 
+def model_with_weights(model_class, config, source: nn.Module, copy: bool) -> PreTrainedModel:
+    """``model_class(config)`` holding ``source``'s parameters and buffers (same names and shapes): built on the meta
+    device, so no weight is initialised or allocated twice; ``copy`` clones the tensors (``source`` stays intact).
+    Dtype, device and train/eval mode follow ``source``."""
+    with torch.device("meta"):
+        model = model_class(config)
+    state = source.state_dict()
+    model.load_state_dict({k: v.clone() if copy else v for k, v in state.items()}, strict=True, assign=True)
+    for name, buffer in source.named_buffers():  # non-persistent buffers (rotary frequencies) are not in the state
+        if name not in state:
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attr] = buffer.clone() if copy else buffer
+    model.tie_weights()
+    return model.train(source.training)
+
+
 def convert_from_stock(cls, model_or_path, stock_class, method: str, drop_keys=(), **from_pretrained_kwargs):
-    """``cls`` (a CompreSSM causal LM) with the weights of a stock ``stock_class`` model, an object or a folder / Hub
-    id; the config is the stock one plus ``compression = {"base_model": source}``. The logits are the stock model's."""
+    """``cls`` (a CompreSSM causal LM) with the weights of a stock ``stock_class`` model, an object (copied: it stays
+    usable) or a folder / Hub id (loaded, its tensors taken over); the config is the stock one plus
+    ``compression = {"base_model": source}``. The logits are the stock model's."""
     family = cls.config_class.__name__.removeprefix("CompreSSM").removesuffix("Config")
-    if isinstance(model_or_path, CompreSSMPreTrainedModel) or isinstance(
+    if isinstance(model_or_path, CompreSSMCheckpointMixin) or isinstance(
         getattr(model_or_path, "config", None), cls.config_class
     ):
         raise TypeError(f"The model is already a CompreSSM {family} model; use it directly.")
     if isinstance(model_or_path, (str, os.PathLike)):
         source = str(model_or_path)
-        stock = stock_class.from_pretrained(source, **from_pretrained_kwargs)
+        stock, copy = stock_class.from_pretrained(source, **from_pretrained_kwargs), False
     elif isinstance(model_or_path, stock_class):
-        stock = model_or_path
+        stock, copy = model_or_path, True
         source = getattr(stock.config, "_name_or_path", "") or None
     else:
         raise TypeError(
@@ -524,23 +541,25 @@ def convert_from_stock(cls, model_or_path, stock_class, method: str, drop_keys=(
     config = cls.config_class(**{k: v for k, v in stock.config.to_dict().items() if k not in drop})
     if source:
         config.compression = {"base_model": source}
-    model = cls(config).to(dtype=stock.dtype)
-    model.load_state_dict(stock.state_dict(), strict=True)
-    return model.to(stock.device)
+    return model_with_weights(cls, config, stock, copy=copy)
 
 
-def convert_to_stock(model, stock_class, stock_config_class, method: str, drop_keys=(), drop_config_keys=()):
-    """A stock ``stock_class`` model with the weights of ``model``; every layer must have the same state size."""
+def convert_to_stock(
+    model, stock_class, stock_config_class, method: str, drop_keys=(), drop_config_keys=(), size_key="state_size"
+):
+    """A stock ``stock_class`` model with a copy of the weights of ``model``; every SSM layer must have the same
+    state size, which goes to the stock config's ``size_key``."""
     sizes = model.state_sizes()
-    if len(set(sizes)) != 1:
+    ssm_sizes = [s for s in sizes if s is not None]  # a hybrid lists None for its other layers
+    noun = getattr(model.config, "_ssm_layer_noun", "layer")
+    if len(set(ssm_sizes)) > 1:
         raise ValueError(
-            f"{method}() needs one state size for every layer, but the layers have {sizes}: a stock "
-            f"{stock_config_class.__name__} holds a single state_size. Keep this model as a {type(model).__name__} "
-            "(it loads with the Auto classes), or compress every layer to the same size."
+            f"{method}() needs one state size for every {noun}, but the layers have {sizes}: a stock "
+            f"{stock_config_class.__name__} holds a single {size_key}. Keep this model as a {type(model).__name__} "
+            f"(it loads with the Auto classes), or compress every {noun} to the same size."
         )
     drop = NON_ARCH_KEYS | set(drop_keys) | set(drop_config_keys)
     values = {k: v for k, v in model.config.to_dict().items() if k not in drop}
-    values["state_size"] = sizes[0]
-    stock = stock_class(stock_config_class(**values)).to(dtype=model.dtype)
-    stock.load_state_dict(model.state_dict(), strict=True)
-    return stock.to(model.device)
+    if ssm_sizes:
+        values[size_key] = ssm_sizes[0]
+    return model_with_weights(stock_class, stock_config_class(**values), model, copy=True)

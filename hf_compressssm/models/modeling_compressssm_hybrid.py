@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .modeling_compressssm_common import CompreSSMCheckpointMixin
+from .modeling_compressssm_common import CompreSSMCheckpointMixin, convert_from_stock, convert_to_stock
 
 
 def is_mamba2_layer(module: nn.Module) -> bool:
@@ -85,25 +85,6 @@ def keep_first_states(mixer: nn.Module, size: int) -> None:
                 kept = param.index_select(0, index.to(param.device))
             setattr(owner, name, nn.Parameter(kept, requires_grad=param.requires_grad))
     sync_mamba2_sizes(mixer)
-
-
-# Keys of a config dict that are not architecture arguments.
-_NON_ARCH_KEYS = {"model_type", "architectures", "transformers_version", "auto_map", "dtype"}
-
-
-def _with_weights(model_class: type, config, source: nn.Module, copy: bool) -> PreTrainedModel:
-    """``model_class(config)`` holding ``source``'s parameters and buffers (same names and shapes): built on the meta
-    device, so no weight is initialised or allocated twice; ``copy`` clones the tensors (``source`` stays intact)."""
-    with torch.device("meta"):
-        model = model_class(config)
-    state = source.state_dict()
-    model.load_state_dict({k: v.clone() if copy else v for k, v in state.items()}, strict=True, assign=True)
-    for name, buffer in source.named_buffers():  # non-persistent buffers (rotary frequencies) are not in the state
-        if name not in state:
-            owner, _, attr = name.rpartition(".")
-            model.get_submodule(owner)._buffers[attr] = buffer.clone() if copy else buffer
-    model.tie_weights()
-    return model.train(source.training)
 
 
 class CompreSSMHybridMixin(CompreSSMCheckpointMixin):
@@ -177,45 +158,19 @@ class CompreSSMHybridMixin(CompreSSMCheckpointMixin):
         the logits (and greedy generations) equal the stock model's. A model object is copied (it stays usable); a
         path is loaded with ``stock_model_class.from_pretrained(path, **from_pretrained_kwargs)`` and its tensors
         are taken over."""
-        stock_class = cls.stock_model_class
-        if isinstance(model_or_path, CompreSSMHybridMixin) or isinstance(
-            getattr(model_or_path, "config", None), cls.config_class
-        ):
-            raise TypeError(f"The model is already a {cls.__name__}; use it directly.")
-        if isinstance(model_or_path, (str, os.PathLike)):
-            source = str(model_or_path)
-            stock, copy = stock_class.from_pretrained(source, **from_pretrained_kwargs), False
-        elif isinstance(model_or_path, stock_class):
-            stock, copy = model_or_path, True
-            source = getattr(stock.config, "_name_or_path", "") or None
-        else:
-            raise TypeError(
-                f"from_stock expects a {stock_class.__name__} or a path/Hub id of one, got "
-                f"{type(model_or_path).__name__}."
-            )
-        values = {k: v for k, v in stock.config.to_dict().items() if k not in _NON_ARCH_KEYS}
-        config = cls.config_class(**values)
-        if source:
-            config.compression = {"base_model": source}
-        return _with_weights(cls, config, stock, copy=copy)
+        return convert_from_stock(cls, model_or_path, cls.stock_model_class, "from_stock", **from_pretrained_kwargs)
 
     def to_stock(self) -> PreTrainedModel:
         """Convert back to the stock class (a copy); every Mamba layer must have the same state size."""
-        sizes = sorted({s for s in self.state_sizes() if s is not None})
-        if len(sizes) > 1:
-            raise ValueError(
-                f"to_stock() needs one state size for every Mamba layer, but the layers have {self.state_sizes()}: a "
-                f"stock {self.stock_model_class.config_class.__name__} holds a single mamba_d_state. Keep this model "
-                f"as a {type(self).__name__} (it loads with the Auto classes), or compress every Mamba layer to the "
-                f"same size."
-            )
-        values = {k: v for k, v in self.config.to_dict().items() if k not in _NON_ARCH_KEYS}
-        for key in ("mamba_state_sizes", "compression"):
-            values.pop(key, None)
-        if sizes:
-            values["mamba_d_state"] = sizes[0]
-        stock_config = self.stock_model_class.config_class(**values)
-        return _with_weights(self.stock_model_class, stock_config, self, copy=True)
+        stock_class = self.stock_model_class
+        return convert_to_stock(
+            self,
+            stock_class,
+            stock_class.config_class,
+            "to_stock",
+            drop_config_keys=("mamba_state_sizes", "compression"),
+            size_key=self.config._cap_name,
+        )
 
 
 __all__ = [
