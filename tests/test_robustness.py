@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 from helpers import random_ids, tiny_lm
+from mamba2_helpers import tiny_mamba2_lm
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
@@ -49,9 +50,17 @@ def _lora(model, targets=("x_proj", "in_proj"), **kwargs):
     return peft.get_peft_model(model, config)
 
 
-def _trained(kind):
-    model = tiny_lm(state_sizes=[8, 8])
-    wrapped = _lora(model) if kind == "lora" else model
+LORA_TARGETS = {"mamba": ("x_proj", "in_proj"), "mamba2": ("in_proj", "out_proj")}
+
+
+def _cut_projection(mixer):
+    """The projection whose rows a cut removes: Mamba-1 ``x_proj``, Mamba-2 ``in_proj``."""
+    return mixer.x_proj if hasattr(mixer, "x_proj") else mixer.in_proj
+
+
+def _trained(kind, family="mamba"):
+    model = (tiny_lm if family == "mamba" else tiny_mamba2_lm)(state_sizes=[8, 8])
+    wrapped = _lora(model, LORA_TARGETS[family]) if kind == "lora" else model
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
     ids = random_ids(batch=2, length=10)
     for _ in range(2):
@@ -72,7 +81,11 @@ def _everything(model, wrapped, optimizer):
         "record": copy.deepcopy(model.config.compression),
         "history": copy.deepcopy(getattr(model, "compression_history", None)),
         "features": [
-            (m.x_proj.out_features, getattr(m.x_proj, "base_layer", m.x_proj).out_features) for m in find_mixers(model)
+            (
+                _cut_projection(m).out_features,
+                getattr(_cut_projection(m), "base_layer", _cut_projection(m)).out_features,
+            )
+            for m in find_mixers(model)
         ],
     }
 
@@ -121,10 +134,11 @@ STAGES = [
 
 
 # ---------------------------------------------------------------- row 1: atomic cuts, PEFT included
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
 @pytest.mark.parametrize("kind", ["plain", "lora"])
 @pytest.mark.parametrize("stage", STAGES)
-def test_failure_at_any_stage_of_a_cut_changes_nothing(monkeypatch, kind, stage):
-    model, wrapped, optimizer = _trained(kind)
+def test_failure_at_any_stage_of_a_cut_changes_nothing(monkeypatch, kind, stage, family):
+    model, wrapped, optimizer = _trained(kind, family)
     before = _everything(model, wrapped, optimizer)
     if stage == "calibration":
         monkeypatch.setattr(reduction, "collect_statistics", _fail_on_call(1)(reduction.collect_statistics))
@@ -247,8 +261,9 @@ def test_lora_with_cuts_and_trainer_checkpoints_is_refused_before_anything_chang
     assert model.state_sizes() == [2, 2]
 
 
-def test_failed_cut_in_training_is_undone_and_training_goes_on(tmp_path, monkeypatch, hf_warnings):
-    model = tiny_lm(state_sizes=[8, 8])
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_failed_cut_in_training_is_undone_and_training_goes_on(tmp_path, monkeypatch, hf_warnings, family):
+    model = (tiny_lm if family == "mamba" else tiny_mamba2_lm)(state_sizes=[8, 8])
     config_cls = type(model.config)
     monkeypatch.setattr(config_cls, "check_state_sizes", _fail_on_call(1)(config_cls.check_state_sizes))
     args = TrainingArguments(
