@@ -181,10 +181,11 @@ def kernel_limits(
 
 @dataclass(frozen=True)
 class KernelPlan:
-    """The kernels one forward uses.
+    """The kernels one forward uses (both families; see `plan_kernels` and `plan_mamba2_kernels`).
 
-    ``scan``: ``numba`` | ``mamba_ssm`` | ``mambapy`` | ``torch``; ``conv`` and ``conv_step``: ``causal_conv1d`` |
-    ``torch``; ``fused``: a training forward runs ``mamba_inner_fn``; ``step`` (decode state update): ``mamba_ssm``
+    ``scan``: ``numba`` | ``mamba_ssm`` | ``mambapy`` | ``torch`` (Mamba-2: ``mamba_ssm`` | ``torch``); ``conv`` and
+    ``conv_step``: ``causal_conv1d`` | ``torch``; ``fused``: a training forward runs one fused kernel
+    (``mamba_inner_fn``; Mamba-2: ``mamba_split_conv1d_scan_combined``); ``step`` (decode state update): ``mamba_ssm``
     (triton) | ``torch``; ``fallbacks``: why a kernel that ``auto`` would pick was not used (to warn once).
     """
 
@@ -330,24 +331,6 @@ def available_backends(device=None) -> list[str]:
 _SSD_MODULE = "mamba_ssm.ops.triton.ssd_combined"
 
 
-@dataclass(frozen=True)
-class Mamba2KernelPlan:
-    """The kernels one Mamba-2 forward uses.
-
-    ``scan``: ``mamba_ssm`` (triton SSD, ``mamba_chunk_scan_combined``) | ``torch``; ``conv`` and ``conv_step``:
-    ``causal_conv1d`` | ``torch``; ``step`` (decode state update): ``mamba_ssm`` | ``torch``; ``fused``: a training
-    forward runs ``mamba_split_conv1d_scan_combined`` (reads ``conv1d``, ``norm`` and ``out_proj`` weights directly);
-    ``fallbacks``: why a kernel was not used on CUDA (warned once).
-    """
-
-    scan: str
-    conv: str
-    fused: bool
-    step: str
-    conv_step: str
-    fallbacks: tuple[str, ...] = ()
-
-
 def plan_mamba2_kernels(
     device,
     dtype: torch.dtype | None = None,
@@ -360,7 +343,7 @@ def plan_mamba2_kernels(
     padded: bool,
     conv_dim: int,
     state_size: int,
-) -> Mamba2KernelPlan:
+) -> KernelPlan:
     """The kernels of one Mamba-2 forward.
 
     CPU (any device but CUDA): the torch code of ``ssd_scan.py``. CUDA: ``mamba_ssm``'s SSD kernels and
@@ -368,10 +351,12 @@ def plan_mamba2_kernels(
     width 2-4 and a SiLU activation. The fused training kernel additionally needs plain ``conv1d``/``norm``/``out_proj``
     modules (an adapter there would be bypassed), no padding in the batch (it does not re-mask after the convolution)
     and ``I + 2GN`` (``conv_dim``) divisible by 8 (``mamba_ssm``'s ``ensure_stride`` asserts it); otherwise the
-    unfused kernels run. ``fallbacks`` says why a kernel was not used on CUDA.
+    unfused kernels run. ``fallbacks`` says why a kernel was not used on CUDA. In the returned `KernelPlan`,
+    ``scan``/``step`` ``mamba_ssm`` mean the triton SSD kernels (``mamba_chunk_scan_combined`` /
+    ``selective_state_update``) and ``fused`` means ``mamba_split_conv1d_scan_combined``.
     """
     if _device_type(device) != "cuda":
-        return Mamba2KernelPlan("torch", "torch", False, "torch", "torch")
+        return KernelPlan("torch", "torch", False, "torch", "torch")
     fallbacks = []
     dtype_ok = dtype is None or dtype in KERNEL_DTYPES
     ssd = _try_import(_SSD_MODULE)
@@ -403,4 +388,4 @@ def plan_mamba2_kernels(
                 f"the unfused kernels"
             )
         fused = plain_modules and not padded and conv_dim % 8 == 0
-    return Mamba2KernelPlan(scan, conv, fused, step, conv, tuple(fallbacks))
+    return KernelPlan(scan, conv, fused, step, conv, tuple(fallbacks))

@@ -391,7 +391,24 @@ class CompreSSMPreTrainedModel(CompreSSMCheckpointMixin, PreTrainedModel):
     base_model_prefix = "backbone"
     supports_gradient_checkpointing = True
     _is_stateful = True
-    mixer_class: type[nn.Module] = nn.Module  # set by each family
+    mixer_class: type[nn.Module]  # set by each family; its instances have ``init_ssm_weights()``
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """transformers' defaults, then the stock mixer initialisation of both families: the family's SSM parameters
+        (``init_ssm_weights``), kaiming-uniform ``conv1d`` / ``out_proj`` weights, zero ``conv1d`` bias, and
+        ``out_proj`` scaled by 1/sqrt(num_hidden_layers) when ``config.rescale_prenorm_residual``."""
+        super()._init_weights(module)
+        if isinstance(module, self.mixer_class):
+            module.init_ssm_weights()
+            init_kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+            if module.conv1d.bias is not None:
+                init_zeros_(module.conv1d.bias)
+            init_kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
+            if self.config.rescale_prenorm_residual and not getattr(
+                module.out_proj.weight, "_is_hf_initialized", False
+            ):
+                with torch.no_grad():
+                    module.out_proj.weight /= math.sqrt(self.config.num_hidden_layers)
 
     def ssm_mixers(self) -> list[nn.Module]:
         """The SSM mixers, in layer order."""
@@ -563,3 +580,41 @@ def convert_to_stock(
     if ssm_sizes:
         values[size_key] = ssm_sizes[0]
     return model_with_weights(stock_class, stock_config_class(**values), model, copy=True)
+
+
+class CompreSSMBackboneMixin:
+    """The bare backbone of a family: embeddings → ``block_class`` blocks → final RMS norm; outputs
+    `CompreSSMModelOutput`. List it before the family's pre-trained class (``block_class`` is set there)."""
+
+    block_class: type[nn.Module]
+
+    def __init__(self, config):
+        config.check_invariants()  # attributes may have been changed since the config was constructed
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([self.block_class(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+        self.norm_f = CompreSSMRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.embeddings = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Any | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple | CompreSSMModelOutput:
+        """See `backbone_forward`."""
+        return backbone_forward(
+            self, input_ids, inputs_embeds, cache, use_cache, output_hidden_states, return_dict, attention_mask, kwargs
+        )

@@ -6,7 +6,6 @@ per call by `kernel_policy.plan_kernels`. This file is copied next to saved weig
 public names of ``transformers`` and its sibling files.
 """
 
-import math
 import os
 from typing import Any
 
@@ -20,25 +19,22 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from .configuration_compressssm_mamba import CompreSSMMambaConfig
 from .kernel_policy import KernelPlan, _try_import, plan_kernels
 from .modeling_compressssm_common import (
+    CompreSSMBackboneMixin,
     CompreSSMCausalLMMixin,
-    CompreSSMModelOutput,
     CompreSSMPreTrainedModel,
     CompreSSMRMSNorm,
     ForcedHooks,
     activation_fn,
     advance_decode_count,
     apply_padding_mask,
-    backbone_forward,
     causal_conv1d,
     causal_conv1d_step,
     convert_from_stock,
     convert_to_stock,
     init_constant_,
     init_copy_,
-    init_kaiming_uniform_,
     init_ones_,
     init_uniform_,
-    init_zeros_,
     inverse_softplus_time_steps,
     kernel_layout,
 )
@@ -274,59 +270,11 @@ class CompreSSMMambaPreTrainedModel(CompreSSMPreTrainedModel):
     _no_split_modules = ["CompreSSMMambaBlock", "CompreSSMMambaMixer"]
     mixer_class = CompreSSMMambaMixer
 
-    def _init_weights(self, module: nn.Module) -> None:
-        """transformers' defaults, then the stock Mamba mixer initialisation (S4D-real A, kaiming conv/out_proj)."""
-        super()._init_weights(module)
-        if isinstance(module, CompreSSMMambaMixer):
-            module.init_ssm_weights()
-            init_kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
-            if module.conv1d.bias is not None:
-                init_zeros_(module.conv1d.bias)
-            init_kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
-            if self.config.rescale_prenorm_residual and not getattr(
-                module.out_proj.weight, "_is_hf_initialized", False
-            ):
-                with torch.no_grad():
-                    module.out_proj.weight /= math.sqrt(self.config.num_hidden_layers)
 
-
-class CompreSSMMambaModel(CompreSSMMambaPreTrainedModel):
+class CompreSSMMambaModel(CompreSSMBackboneMixin, CompreSSMMambaPreTrainedModel):
     """The bare Mamba backbone with per-layer state sizes; outputs `CompreSSMModelOutput`."""
 
-    def __init__(self, config: CompreSSMMambaConfig):
-        config.check_invariants()  # attributes may have been changed since the config was constructed
-        super().__init__(config)
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            [CompreSSMMambaBlock(config, layer_idx=idx) for idx in range(config.num_hidden_layers)]
-        )
-        self.gradient_checkpointing = False
-        self.norm_f = CompreSSMRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embeddings
-
-    def set_input_embeddings(self, new_embeddings):
-        self.embeddings = new_embeddings
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        cache: Any | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs,
-    ) -> tuple | CompreSSMModelOutput:
-        """Embeddings → blocks → final norm: input_ids (b, L) or inputs_embeds (b, L, hidden) → (b, L, hidden).
-
-        A decode cache is made when ``use_cache`` (default: ``config.use_cache`` outside training)."""
-        return backbone_forward(
-            self, input_ids, inputs_embeds, cache, use_cache, output_hidden_states, return_dict, attention_mask, kwargs
-        )
+    block_class = CompreSSMMambaBlock
 
 
 class CompreSSMMambaForCausalLM(CompreSSMCausalLMMixin, CompreSSMMambaPreTrainedModel, GenerationMixin):

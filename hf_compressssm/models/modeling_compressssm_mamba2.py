@@ -7,7 +7,6 @@ chosen per call (`CompreSSMMamba2Mixer.kernel_plan`): CPU tensors run the torch 
 to saved weights as remote code: it imports torch, public names of ``transformers`` and its sibling files.
 """
 
-import math
 import os
 from typing import Any
 
@@ -18,25 +17,22 @@ from transformers import GenerationMixin, GradientCheckpointingLayer, Mamba2Conf
 from transformers import logging as hf_logging
 
 from .configuration_compressssm_mamba2 import CompreSSMMamba2Config
-from .kernel_policy import Mamba2KernelPlan, _try_import, plan_mamba2_kernels
+from .kernel_policy import KernelPlan, _try_import, plan_mamba2_kernels
 from .modeling_compressssm_common import (
+    CompreSSMBackboneMixin,
     CompreSSMCausalLMMixin,
-    CompreSSMModelOutput,
     CompreSSMPreTrainedModel,
     CompreSSMRMSNorm,
     ForcedHooks,
     activation_fn,
     advance_decode_count,
     apply_padding_mask,
-    backbone_forward,
     causal_conv1d,
     causal_conv1d_step,
     convert_from_stock,
     convert_to_stock,
     init_copy_,
-    init_kaiming_uniform_,
     init_ones_,
-    init_zeros_,
     inverse_softplus_time_steps,
     kernel_layout,
     take_old_cache_name,
@@ -144,7 +140,7 @@ class CompreSSMMamba2Mixer(nn.Module):
         dtype: torch.dtype | None = None,
         cached: bool = False,
         attention_mask: torch.Tensor | None = None,
-    ) -> Mamba2KernelPlan:
+    ) -> KernelPlan:
         """The kernels a forward on ``device``/``dtype`` uses.
 
         CPU (any device but CUDA): the torch code of ``ssd_scan.py``. CUDA: ``mamba_ssm``'s SSD kernels and ``causal_conv1d``
@@ -340,57 +336,11 @@ class CompreSSMMamba2PreTrainedModel(CompreSSMPreTrainedModel):
     _no_split_modules = ["CompreSSMMamba2Block"]
     mixer_class = CompreSSMMamba2Mixer
 
-    def _init_weights(self, module: nn.Module) -> None:
-        """transformers' defaults, then the stock Mamba-2 mixer initialisation (kaiming conv/out_proj)."""
-        super()._init_weights(module)
-        if isinstance(module, CompreSSMMamba2Mixer):
-            module.init_ssm_weights()
-            init_kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
-            if module.conv1d.bias is not None:
-                init_zeros_(module.conv1d.bias)
-            init_kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
-            if self.config.rescale_prenorm_residual and not getattr(
-                module.out_proj.weight, "_is_hf_initialized", False
-            ):
-                with torch.no_grad():
-                    module.out_proj.weight /= math.sqrt(self.config.num_hidden_layers)
 
-
-class CompreSSMMamba2Model(CompreSSMMamba2PreTrainedModel):
+class CompreSSMMamba2Model(CompreSSMBackboneMixin, CompreSSMMamba2PreTrainedModel):
     """The bare Mamba-2 backbone with per-layer state sizes; outputs `CompreSSMModelOutput`."""
 
-    def __init__(self, config: CompreSSMMamba2Config):
-        config.check_invariants()  # attributes may have been changed since the config was constructed
-        super().__init__(config)
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            [CompreSSMMamba2Block(config, layer_idx=idx) for idx in range(config.num_hidden_layers)]
-        )
-        self.gradient_checkpointing = False
-        self.norm_f = CompreSSMRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embeddings
-
-    def set_input_embeddings(self, new_embeddings):
-        self.embeddings = new_embeddings
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        cache: Any | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs,
-    ) -> tuple | CompreSSMModelOutput:
-        """See `modeling_compressssm_common.backbone_forward`."""
-        return backbone_forward(
-            self, input_ids, inputs_embeds, cache, use_cache, output_hidden_states, return_dict, attention_mask, kwargs
-        )
+    block_class = CompreSSMMamba2Block
 
 
 class CompreSSMMamba2ForCausalLM(CompreSSMCausalLMMixin, CompreSSMMamba2PreTrainedModel, GenerationMixin):
@@ -424,5 +374,4 @@ __all__ = [
     "CompreSSMMamba2Model",
     "CompreSSMMamba2PreTrainedModel",
     "CompreSSMGatedRMSNorm",
-    "Mamba2KernelPlan",
 ]
