@@ -103,6 +103,15 @@ def test_markers_are_well_formed():
             assert re.fullmatch(r"[\w.]+\.\w+", value), f"{block.id}: '<!-- needs: MODULE.NAME -->', got {value!r}"
 
 
+def test_readme_links_point_to_files_that_exist():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    assert targets
+    for target in targets:
+        if "://" not in target:
+            assert (REPO / target).is_file(), f"README links to {target}, which does not exist"
+
+
 def _shrink(block: Block) -> str:
     code = block.code
     for old, new in SMALL.get(block.page, []):
