@@ -26,11 +26,11 @@ truncation at the main τ: its first ``hnn_steps`` steps are measured and its to
 such). A step-time probe per preset times one step at N0 and at the compressed sizes (the speed-up ceiling) and
 measures the decode cache per sequence (conv + recurrent states of every layer after a one-token forward with
 ``use_cache=True``) at N0 and at the compressed sizes: the inference state shrinks with ΣN.
-Training and measurement are `hf_compressssm.tasks.experiment.train_and_measure` (quality: `evaluate_quality`);
+Training and measurement are `compressssm_app.experiment.train_and_measure` (quality: `evaluate_quality`);
 every run is a forked child (clean peak memory; a crash costs one run); one thread per run (``--threads``).
 
 Resumable: each finished run is appended at once to ``<output_dir>/benchmark_runs.jsonl``
-(`hf_compressssm.tasks.experiment.ResultsStore`); rerunning the same command skips what is done, so a session that
+(`compressssm_app.harness.ResultsStore`); rerunning the same command skips what is done, so a session that
 is stopped loses at most the run in progress. Runs measured with another preset are detected (the command stops and
 says so: rerun the same command, use another ``--output_dir``, or ``--fresh``); runs measured at another commit are
 reused and listed in the report. Adding seeds or presets to the command reuses the runs already there.
@@ -317,37 +317,22 @@ if __name__ == "__main__":
         os.environ[_var] = str(_ARGS.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# scripts/ leaves sys.path (its evaluate.py would shadow the `evaluate` library); the package is used from the checkout
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(REPO))
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import Trainer, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from benchmark_report import finish_report  # noqa: E402
+from compressssm_app import DataArguments, ModelArguments, TaskData, build_datasets, build_model  # noqa: E402
+from compressssm_app import data as data_lib  # noqa: E402
+from compressssm_app.evaluation import evaluate_quality  # noqa: E402
+from compressssm_app.experiment import peak_rss_mb, train_and_measure, training_arguments  # noqa: E402
+from compressssm_app.harness import ResultsMismatchError, ResultsStore, fingerprint, git_state, in_child  # noqa: E402
 from hf_compressssm.compression.arguments import CompressionArguments  # noqa: E402
 from hf_compressssm.compression.callback import CompreSSMCallback  # noqa: E402
 from hf_compressssm.compression.decay_sum import decay_deficit_sum  # noqa: E402
 from hf_compressssm.compression.hnn import HNNTrainer  # noqa: E402
 from hf_compressssm.compression.reduction import compress_model  # noqa: E402
-from hf_compressssm.tasks import DataArguments, ModelArguments, TaskData, build_datasets, build_model  # noqa: E402
-from hf_compressssm.tasks import data as data_lib  # noqa: E402
-from hf_compressssm.tasks.evaluation import evaluate_quality  # noqa: E402
-from hf_compressssm.tasks.experiment import (  # noqa: E402
-    ResultsMismatchError,
-    ResultsStore,
-    fingerprint,
-    git_state,
-    in_child,
-    load_script,
-    peak_rss_mb,
-    train_and_measure,
-    training_arguments,
-)
-
-
-finish_report = load_script(Path(__file__).resolve().parent / "benchmark_report.py").finish_report
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,7 +356,7 @@ def _pooled_pixels(name: str, split: str, pool: int, num_bins: int, limit: int |
 
 
 def build_task_data(p: TaskPreset) -> TaskData:
-    """Train/eval datasets of a preset (the LM data through `tasks.build_datasets`)."""
+    """Train/eval datasets of a preset (the LM data through `compressssm_app.build_datasets`)."""
     if p.task == "causal_lm":
         data_args = DataArguments(
             task="causal_lm",

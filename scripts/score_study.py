@@ -38,7 +38,6 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -46,9 +45,6 @@ from pathlib import Path
 from typing import Any
 
 
-# scripts/ leaves sys.path (its evaluate.py would shadow the `evaluate` library); the package is used from the checkout
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The CPU scan's numba thread pool is set before numba is imported. On a small, shared machine one thread per
 # process was far faster (a training step of the default model: ~0.07 s with 1 thread vs ~1-2 s with 2 busy-waiting
 # threads under load); override by exporting NUMBA_NUM_THREADS.
@@ -57,6 +53,9 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from compressssm_app.data import build_task_dataset  # noqa: E402
+from compressssm_app.evaluation import evaluate_quality  # noqa: E402
+from compressssm_app.experiment import train_and_measure, training_arguments  # noqa: E402
 from hf_compressssm import CompreSSMCallback, CompreSSMMambaConfig, CompreSSMMambaForCausalLM  # noqa: E402
 from hf_compressssm.compression.arguments import CompressionArguments  # noqa: E402
 from hf_compressssm.compression.calibration import collect_statistics  # noqa: E402
@@ -65,9 +64,6 @@ from hf_compressssm.compression.reduction import compress_model  # noqa: E402
 from hf_compressssm.compression.scan_energy import scan_energy_scores  # noqa: E402
 from hf_compressssm.compression.scores import selective_state_scores  # noqa: E402
 from hf_compressssm.compression.surgery import shrink_mixers  # noqa: E402
-from hf_compressssm.tasks.data import build_task_dataset  # noqa: E402
-from hf_compressssm.tasks.evaluation import evaluate_quality  # noqa: E402
-from hf_compressssm.tasks.experiment import train_and_measure, training_arguments  # noqa: E402
 
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

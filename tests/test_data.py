@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from hf_compressssm.tasks import data as D
+from compressssm_app import data as D
 
 
 HAS_BIBLE = importlib.util.find_spec("bible") is not None
@@ -331,10 +331,10 @@ def test_missing_packages_name_the_install_command(monkeypatch, tmp_path):
 
 def test_import_is_light():
     code = (
-        "import sys, hf_compressssm; before = set(sys.modules); import hf_compressssm.tasks.data; "
+        "import sys, hf_compressssm; before = set(sys.modules); import compressssm_app.data; "
         "heavy = {'sklearn', 'mlxtend', 'bible', 'tokenizers', 'evaluate'}; "
         "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in heavy))"
     )
     repo = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, cwd=repo)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, cwd=repo / "scripts")
     assert out.stdout.strip() == "[]"

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from hf_compressssm.tasks import DataArguments, ModelArguments, UsageError, build_datasets
-from hf_compressssm.tasks import data as D
-from hf_compressssm.tasks import hf_datasets as H
+from compressssm_app import DataArguments, ModelArguments, UsageError, build_datasets
+from compressssm_app import data as D
+from compressssm_app import hf_datasets as H
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,7 +101,7 @@ _CACHE_PROBE = """
 import sys, datasets
 datasets.config.HF_DATASETS_CACHE = sys.argv[1]
 datasets.disable_progress_bars()
-from hf_compressssm.tasks import DataArguments, build_datasets
+from compressssm_app import DataArguments, build_datasets
 task = build_datasets(DataArguments(train_file=[sys.argv[2]], block_size=32))
 print([c["filename"] for c in task.train_dataset.cache_files])
 """
@@ -121,7 +121,7 @@ def test_arrow_cache_reused_by_a_second_run(tmp_path, monkeypatch):
     arrow_files = sorted((str(p), p.stat().st_mtime_ns) for p in cache.rglob("*.arrow"))
     out = subprocess.run(
         [sys.executable, "-c", _CACHE_PROBE, str(cache), str(corpus)],
-        cwd=REPO,
+        cwd=REPO / "scripts",  # compressssm_app from the current folder
         capture_output=True,
         text=True,
         timeout=300,
@@ -168,8 +168,8 @@ def test_streaming_training_run(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert sum(config["state_sizes"]) < sum(config["compression"]["initial_state_sizes"])
     assert "of the stream" in json.loads((out / "compressssm_run.json").read_text())["card"]["eval_split"]
-    # evaluate.py rebuilds the same held-out head of the stream and measures the same loss
-    cmd = [sys.executable, str(REPO / "scripts" / "evaluate.py"), str(out), "--train_batch_size", "2"]
+    # evaluate_model.py rebuilds the same held-out head of the stream and measures the same loss
+    cmd = [sys.executable, str(REPO / "scripts" / "evaluate_model.py"), str(out), "--train_batch_size", "2"]
     cmd += ["--generate_tokens", "4"]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -180,7 +180,7 @@ def test_streaming_training_run(tmp_path):
 
 
 def test_streaming_needs_max_steps(tmp_path):
-    from hf_compressssm.tasks import parse_arguments, run_training
+    from compressssm_app import parse_arguments, run_training
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"line {i}\n" for i in range(500)))

@@ -40,7 +40,7 @@ def test_readme_python_block_runs(index, tmp_path):
     code = _shrink(BLOCKS[index])
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "scripts"), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
         "NUMBA_NUM_THREADS": "1",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",

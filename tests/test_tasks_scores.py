@@ -2,6 +2,7 @@
 --quick mode. Tiny models only (hidden <= 64, L <= 64, N <= 16). Brute-force label checks of the task generators
 themselves live in test_data.py; here: the study's settings, and properties that file does not check."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -14,13 +15,13 @@ import torch
 from helpers import random_ids, tiny_lm
 from transformers import Trainer, TrainingArguments
 
+from compressssm_app import data as D
 from hf_compressssm import CompreSSMCallback, compress_model
 from hf_compressssm.compression.calibration import collect_statistics
 from hf_compressssm.compression.ranks import SELECTIONS
 from hf_compressssm.compression.scan_energy import scan_energy_scores, state_output_energy
 from hf_compressssm.compression.scores import SCORES, selective_state_scores
 from hf_compressssm.families import MambaFamily, find_mixers
-from hf_compressssm.tasks import data as D
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,11 +30,9 @@ STUDY = REPO / "scripts" / "score_study.py"
 
 # ------------------------------------------------------------------------------------------------ tasks
 def _study_module():
-    """scripts/score_study.py as a module (loaded by path: scripts/ never goes on sys.path, its evaluate.py would
-    shadow the `evaluate` library)."""
-    from hf_compressssm.tasks.experiment import load_script
+    """scripts/score_study.py as a module (scripts/ is on the test path: pyproject.toml's pytest pythonpath)."""
 
-    return sys.modules.get("score_study") or load_script(STUDY, "score_study")
+    return importlib.import_module("score_study")
 
 
 def _brute_force_selective_copying(ids: list[int], labels: list[int], seq_len: int) -> None:

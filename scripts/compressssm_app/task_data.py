@@ -12,7 +12,8 @@ from torch.utils.data import Dataset
 from transformers import AutoTokenizer
 from transformers.utils import logging
 
-from .. import metrics as metrics_lib
+from hf_compressssm import metrics as metrics_lib
+
 from . import data as data_lib
 from . import hf_datasets
 from .arguments import TASKS, DataArguments, ModelArguments, UsageError

@@ -7,13 +7,14 @@ from typing import Any
 
 from transformers import AutoConfig, PreTrainedModel
 
-from ..models import (
+from hf_compressssm.models import (
     CompreSSMMamba2Config,
     CompreSSMMamba2ForCausalLM,
     CompreSSMMambaConfig,
     CompreSSMMambaForCausalLM,
     CompreSSMMambaForSequenceClassification,
 )
+
 from .arguments import MODEL_TYPES, ModelArguments, UsageError
 from .task_data import TaskData
 

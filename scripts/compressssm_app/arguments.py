@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from ..compression.arguments import CompressionArguments
+from hf_compressssm.compression.arguments import CompressionArguments
+
 from . import data as data_lib
 
 
