@@ -323,8 +323,7 @@ from transformers import Trainer, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from benchmark_report import finish_report  # noqa: E402
-from compressssm_app import DataArguments, ModelArguments, TaskData, build_datasets, build_model  # noqa: E402
-from compressssm_app import data as data_lib  # noqa: E402
+from compressssm_app import DataArguments, ModelArguments, TaskData, build_datasets, build_model, hf_datasets, sources  # noqa: E402  # noqa: E402
 from compressssm_app.evaluation import evaluate_quality  # noqa: E402
 from compressssm_app.experiment import peak_rss_mb, train_and_measure, training_arguments  # noqa: E402
 from compressssm_app.harness import ResultsMismatchError, ResultsStore, fingerprint, git_state, in_child  # noqa: E402
@@ -340,9 +339,9 @@ from hf_compressssm.compression.reduction import compress_model  # noqa: E402
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _pooled_pixels(name: str, split: str, pool: int, num_bins: int, limit: int | None) -> data_lib.PixelSequenceDataset:
+def _pooled_pixels(name: str, split: str, pool: int, num_bins: int, limit: int | None) -> sources.PixelSequences:
     """The pixel dataset with k x k mean pooling (k = ``pool``) before flattening; ``pool=1`` is the original."""
-    full = data_lib.load_pixel_classification(name, split, 256, limit)
+    full = sources.load_pixel_classification(name, split, 256, limit)
     side = int(round(math.sqrt(full.seq_len)))
     pixels = full.tokens.numpy().astype(np.float64).reshape(len(full), side, side)
     if pool > 1:
@@ -350,9 +349,7 @@ def _pooled_pixels(name: str, split: str, pool: int, num_bins: int, limit: int |
             raise SystemExit(f"benchmark.py: pool={pool} does not divide the image side {side}")
         pixels = pixels.reshape(len(full), side // pool, pool, side // pool, pool).mean(axis=(2, 4))
     pixels = np.rint(pixels).clip(0, 255).astype(np.int64).reshape(len(full), -1)
-    return data_lib.PixelSequenceDataset(
-        pixels, full.labels.numpy(), num_bins, full.class_names, name=name, split=split
-    )
+    return sources.PixelSequences(pixels, full.labels.numpy(), num_bins, full.class_names, name=name, split=split)
 
 
 def build_task_data(p: TaskPreset) -> TaskData:
@@ -370,8 +367,8 @@ def build_task_data(p: TaskPreset) -> TaskData:
     side = int(round(math.sqrt(train.seq_len)))
     return TaskData(
         task="pixel_classification",
-        train_dataset=train,
-        eval_dataset=test,
+        train_dataset=hf_datasets.pixel_dataset(train),
+        eval_dataset=hf_datasets.pixel_dataset(test),
         vocab_size=p.num_bins,
         metric="accuracy",
         dataset_description=f"{p.dataset} ({len(train)} training images), {side}x{side} "

@@ -53,9 +53,10 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from compressssm_app.data import build_task_dataset  # noqa: E402
 from compressssm_app.evaluation import evaluate_quality  # noqa: E402
 from compressssm_app.experiment import train_and_measure, training_arguments  # noqa: E402
+from compressssm_app.hf_datasets import synthetic_dataset  # noqa: E402
+from compressssm_app.sources import synthetic_task  # noqa: E402
 from hf_compressssm import CompreSSMCallback, CompreSSMMambaConfig, CompreSSMMambaForCausalLM  # noqa: E402
 from hf_compressssm.compression.arguments import CompressionArguments  # noqa: E402
 from hf_compressssm.compression.calibration import collect_statistics  # noqa: E402
@@ -158,15 +159,15 @@ def task_kwargs(p: Preset) -> dict[str, Any]:
 
 
 def train_set(p: Preset, seed: int, steps: int):
-    return build_task_dataset(p.task, "train", seed=seed, num_samples=max(1, steps) * p.batch_size, **task_kwargs(p))
+    return synthetic_dataset(p.task, "train", seed=seed, num_samples=max(1, steps) * p.batch_size, **task_kwargs(p))
 
 
 def eval_set(p: Preset):
-    return build_task_dataset(p.task, "validation", seed=0, num_samples=p.eval_samples, **task_kwargs(p))
+    return synthetic_dataset(p.task, "validation", seed=0, num_samples=p.eval_samples, **task_kwargs(p))
 
 
 def model_vocab_size(p: Preset) -> int:
-    return eval_set(replace(p, eval_samples=1)).model_vocab_size
+    return synthetic_task(p.task, "validation", num_samples=1, **task_kwargs(p)).model_vocab_size
 
 
 def new_model(p: Preset, seed: int, state_sizes: list[int] | None = None) -> CompreSSMMambaForCausalLM:
@@ -224,7 +225,7 @@ def train(
 
 
 def calibration_batches(p: Preset, count: int, seed: int = 12345) -> list[dict[str, torch.Tensor]]:
-    ds = build_task_dataset(p.task, "test", seed=seed, num_samples=count * p.batch_size, **task_kwargs(p))
+    ds = synthetic_dataset(p.task, "test", seed=seed, num_samples=count * p.batch_size, **task_kwargs(p))
     return [
         {"input_ids": torch.stack([ds[i]["input_ids"] for i in range(b * p.batch_size, (b + 1) * p.batch_size)])}
         for b in range(count)

@@ -119,7 +119,7 @@ def test_requested_processes_from_the_shipped_config():
 def test_saved_tokenizer_loads_without_a_remote_code_prompt(tmp_path):
     from helpers import tiny_lm
 
-    from compressssm_app.data import build_byte_tokenizer
+    from compressssm_app.sources import build_byte_tokenizer
 
     tiny_lm(vocab_size=257).save_pretrained(tmp_path)
     build_byte_tokenizer().save_pretrained(tmp_path)

@@ -16,7 +16,7 @@ from helpers import random_ids, tiny_lm
 from huggingface_hub import ModelCard
 
 import hf_compressssm.hub as hub
-from compressssm_app.data import build_byte_tokenizer
+from compressssm_app.sources import build_byte_tokenizer
 from hf_compressssm import compress_model
 
 

@@ -1,7 +1,11 @@
-"""What the scripts train and measure on: offline data sources and synthetic tasks (``data``), the same as 🤗
-``datasets`` objects (``hf_datasets``: loaders, tokenization map, blocks, cache, streaming), the script's arguments
-and presets (``arguments``), each task's datasets (``task_data``), the launcher check (``launcher``), model
-building (``model_builder``), the run (``run``) and evaluation helpers (``evaluation``)."""
+"""The application's support package (``scripts/compressssm_app``; the scripts import it from their own folder).
+
+What the scripts train and measure on: offline data sources and synthetic task generators (``sources``), the one
+🤗 ``datasets`` pipeline over them (``hf_datasets``: loaders, tokenization map, blocks, cache, streaming), each task's
+datasets (``task_data``), the train script's arguments (``arguments``) and the presets of every script
+(``presets``: ``configs/presets/``), the launcher check (``launcher``), model building (``model_builder``), the run
+and its output folder (``run``, ``output_dir``), evaluation helpers (``evaluation``), measured training runs
+(``experiment``) and the benchmark harness (``harness``: results file, child processes, git state)."""
 
 from .arguments import (
     PRESETS,

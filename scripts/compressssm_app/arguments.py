@@ -19,7 +19,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from hf_compressssm.compression.arguments import CompressionArguments
 
-from . import data as data_lib
+from . import sources
 
 
 TASKS = ("causal_lm", "pixel_classification", "mqar", "selective_copying")
@@ -98,7 +98,7 @@ class DataArguments:
         default=None,
         metadata={
             "help": "causal_lm: 'kjv' (default, offline) or a Hugging Face dataset name; pixel_classification: "
-            f"one of {', '.join(data_lib.PIXEL_DATASETS)}."
+            f"one of {', '.join(sources.PIXEL_DATASETS)}."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Config of the Hugging Face dataset."})

@@ -3,7 +3,7 @@
 * `ResultsStore` – an append-only JSON-lines file: each finished run is written at once (one line, flushed and
   fsynced), a rerun skips what is done, and runs measured with other settings or another commit are detected.
 * `in_child` – run a function in a forked child (clean peak memory per run, a crash costs one run).
-* `git_state` – the commit and the changed files of the checkout; `load_script` – a script file as a module.
+* `git_state` – the commit and the changed files of the checkout.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ __all__ = [
     "fingerprint",
     "git_state",
     "in_child",
-    "load_script",
 ]
 
 
@@ -192,23 +191,6 @@ def in_child(target: Callable[..., Any], *args: Any) -> Any:
     if not payload["ok"]:
         raise RuntimeError(f"{payload['error']}\n{payload.get('traceback', '')}")
     return payload["result"]
-
-
-def load_script(path: str | os.PathLike, name: str | None = None) -> Any:
-    """Import the Python file at ``path`` as a module (registered in ``sys.modules`` under ``name``, default its
-    stem) without putting its folder on ``sys.path`` (a script folder may hold files that shadow libraries)."""
-    import importlib.util
-    import sys
-
-    path = Path(path)
-    name = name or path.stem
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path} as a module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def git_state(directory: str | os.PathLike, paths: Sequence[str] = ("hf_compressssm", "scripts")) -> dict[str, Any]:
