@@ -56,6 +56,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from compressssm_app.evaluation import evaluate_quality  # noqa: E402
 from compressssm_app.experiment import train_and_measure, training_arguments  # noqa: E402
 from compressssm_app.hf_datasets import synthetic_dataset  # noqa: E402
+from compressssm_app.presets import load_preset, preset_into, preset_names  # noqa: E402
 from compressssm_app.sources import synthetic_task  # noqa: E402
 from hf_compressssm import CompreSSMCallback, CompreSSMMambaConfig, CompreSSMMambaForCausalLM  # noqa: E402
 from hf_compressssm.compression.arguments import CompressionArguments  # noqa: E402
@@ -117,32 +118,10 @@ class Preset:
     threads: int = 1
 
 
+# configs/presets/score_study/<name>.yaml: the fields a preset sets (the others keep the defaults above)
 PRESETS = {
-    "default": Preset(),
-    "quick": Preset(
-        seq_len=12,
-        vocab_size=4,
-        num_items=4,
-        eval_samples=16,
-        hidden_size=8,
-        num_layers=2,
-        full_state_size=8,
-        steps=12,
-        batch_size=4,
-        curve_sizes=[2, 8],
-        curve_seeds=1,
-        cut_bases=1,
-        cut_sizes=[4],
-        random_seeds=2,
-        recovery_steps=2,
-        cut_calibration_batches=1,
-        tau_values=[0.05, 0.3],
-        tau_scores=["h2"],
-        tau_start_sizes=[8],
-        protocol_seeds=1,
-        protocol_target_size=4.0,
-        calibration_batches=1,
-    ),
+    name: preset_into(Preset, load_preset("score_study", name), f"configs/presets/score_study/{name}.yaml")
+    for name in preset_names("score_study")
 }
 
 
