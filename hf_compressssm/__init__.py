@@ -1,8 +1,8 @@
 """hf_compressssm: CompreSSM in-training compression of state-space models for Hugging Face transformers.
 
 Layout: ``models/`` (one Hugging Face unit per SSM family), ``families/`` (what the pipeline needs to know about
-each family), ``compression/`` (the pipeline, one module per stage, and the `Trainer` callback), ``tasks/`` (data,
-synthetic tasks and training helpers the scripts use), ``hub/`` (cards, upload) and ``peft_utils``.
+each family), ``compression/`` (the pipeline, one module per stage, and the `Trainer` callback), ``hub/`` (cards,
+upload), ``metrics/`` and ``peft_utils``. The scripts, their data and presets live in the repository (``scripts/``).
 
 Importing the package registers the model families (Mamba-1, Mamba-2) with the Auto classes (``AutoConfig``,
 ``AutoModel``, ``AutoModelForCausalLM``, ``AutoModelForSequenceClassification`` for Mamba-1) and the hybrid hosts

@@ -6,7 +6,8 @@
     python scripts/benchmark.py --quick         # every variant of every preset, tiny (a minute; numbers meaningless)
     python scripts/benchmark.py --tasks causal_lm --seeds 0 --taus 0.1,0.25 --set causal_lm.steps=500
 
-Presets (`default_presets`; ``--tasks`` picks some by name, ``--set name.field=value`` changes a field):
+Presets (``configs/presets/benchmark/<name>.yaml``, one file each; ``--tasks`` picks some by name, ``--set
+name.field=value`` changes a field):
 
 * ``causal_lm``            byte-level LM on the KJV text, hidden 64, 2 layers, N0 = 128, 3000 steps;
 * ``pixel_classification`` Fashion-MNIST as 14x14 pixel sequences (2x2 mean pooling), hidden 32, N0 = 128,
@@ -26,11 +27,11 @@ truncation at the main τ: its first ``hnn_steps`` steps are measured and its to
 such). A step-time probe per preset times one step at N0 and at the compressed sizes (the speed-up ceiling) and
 measures the decode cache per sequence (conv + recurrent states of every layer after a one-token forward with
 ``use_cache=True``) at N0 and at the compressed sizes: the inference state shrinks with ΣN.
-Training and measurement are `hf_compressssm.tasks.experiment.train_and_measure` (quality: `evaluate_quality`);
+Training and measurement are `compressssm_app.experiment.train_and_measure` (quality: `evaluate_quality`);
 every run is a forked child (clean peak memory; a crash costs one run); one thread per run (``--threads``).
 
 Resumable: each finished run is appended at once to ``<output_dir>/benchmark_runs.jsonl``
-(`hf_compressssm.tasks.experiment.ResultsStore`); rerunning the same command skips what is done, so a session that
+(`compressssm_app.harness.ResultsStore`); rerunning the same command skips what is done, so a session that
 is stopped loses at most the run in progress. Runs measured with another preset are detected (the command stops and
 says so: rerun the same command, use another ``--output_dir``, or ``--fresh``); runs measured at another commit are
 reused and listed in the report. Adding seeds or presets to the command reuses the runs already there.
@@ -53,10 +54,11 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from compressssm_app.presets import load_preset, preset_into, preset_names
 
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -74,7 +76,7 @@ RUNS_FILE = "benchmark_runs.jsonl"
 @dataclass
 class TaskPreset:
     """Everything one preset's runs share. ``task``: the data kind (`TASK_KINDS`); ``family``: the SSM family of
-    the model (a key of `MODEL_FAMILIES`); ``variants``: the variants this preset runs; ``taus``: the CompreSSM
+    the model (one of `MODEL_FAMILIES`); ``variants``: the variants this preset runs; ``taus``: the CompreSSM
     grid; ``main_tau``: the τ of the ablations, HNN and the probe."""
 
     task: str = "causal_lm"
@@ -118,100 +120,25 @@ class TaskPreset:
 
 
 def default_presets() -> dict[str, TaskPreset]:
-    """Sized with ``--estimate`` (per-step CPU times of short runs, one thread, 2-core machine): causal_lm 0.128 s
-    per step at N0 / 0.053 s at N0/10 / HNN 1.8 s, ≈ 58 min; pixel_classification 0.113 / 0.041 / 1.3 s, ≈ 44 min;
-    ssm_dominant 0.261 / 0.047 s, ≈ 29 min; mamba2_lm 0.250 / 0.129 s (transformers' chunked torch path), ≈ 56 min:
-    ≈ 3.1 h for 3 seeds. Measured at 86040d4 with two benchmark processes side by side (``--tasks`` split in two,
-    one thread each): 240 min of run time in 2 h of wall time, i.e. one sitting (the results file resumes)."""
-    return {
-        "causal_lm": TaskPreset(
-            task="causal_lm", hidden_size=64, state_size=128, block_size=256, eval_blocks=200, steps=3000, batch_size=8
-        ),
-        "pixel_classification": TaskPreset(
-            task="pixel_classification",
-            hidden_size=32,
-            state_size=128,
-            pool=2,
-            eval_samples=2000,
-            steps=2500,
-            batch_size=16,
-            eval_batch_size=128,
-        ),
-        "ssm_dominant": TaskPreset(
-            task="causal_lm",
-            variants=["full", "compressssm", "scratch"],
-            hidden_size=16,
-            state_size=256,
-            block_size=1024,
-            eval_blocks=50,
-            steps=1500,
-            batch_size=4,
-            eval_batch_size=8,
-            curve_points=4,
-            probe_reps=4,
-            ceiling_target=5.0,
-        ),
-        "mamba2_lm": TaskPreset(
-            task="causal_lm",
-            family="mamba2",
-            variants=["full", "compressssm", "scratch"],
-            hidden_size=64,
-            state_size=128,
-            head_dim=32,
-            n_groups=1,
-            chunk_size=256,
-            block_size=256,
-            eval_blocks=200,
-            steps=2000,
-            batch_size=8,
-        ),
-    }
+    """The presets, one file each: ``configs/presets/benchmark/<name>.yaml`` (TaskPreset fields; the others keep
+    their defaults), in the files' ``order``. Adding a preset is adding a file."""
+    presets = {}
+    for name in preset_names("benchmark"):
+        values = load_preset("benchmark", name)
+        values.pop("quick", None)
+        presets[name] = preset_into(TaskPreset, values, f"configs/presets/benchmark/{name}.yaml")
+    return presets
 
 
 def quick_presets() -> dict[str, TaskPreset]:
-    """Tiny versions of every default preset (every variant and the report builder; numbers meaningless)."""
-    tiny = dict(steps=40, hnn_steps=4, probe_reps=2, curve_points=2, taus=[0.1, 0.3], main_tau=0.3)
-    return {
-        "causal_lm": TaskPreset(
-            task="causal_lm", hidden_size=16, state_size=16, block_size=32, eval_blocks=8, batch_size=4, **tiny
-        ),
-        "pixel_classification": TaskPreset(
-            task="pixel_classification",
-            hidden_size=16,
-            state_size=16,
-            pool=4,
-            train_samples=512,
-            eval_samples=128,
-            batch_size=8,
-            eval_batch_size=64,
-            **tiny,
-        ),
-        "ssm_dominant": TaskPreset(
-            task="causal_lm",
-            variants=["full", "compressssm", "scratch"],
-            hidden_size=8,
-            state_size=32,
-            block_size=64,
-            eval_blocks=4,
-            batch_size=2,
-            eval_batch_size=4,
-            ceiling_target=5.0,
-            **tiny,
-        ),
-        "mamba2_lm": TaskPreset(
-            task="causal_lm",
-            family="mamba2",
-            variants=["full", "compressssm", "scratch"],
-            hidden_size=16,
-            state_size=16,
-            head_dim=8,
-            chunk_size=16,
-            block_size=32,
-            eval_blocks=8,
-            batch_size=4,
-            **tiny,
-        ),
-    }
+    """Tiny versions of every preset (its file's ``quick`` values over its own: every variant and the report
+    builder in seconds; numbers meaningless)."""
+    presets = {}
+    for name in preset_names("benchmark"):
+        values = load_preset("benchmark", name)
+        values.update(values.pop("quick", None) or {})
+        presets[name] = preset_into(TaskPreset, values, f"configs/presets/benchmark/{name}.yaml (quick)")
+    return presets
 
 
 def _coerce(value: str, current: Any, name: str) -> Any:
@@ -317,37 +244,21 @@ if __name__ == "__main__":
         os.environ[_var] = str(_ARGS.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# scripts/ leaves sys.path (its evaluate.py would shadow the `evaluate` library); the package is used from the checkout
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(REPO))
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import Trainer, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from benchmark_report import finish_report  # noqa: E402
+from compressssm_app import DataArguments, ModelArguments, TaskData, build_datasets, build_model, hf_datasets, sources  # noqa: E402  # noqa: E402
+from compressssm_app.evaluation import evaluate_quality  # noqa: E402
+from compressssm_app.experiment import peak_rss_mb, train_and_measure, training_arguments  # noqa: E402
+from compressssm_app.harness import ResultsMismatchError, ResultsStore, fingerprint, git_state, in_child  # noqa: E402
 from hf_compressssm.compression.arguments import CompressionArguments  # noqa: E402
 from hf_compressssm.compression.callback import CompreSSMCallback  # noqa: E402
 from hf_compressssm.compression.decay_sum import decay_deficit_sum  # noqa: E402
 from hf_compressssm.compression.hnn import HNNTrainer  # noqa: E402
 from hf_compressssm.compression.reduction import compress_model  # noqa: E402
-from hf_compressssm.tasks import DataArguments, ModelArguments, TaskData, build_datasets, build_model  # noqa: E402
-from hf_compressssm.tasks import data as data_lib  # noqa: E402
-from hf_compressssm.tasks.evaluation import evaluate_quality  # noqa: E402
-from hf_compressssm.tasks.experiment import (  # noqa: E402
-    ResultsMismatchError,
-    ResultsStore,
-    fingerprint,
-    git_state,
-    in_child,
-    load_script,
-    peak_rss_mb,
-    train_and_measure,
-    training_arguments,
-)
-
-
-finish_report = load_script(Path(__file__).resolve().parent / "benchmark_report.py").finish_report
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,9 +266,9 @@ finish_report = load_script(Path(__file__).resolve().parent / "benchmark_report.
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _pooled_pixels(name: str, split: str, pool: int, num_bins: int, limit: int | None) -> data_lib.PixelSequenceDataset:
+def _pooled_pixels(name: str, split: str, pool: int, num_bins: int, limit: int | None) -> sources.PixelSequences:
     """The pixel dataset with k x k mean pooling (k = ``pool``) before flattening; ``pool=1`` is the original."""
-    full = data_lib.load_pixel_classification(name, split, 256, limit)
+    full = sources.load_pixel_classification(name, split, 256, limit)
     side = int(round(math.sqrt(full.seq_len)))
     pixels = full.tokens.numpy().astype(np.float64).reshape(len(full), side, side)
     if pool > 1:
@@ -365,13 +276,11 @@ def _pooled_pixels(name: str, split: str, pool: int, num_bins: int, limit: int |
             raise SystemExit(f"benchmark.py: pool={pool} does not divide the image side {side}")
         pixels = pixels.reshape(len(full), side // pool, pool, side // pool, pool).mean(axis=(2, 4))
     pixels = np.rint(pixels).clip(0, 255).astype(np.int64).reshape(len(full), -1)
-    return data_lib.PixelSequenceDataset(
-        pixels, full.labels.numpy(), num_bins, full.class_names, name=name, split=split
-    )
+    return sources.PixelSequences(pixels, full.labels.numpy(), num_bins, full.class_names, name=name, split=split)
 
 
 def build_task_data(p: TaskPreset) -> TaskData:
-    """Train/eval datasets of a preset (the LM data through `tasks.build_datasets`)."""
+    """Train/eval datasets of a preset (the LM data through `compressssm_app.build_datasets`)."""
     if p.task == "causal_lm":
         data_args = DataArguments(
             task="causal_lm",
@@ -385,8 +294,8 @@ def build_task_data(p: TaskPreset) -> TaskData:
     side = int(round(math.sqrt(train.seq_len)))
     return TaskData(
         task="pixel_classification",
-        train_dataset=train,
-        eval_dataset=test,
+        train_dataset=hf_datasets.pixel_dataset(train),
+        eval_dataset=hf_datasets.pixel_dataset(test),
         vocab_size=p.num_bins,
         metric="accuracy",
         dataset_description=f"{p.dataset} ({len(train)} training images), {side}x{side} "
@@ -397,42 +306,27 @@ def build_task_data(p: TaskPreset) -> TaskData:
     )
 
 
-def _mamba_model(task_data: TaskData, p: TaskPreset):
-    model_args = ModelArguments(
+def model_arguments(p: TaskPreset) -> ModelArguments:
+    """The `ModelArguments` of a preset's model at N0 (its family: ``mamba`` or ``mamba2``)."""
+    values: dict[str, Any] = dict(
         hidden_size=p.hidden_size, num_hidden_layers=p.num_layers, state_size=p.state_size, tokenizer_name=None
     )
-    return build_model(model_args, task_data)
+    if p.family == "mamba2":
+        values.update(
+            model_type="compressssm_mamba2", head_dim=p.head_dim, n_groups=p.n_groups, chunk_size=p.chunk_size
+        )
+    return ModelArguments(**values)
 
 
-def _mamba2_model(task_data: TaskData, p: TaskPreset):
-    model_args = ModelArguments(
-        model_type="compressssm_mamba2",
-        hidden_size=p.hidden_size,
-        num_hidden_layers=p.num_layers,
-        state_size=p.state_size,
-        head_dim=p.head_dim,
-        n_groups=p.n_groups,
-        chunk_size=p.chunk_size,
-        tokenizer_name=None,
-    )
-    return build_model(model_args, task_data)
-
-
-MODEL_FAMILIES: dict[str, Callable[[TaskData, TaskPreset], Any]] = {"mamba": _mamba_model, "mamba2": _mamba2_model}
+MODEL_FAMILIES = ("mamba", "mamba2")
 FAMILY_FIELDS = {"mamba2": ("head_dim", "n_groups", "chunk_size")}
 """Preset fields only one family reads (left out of the other families' fingerprints: their results files stay valid)."""
-"""Preset ``family`` → a function building a fresh model at N0 for the task (a second SSM family adds its entry)."""
 
 
 def new_model(task_data: TaskData, p: TaskPreset, seed: int, state_sizes: list[int] | None = None):
-    """A freshly initialised model (seeded), optionally with per-layer ``state_sizes``."""
+    """A freshly initialised model (seeded), optionally with per-layer ``state_sizes`` (`build_model`)."""
     set_seed(seed)
-    model = MODEL_FAMILIES[p.family](task_data, p)
-    if state_sizes is not None:
-        config = model.config.with_state_sizes(state_sizes)
-        set_seed(seed)
-        model = type(model)(config)
-    return model
+    return build_model(model_arguments(p), task_data, state_sizes=state_sizes)
 
 
 def _warm_up(task_data: TaskData, p: TaskPreset) -> None:

@@ -263,9 +263,8 @@ def main(argv=None):
     import torch
     import transformers
 
-    sys.path.insert(0, ROOT)
+    from compressssm_app.harness import git_state
     from hf_compressssm.compression.history import write_json_atomic
-    from hf_compressssm.tasks.experiment import git_state
 
     sizes = dict(QUICK if args.quick else FULL)
     if args.states:

@@ -62,19 +62,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def launch(argv: list[str]) -> int:
     """Run this script on 2 processes with ``torch.distributed.run`` (one thread each)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
     return subprocess.run([*cmd, "--standalone", __file__, *argv], env=env).returncode
 
 
 def worker(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(REPO))
     import torch
     from transformers.utils import logging as hf_logging
 
+    from compressssm_app.experiment import train_and_measure, training_arguments
+    from compressssm_app.harness import git_state
     from hf_compressssm import CompreSSMCallback, CompreSSMMambaConfig, CompreSSMMambaForCausalLM
     from hf_compressssm.compression.history import write_json_atomic
-    from hf_compressssm.tasks.experiment import git_state, train_and_measure, training_arguments
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(1)

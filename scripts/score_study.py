@@ -38,7 +38,6 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -46,9 +45,6 @@ from pathlib import Path
 from typing import Any
 
 
-# scripts/ leaves sys.path (its evaluate.py would shadow the `evaluate` library); the package is used from the checkout
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The CPU scan's numba thread pool is set before numba is imported. On a small, shared machine one thread per
 # process was far faster (a training step of the default model: ~0.07 s with 1 thread vs ~1-2 s with 2 busy-waiting
 # threads under load); override by exporting NUMBA_NUM_THREADS.
@@ -57,6 +53,11 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from compressssm_app.evaluation import evaluate_quality  # noqa: E402
+from compressssm_app.experiment import train_and_measure, training_arguments  # noqa: E402
+from compressssm_app.hf_datasets import synthetic_dataset  # noqa: E402
+from compressssm_app.presets import load_preset, preset_into, preset_names  # noqa: E402
+from compressssm_app.sources import synthetic_task  # noqa: E402
 from hf_compressssm import CompreSSMCallback, CompreSSMMambaConfig, CompreSSMMambaForCausalLM  # noqa: E402
 from hf_compressssm.compression.arguments import CompressionArguments  # noqa: E402
 from hf_compressssm.compression.calibration import collect_statistics  # noqa: E402
@@ -65,9 +66,6 @@ from hf_compressssm.compression.reduction import compress_model  # noqa: E402
 from hf_compressssm.compression.scan_energy import scan_energy_scores  # noqa: E402
 from hf_compressssm.compression.scores import selective_state_scores  # noqa: E402
 from hf_compressssm.compression.surgery import shrink_mixers  # noqa: E402
-from hf_compressssm.tasks.data import build_task_dataset  # noqa: E402
-from hf_compressssm.tasks.evaluation import evaluate_quality  # noqa: E402
-from hf_compressssm.tasks.experiment import train_and_measure, training_arguments  # noqa: E402
 
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -120,32 +118,10 @@ class Preset:
     threads: int = 1
 
 
+# configs/presets/score_study/<name>.yaml: the fields a preset sets (the others keep the defaults above)
 PRESETS = {
-    "default": Preset(),
-    "quick": Preset(
-        seq_len=12,
-        vocab_size=4,
-        num_items=4,
-        eval_samples=16,
-        hidden_size=8,
-        num_layers=2,
-        full_state_size=8,
-        steps=12,
-        batch_size=4,
-        curve_sizes=[2, 8],
-        curve_seeds=1,
-        cut_bases=1,
-        cut_sizes=[4],
-        random_seeds=2,
-        recovery_steps=2,
-        cut_calibration_batches=1,
-        tau_values=[0.05, 0.3],
-        tau_scores=["h2"],
-        tau_start_sizes=[8],
-        protocol_seeds=1,
-        protocol_target_size=4.0,
-        calibration_batches=1,
-    ),
+    name: preset_into(Preset, load_preset("score_study", name), f"configs/presets/score_study/{name}.yaml")
+    for name in preset_names("score_study")
 }
 
 
@@ -162,15 +138,15 @@ def task_kwargs(p: Preset) -> dict[str, Any]:
 
 
 def train_set(p: Preset, seed: int, steps: int):
-    return build_task_dataset(p.task, "train", seed=seed, num_samples=max(1, steps) * p.batch_size, **task_kwargs(p))
+    return synthetic_dataset(p.task, "train", seed=seed, num_samples=max(1, steps) * p.batch_size, **task_kwargs(p))
 
 
 def eval_set(p: Preset):
-    return build_task_dataset(p.task, "validation", seed=0, num_samples=p.eval_samples, **task_kwargs(p))
+    return synthetic_dataset(p.task, "validation", seed=0, num_samples=p.eval_samples, **task_kwargs(p))
 
 
 def model_vocab_size(p: Preset) -> int:
-    return eval_set(replace(p, eval_samples=1)).model_vocab_size
+    return synthetic_task(p.task, "validation", num_samples=1, **task_kwargs(p)).model_vocab_size
 
 
 def new_model(p: Preset, seed: int, state_sizes: list[int] | None = None) -> CompreSSMMambaForCausalLM:
@@ -228,7 +204,7 @@ def train(
 
 
 def calibration_batches(p: Preset, count: int, seed: int = 12345) -> list[dict[str, torch.Tensor]]:
-    ds = build_task_dataset(p.task, "test", seed=seed, num_samples=count * p.batch_size, **task_kwargs(p))
+    ds = synthetic_dataset(p.task, "test", seed=seed, num_samples=count * p.batch_size, **task_kwargs(p))
     return [
         {"input_ids": torch.stack([ds[i]["input_ids"] for i in range(b * p.batch_size, (b + 1) * p.batch_size)])}
         for b in range(count)

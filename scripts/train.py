@@ -10,7 +10,7 @@
     torchrun --nproc_per_node 2 scripts/train.py ...       # 2 processes (DDP; gloo on CPU)
     accelerate launch --config_file configs/accelerate_cpu_2proc.yaml scripts/train.py ...   # the same with accelerate
 
-Arguments: ModelArguments and DataArguments (hf_compressssm.tasks), transformers' TrainingArguments and
+Arguments: ModelArguments and DataArguments (scripts/compressssm_app), transformers' TrainingArguments and
 CompressionArguments; see --help. Bad input prints one error line and exits with status 2, writing nothing.
 
 Resume (like the transformers examples): with --save_strategy steps, rerunning the same command continues from the
@@ -33,17 +33,10 @@ import sys
 # Idle OpenMP threads that spin (the default) slow every step several-fold on a shared or busy CPU; torch reads this
 # once, at import, so it is set before the package (and torch) is imported. An explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# Run from a source checkout; and scripts/ itself off the path, or this folder's evaluate.py would shadow the library.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_compressssm.tasks import UsageError, parse_arguments, run_training  # noqa: E402
-from hf_compressssm.tasks.launcher import launcher_mismatch  # noqa: E402
-from hf_compressssm.tasks.run import (  # noqa: E402
-    EXIT_INTERRUPTED,
-    TrainingInterrupted,
-    UploadError,  # noqa: E402
-)
+from compressssm_app import UsageError, parse_arguments, run_training  # noqa: E402
+from compressssm_app.launcher import launcher_mismatch  # noqa: E402
+from compressssm_app.run import EXIT_INTERRUPTED, TrainingInterrupted, UploadError  # noqa: E402
 
 
 def _print_summary(results: dict) -> None:

@@ -1,11 +1,8 @@
 import os
-import sys
 
 import torch
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
+# The checkout and scripts/ (compressssm_app, the scripts as modules) are on sys.path: pyproject.toml's pytest
+# `pythonpath`.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

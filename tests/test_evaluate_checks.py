@@ -1,4 +1,4 @@
-"""Issue 21 items 7 and 10: scripts/evaluate.py.
+"""Issue 21 items 7 and 10: scripts/evaluate_model.py.
 
 7. A checkpoint of a run on the user's own data is evaluated on that data (each checkpoint carries the run record;
    one without it uses its run folder's), and a checkpoint with no record anywhere is refused instead of evaluated
@@ -7,6 +7,7 @@
    vocabulary: one error line, exit 2, found before any evaluation (nothing measured, no report written).
 """
 
+import importlib
 import json
 import os
 import shutil
@@ -14,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from hf_compressssm.tasks import parse_arguments, run_training
-from hf_compressssm.tasks.experiment import load_script
-from hf_compressssm.tasks.output_dir import RUN_FILE
+from compressssm_app import parse_arguments, run_training
+from compressssm_app.output_dir import RUN_FILE
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def evaluate_script():
-    return load_script(REPO / "scripts" / "evaluate.py", "evaluate_script_checks")
+    return importlib.import_module("evaluate_model")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def _broken(kind: str, src: Path, root: Path) -> tuple[list[str], str]:
 
 @pytest.mark.parametrize("kind", ["truncated", "edited_config", "small_vocab_compare"])
 def test_broken_models_fail_before_any_evaluation(own_data_run, evaluate_script, tmp_path, capsys, monkeypatch, kind):
-    from hf_compressssm.tasks import evaluation
+    from compressssm_app import evaluation
 
     def never(*args, **kwargs):
         raise AssertionError("evaluated before the inputs were checked")

@@ -1,4 +1,4 @@
-"""hf_compressssm.tasks.experiment: the resumable results store, and training/measurement as the scripts use it."""
+"""compressssm_app.experiment and .harness: the resumable results store, and training/measurement as the scripts use it."""
 
 import json
 
@@ -6,17 +6,14 @@ import pytest
 import torch
 from helpers import random_ids, tiny_lm
 
-from hf_compressssm import CompressionArguments, CompreSSMCallback
-from hf_compressssm.tasks.evaluation import evaluate_quality
-from hf_compressssm.tasks.experiment import (
-    ResultsMismatchError,
-    ResultsStore,
-    fingerprint,
-    in_child,
+from compressssm_app.evaluation import evaluate_quality
+from compressssm_app.experiment import (
     step_summary,
     train_and_measure,
     training_arguments,
 )
+from compressssm_app.harness import ResultsMismatchError, ResultsStore, fingerprint, in_child
+from hf_compressssm import CompressionArguments, CompreSSMCallback
 
 
 # ------------------------------------------------------------------------------------------------ results store

@@ -1,6 +1,7 @@
 """Hub publishing, offline: the upload folder is complete, and a model laid out in an HF cache loads by repo id with
 ``HF_HUB_OFFLINE=1`` and ``trust_remote_code=True`` in a process that cannot import ``hf_compressssm``."""
 
+import importlib
 import json
 import os
 import re
@@ -15,8 +16,8 @@ from helpers import random_ids, tiny_lm
 from huggingface_hub import ModelCard
 
 import hf_compressssm.hub as hub
+from compressssm_app.sources import build_byte_tokenizer
 from hf_compressssm import compress_model
-from hf_compressssm.tasks.data import build_byte_tokenizer
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,7 +163,7 @@ UNREACHABLE = "http://127.0.0.1:9"  # loopback, nothing listens: the connection 
 
 
 def _push_args(out, *extra):
-    from hf_compressssm.tasks import parse_arguments
+    from compressssm_app import parse_arguments
 
     return parse_arguments(
         ["--preset", "tiny", "--max_eval_samples", "2", "--disable_tqdm", "true", "--output_dir", str(out)]
@@ -183,8 +184,8 @@ def test_push_to_hub_checks_the_hub_before_training(tmp_path, monkeypatch, extra
     import huggingface_hub
     from huggingface_hub import constants
 
-    from hf_compressssm.tasks import UsageError, run_training
-    from hf_compressssm.tasks import run as run_module
+    from compressssm_app import UsageError, run_training
+    from compressssm_app import run as run_module
 
     monkeypatch.setattr(constants, "ENDPOINT", UNREACHABLE)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)  # no login on this machine
@@ -203,12 +204,11 @@ def test_failed_upload_after_training_says_how_to_retry(tmp_path, monkeypatch, c
 
     import hf_compressssm.__main__ as cli
     import hf_compressssm.hub.publish as publish
-    from hf_compressssm.tasks.experiment import load_script
-    from hf_compressssm.tasks.output_dir import LOCK_FILE
+    from compressssm_app.output_dir import LOCK_FILE
 
     monkeypatch.setattr(constants, "ENDPOINT", UNREACHABLE)
     monkeypatch.setattr(publish, "check_hub_access", lambda repo_id, **kwargs: repo_id)  # it answered then
-    script = load_script(REPO / "scripts" / "train.py", "train_script_hub")
+    script = importlib.import_module("train")
     out = tmp_path / "out"
     argv = ["--preset", "tiny", "--max_eval_samples", "2", "--disable_tqdm", "true", "--output_dir", str(out)]
     assert script.main([*argv, "--push_to_hub", "--hub_model_id", "me/tiny", "--hub_token", "hf_fake"]) == 1

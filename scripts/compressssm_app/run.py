@@ -16,11 +16,12 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
-from ..compression.arguments import CompressionArguments, check_min_state_size, check_training_setup
-from ..compression.callback import CompreSSMCallback
-from ..compression.checkpoint import checkpoint_folders, checkpoint_problem, last_complete_checkpoint
-from ..compression.history import write_json_atomic
-from ..hub.model_card import find_template, save_model_card
+from hf_compressssm.compression.arguments import CompressionArguments, check_min_state_size, check_training_setup
+from hf_compressssm.compression.callback import CompreSSMCallback
+from hf_compressssm.compression.checkpoint import checkpoint_folders, checkpoint_problem, last_complete_checkpoint
+from hf_compressssm.compression.history import write_json_atomic
+from hf_compressssm.hub.model_card import find_template, save_model_card
+
 from .arguments import DataArguments, ModelArguments, UsageError
 from .model_builder import build_model
 from .output_dir import RUN_FILE, claim_output_dir, run_settings
@@ -224,7 +225,7 @@ def run_training(
         training_args.push_to_hub = False  # the Trainer would overwrite our card; we upload the folder ourselves
         results = _train(model_args, data_args, training_args, comp_args, callbacks=[*callbacks, claim.callback])
         if push and claim.main:
-            from ..hub.publish import HubUploadError, upload_folder
+            from hf_compressssm.hub.publish import HubUploadError, upload_folder
 
             out = training_args.output_dir
             try:
@@ -238,7 +239,7 @@ def run_training(
 
 def _check_hub(training_args: TrainingArguments) -> str:
     """`check_hub_access` for ``--push_to_hub`` (`UsageError` with the fix); the full repo id."""
-    from ..hub.publish import HubAccessError, check_hub_access
+    from hf_compressssm.hub.publish import HubAccessError, check_hub_access
 
     try:
         return check_hub_access(

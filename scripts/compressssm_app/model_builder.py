@@ -3,17 +3,19 @@ fly)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedModel
 
-from ..models import (
+from hf_compressssm.models import (
     CompreSSMMamba2Config,
     CompreSSMMamba2ForCausalLM,
     CompreSSMMambaConfig,
     CompreSSMMambaForCausalLM,
     CompreSSMMambaForSequenceClassification,
 )
+
 from .arguments import MODEL_TYPES, ModelArguments, UsageError
 from .task_data import TaskData
 
@@ -69,21 +71,27 @@ def _new_mamba2_config(model_args: ModelArguments, task_data: TaskData) -> Compr
     return CompreSSMMamba2Config(**values)
 
 
-def build_model(model_args: ModelArguments, task_data: TaskData) -> PreTrainedModel:
-    """A CompreSSM model for the task: new from the architecture arguments, or loaded from ``model_name_or_path``
+def build_model(
+    model_args: ModelArguments, task_data: TaskData, state_sizes: Sequence[int] | None = None
+) -> PreTrainedModel:
+    """A CompreSSM model for the task: new from the architecture arguments (with per-layer ``state_sizes`` when
+    given, e.g. a model trained from scratch at a compressed model's sizes), or loaded from ``model_name_or_path``
     (a stock ``mamba`` checkpoint is converted with ``from_mamba``; ``base_model`` is recorded in the config)."""
     classify = task_data.task == "pixel_classification"
     source = model_args.model_name_or_path
     if model_args.model_type not in MODEL_TYPES:
         raise UsageError(f"unknown --model_type {model_args.model_type!r}; choose one of {', '.join(MODEL_TYPES)}.")
+    if source is not None and state_sizes is not None:
+        raise UsageError("state_sizes are for a new model; a loaded model has its own.")
     if source is None and model_args.model_type == CompreSSMMamba2Config.model_type:
         if classify:
             raise UsageError("pixel_classification needs a Mamba-1 model: use --model_type compressssm_mamba.")
-        return CompreSSMMamba2ForCausalLM(_new_mamba2_config(model_args, task_data))
+        config = _new_mamba2_config(model_args, task_data)
+        return CompreSSMMamba2ForCausalLM(config if state_sizes is None else config.with_state_sizes(state_sizes))
     if source is None:
         config = _new_config(model_args, task_data)
         cls = CompreSSMMambaForSequenceClassification if classify else CompreSSMMambaForCausalLM
-        return cls(config)
+        return cls(config if state_sizes is None else config.with_state_sizes(state_sizes))
     kwargs = dict(trust_remote_code=model_args.trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Evaluate a CompreSSM (or stock) Mamba model: quality on the matching split, size, state sizes, throughput.
 
-    python scripts/evaluate.py outputs/compressssm-kjv            # folder written by scripts/train.py
-    python scripts/evaluate.py owner/name                          # Hub id (or HF cache with HF_HUB_OFFLINE=1)
-    python scripts/evaluate.py MODEL --task causal_lm --validation_file held_out.txt --output report.json
-    python scripts/evaluate.py MODEL --update_card                 # also put the measurements in MODEL/README.md
-    python scripts/evaluate.py MODEL --compare_to FULL_MODEL --update_card   # + a full-vs-compressed table
+    python scripts/evaluate_model.py outputs/compressssm-kjv            # folder written by scripts/train.py
+    python scripts/evaluate_model.py owner/name                          # Hub id (or HF cache with HF_HUB_OFFLINE=1)
+    python scripts/evaluate_model.py MODEL --task causal_lm --validation_file held_out.txt --output report.json
+    python scripts/evaluate_model.py MODEL --update_card                 # also put the measurements in MODEL/README.md
+    python scripts/evaluate_model.py MODEL --compare_to FULL_MODEL --update_card   # + a full-vs-compressed table
 
 The task and data come from the model's ``compressssm_run.json`` (written by the train script into the final folder
 and into each checkpoint-N; for a checkpoint without one, its run folder's) unless given; a Trainer checkpoint
@@ -23,11 +23,7 @@ import sys
 from dataclasses import fields
 
 
-# Run from a source checkout; and scripts/ itself off the path, or this file would shadow the `evaluate` library.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# Copies of hf_compressssm.tasks.TASKS / RUN_FILE (checked once the package is imported): the argument checks run
+# Copies of compressssm_app.TASKS / RUN_FILE (checked once the package is imported): the argument checks run
 # before torch and transformers are imported, so that a wrong path fails at once.
 TASKS = ("causal_lm", "pixel_classification", "mqar", "selective_copying")
 RUN_FILE = "compressssm_run.json"
@@ -104,7 +100,7 @@ def _reachable(endpoint: str, timeout: float = 2.0) -> bool:
 
 
 def _read_record(path: str) -> dict:
-    from hf_compressssm.tasks import UsageError
+    from compressssm_app import UsageError
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -134,7 +130,10 @@ def _run_file(model: str) -> dict:
             path = os.path.join(folder, RUN_FILE)
             if os.path.isfile(path):
                 if folder != model:
-                    print(f"evaluate.py: using the run record {path} of the checkpoint's run folder", file=sys.stderr)
+                    print(
+                        f"evaluate_model.py: using the run record {path} of the checkpoint's run folder",
+                        file=sys.stderr,
+                    )
                 return _read_record(path)
         return {}
     try:
@@ -149,11 +148,11 @@ def _prepare(args):
     """Everything that can fail because of the input, before anything is measured or written."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from hf_compressssm import tasks
-    from hf_compressssm.tasks import DataArguments, ModelArguments, UsageError, build_datasets, resolve_tokenizer
-    from hf_compressssm.tasks.evaluation import load_model
+    import compressssm_app as app
+    from compressssm_app import DataArguments, ModelArguments, UsageError, build_datasets, resolve_tokenizer
+    from compressssm_app.evaluation import load_model
 
-    assert (tuple(tasks.TASKS), tasks.RUN_FILE) == (TASKS, RUN_FILE), "scripts/evaluate.py: copies out of date"
+    assert (tuple(app.TASKS), app.RUN_FILE) == (TASKS, RUN_FILE), "scripts/evaluate_model.py: copies out of date"
 
     try:
         config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
@@ -236,21 +235,21 @@ def main(argv=None) -> int:
     args = _arguments(argv)
     problem = _missing_folder(args.model) or (_missing_folder(args.compare_to) if args.compare_to else None)
     if problem:  # at once: before torch/transformers are imported and before any Hub lookup
-        print(f"evaluate.py: error: {problem}", file=sys.stderr)
+        print(f"evaluate_model.py: error: {problem}", file=sys.stderr)
         return 2
 
     import hf_compressssm  # noqa: F401  (registers the Auto classes)
-    from hf_compressssm.tasks import UsageError
+    from compressssm_app import UsageError
 
     try:
         config, task, task_data, run, output, model, full = _prepare(args)
     except UsageError as err:
-        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        print(f"evaluate_model.py: error: {err}", file=sys.stderr)
         return 2
 
     import torch
 
-    from hf_compressssm.tasks.evaluation import (
+    from compressssm_app.evaluation import (
         count_parameters,
         evaluate_quality,
         format_table,

@@ -39,8 +39,9 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
-from ..compression.checkpoint import checkpoint_folders, save_in_progress
-from ..compression.history import write_json_atomic
+from hf_compressssm.compression.checkpoint import checkpoint_folders, save_in_progress
+from hf_compressssm.compression.history import write_json_atomic
+
 from .arguments import UsageError
 
 
