@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
-from ..families import check_per_layer_model, family_of, find_mixers
+from ..families import check_per_layer_model, find_mixers, ssm_layers
 from .arguments import CompressionArguments, check_min_state_size, check_training_setup
 from .calibration import TrainingStatisticsRecorder
 from .checkpoint import (
@@ -41,6 +41,7 @@ from .distributed import (
 )
 from .history import record_report, set_history, update_compression_record, write_history
 from .reduction import ReductionReport, reduce_once
+from .scoring import scoring_for
 from .surgery import SurgeryError, check_cut_supported, restore_parameters, unwrap_optimizer
 
 
@@ -362,7 +363,8 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         if self._pending_check is not None:
             return  # pragmatic: wait for the comparison of the previous cut
         self._done_steps.add(step)
-        statistics = self._statistics.statistics(family_of(model))
+        layers = ssm_layers(model)
+        statistics = self._statistics.statistics(scoring_for(layers.family))
         calibration_seconds = self._statistics.seconds
         self._statistics.clear()
         self._statistics.active = False
@@ -381,12 +383,13 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 on_commit=lambda r: record_report(model, r, self.args),
                 statistics=statistics,
                 calibration_seconds=calibration_seconds,
+                layers=layers,
             )
         except SurgeryError as err:  # undone: the model, optimizer, config and history are as before the attempt
             logger.warning(f"CompreSSM: the cut at step {step} failed and was undone; training goes on. {err}")
             return
         finally:
-            self._reducer.attach(model)  # new parameters need their gradient hooks
+            self._reducer.attach(model, layers)  # new parameters need their gradient hooks
         self._log_report(model, args, state, report)
         if report.sizes_after != report.sizes_before:
             self._forget_best_checkpoint(args, state, f"the cut at step {step}")

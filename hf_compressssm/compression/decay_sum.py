@@ -1,6 +1,6 @@
 """``Σ_t expm1(Δ_td · A_dn)``: the one calibration term that needs ``tokens × D × N`` work, as one fused CPU kernel.
 
-The decay statistic of a Mamba-1 layer (``decay_sum = count + deficit``, see :mod:`.scores`) evaluates
+The decay statistic of a Mamba-1 layer (``decay_sum = count + deficit``, see :mod:`.mamba_scores`) evaluates
 ``expm1(Δ A)`` for every token, channel and state. Written with torch ops it allocates, writes and reads a
 ``(chunk, D, N)`` intermediate three times (multiply, ``expm1``, sum), so its cost is memory traffic: on the
 benchmark's LM (D = 128, N = 128, 2048 tokens per batch) one layer's term took about as long as two thirds of a
