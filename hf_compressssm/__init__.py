@@ -1,8 +1,9 @@
 """hf_compressssm: CompreSSM in-training compression of state-space models for Hugging Face transformers.
 
-Layout: ``models/`` (one Hugging Face unit per SSM family), ``families/`` (what the pipeline needs to know about
-each family), ``compression/`` (the pipeline, one module per stage, and the `Trainer` callback), ``tasks/`` (data,
-synthetic tasks and training helpers the scripts use), ``hub/`` (cards, upload) and ``peft_utils``.
+Layout, bottom to top (docs/design.md): ``models/`` (one Hugging Face unit per SSM family) ← ``families/`` (a thin
+adapter: find a family's mixers, compute their projections, name the axes a cut shrinks) ← ``compression/`` (the
+pipeline, one module per stage, and `Compressor` for any training loop) ← ``trainer/`` (`CompreSSMCallback`),
+``hub/`` (cards, upload) and ``peft_utils``.
 
 Importing the package registers the model families (Mamba-1, Mamba-2) with the Auto classes (``AutoConfig``,
 ``AutoModel``, ``AutoModelForCausalLM``, ``AutoModelForSequenceClassification`` for Mamba-1) and the hybrid hosts
@@ -19,7 +20,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .compression import CompressionArguments, CompreSSMCallback, ReductionReport, compress_model
+from .compression import CompressionArguments, CompressionRecord, Compressor, ReductionReport, compress_model
 from .models import (
     CompreSSMBambaConfig,
     CompreSSMBambaForCausalLM,
@@ -39,6 +40,7 @@ from .models import (
     CompreSSMZamba2Config,
     CompreSSMZamba2ForCausalLM,
 )
+from .trainer import CompreSSMCallback
 
 
 def _register() -> None:
@@ -76,6 +78,8 @@ _register()
 __all__ = [
     "CompreSSMCallback",
     "CompressionArguments",
+    "CompressionRecord",
+    "Compressor",
     "ReductionReport",
     "compress_model",
     "CompreSSMMambaConfig",

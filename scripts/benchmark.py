@@ -327,7 +327,6 @@ from transformers import Trainer, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from hf_compressssm.compression.arguments import CompressionArguments  # noqa: E402
-from hf_compressssm.compression.callback import CompreSSMCallback  # noqa: E402
 from hf_compressssm.compression.decay_sum import decay_deficit_sum  # noqa: E402
 from hf_compressssm.compression.hnn import HNNTrainer  # noqa: E402
 from hf_compressssm.compression.reduction import compress_model  # noqa: E402
@@ -345,6 +344,7 @@ from hf_compressssm.tasks.experiment import (  # noqa: E402
     train_and_measure,
     training_arguments,
 )
+from hf_compressssm.trainer.callback import CompreSSMCallback  # noqa: E402
 
 
 finish_report = load_script(Path(__file__).resolve().parent / "benchmark_report.py").finish_report

@@ -264,7 +264,7 @@ def main(argv=None):
     import transformers
 
     sys.path.insert(0, ROOT)
-    from hf_compressssm.compression.history import write_json_atomic
+    from hf_compressssm.compression.atomic_io import write_json_atomic
     from hf_compressssm.tasks.experiment import git_state
 
     sizes = dict(QUICK if args.quick else FULL)

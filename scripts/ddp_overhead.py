@@ -73,7 +73,7 @@ def worker(args: argparse.Namespace) -> None:
     from transformers.utils import logging as hf_logging
 
     from hf_compressssm import CompreSSMCallback, CompreSSMMambaConfig, CompreSSMMambaForCausalLM
-    from hf_compressssm.compression.history import write_json_atomic
+    from hf_compressssm.compression.atomic_io import write_json_atomic
     from hf_compressssm.tasks.experiment import git_state, train_and_measure, training_arguments
 
     hf_logging.set_verbosity_error()

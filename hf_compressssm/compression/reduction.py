@@ -16,8 +16,8 @@ from .arguments import CompressionArguments
 from .calibration import all_reduce_statistics, collect_statistics
 from .checks import all_finite
 from .distributed import broadcast_object
-from .history import history_owner, record_report, set_history, update_compression_record
 from .ranks import layer_rank, select_group_indices, select_indices
+from .record import history_owner, record_report, set_history, update_compression_record
 from .scoring import LayerStatistics, scoring_for
 from .surgery import shrink_mixers
 

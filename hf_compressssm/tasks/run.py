@@ -17,10 +17,10 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
 from ..compression.arguments import CompressionArguments, check_min_state_size, check_training_setup
-from ..compression.callback import CompreSSMCallback
-from ..compression.checkpoint import checkpoint_folders, checkpoint_problem, last_complete_checkpoint
-from ..compression.history import write_json_atomic
+from ..compression.atomic_io import write_json_atomic
 from ..hub.model_card import find_template, save_model_card
+from ..trainer.callback import CompreSSMCallback
+from ..trainer.checkpoint import checkpoint_folders, checkpoint_problem, last_complete_checkpoint
 from .arguments import DataArguments, ModelArguments, UsageError
 from .model_builder import build_model
 from .output_dir import RUN_FILE, claim_output_dir, run_settings
