@@ -19,7 +19,7 @@ from transformers.utils import logging
 from ..compression.arguments import CompressionArguments, check_min_state_size, check_training_setup
 from ..compression.atomic_io import write_json_atomic
 from ..hub.model_card import find_template, save_model_card
-from ..trainer.callback import CompreSSMCallback
+from ..trainer.callback import CompreSSMCallback, report_cuts_to_integrations
 from ..trainer.checkpoint import checkpoint_folders, checkpoint_problem, last_complete_checkpoint
 from .arguments import DataArguments, ModelArguments, UsageError
 from .model_builder import build_model
@@ -281,6 +281,7 @@ def _train(
         preprocess_logits_for_metrics=task_data.preprocess_logits_for_metrics,
         callbacks=[CompreSSMCallback(comp_args), *callbacks],
     )
+    report_cuts_to_integrations(trainer)  # report_to receives the cut scalars
     main = trainer.is_world_process_zero()
     if main:
         logger.warning(

@@ -5,7 +5,8 @@
 The callback maps the Trainer's events onto its `Compressor` (``on_step_begin`` → `Compressor.prepare`,
 ``on_step_end`` → `Compressor.step`, ``on_evaluate`` → `Compressor.evaluated`), saves the compressor's
 `state_dict` with every checkpoint (`hf_compressssm.trainer.checkpoint`) and reports each cut through the Trainer's
-log (``state.log_history`` and the callbacks that ``on_log`` reaches after this one).
+log (``state.log_history`` and the callbacks that ``on_log`` reaches after this one: `report_cuts_to_integrations`
+moves the ``report_to`` integrations there).
 """
 
 import os
@@ -205,3 +206,18 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             )
             return
         self.compressor.load_state_dict({**saved, **load_saved_tensors(args, state, saved)})
+
+
+def report_cuts_to_integrations(trainer) -> None:
+    """Move the Trainer's reporting integrations (``report_to``: TensorBoard, W&B, MLflow, ...) after its
+    `CompreSSMCallback`, so that they receive the cut scalars the callback adds to the log.
+
+    The Trainer lists the integrations before the user's callbacks, and a callback's ``on_log`` can only add values
+    for the callbacks after it. Call this after building the Trainer, before ``train()``."""
+    callbacks = list(trainer.callback_handler.callbacks)
+    ours = [i for i, cb in enumerate(callbacks) if isinstance(cb, CompreSSMCallback)]
+    if not ours:
+        return
+    for callback in callbacks[: ours[0]]:
+        if type(callback).__module__.startswith("transformers.integrations"):
+            trainer.add_callback(trainer.pop_callback(callback))
