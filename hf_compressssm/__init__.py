@@ -1,8 +1,10 @@
 """hf_compressssm: CompreSSM in-training compression of state-space models for Hugging Face transformers.
 
-Layout: ``models/`` (one Hugging Face unit per SSM family), ``families/`` (what the pipeline needs to know about
-each family), ``compression/`` (the pipeline, one module per stage, and the `Trainer` callback), ``hub/`` (cards,
-upload), ``metrics/`` and ``peft_utils``. The scripts, their data and presets live in the repository (``scripts/``).
+Layout, bottom to top (docs/design.md): ``models/`` (one Hugging Face unit per SSM family) ← ``families/`` (a thin
+adapter: find a family's mixers, compute their projections, name the axes a cut shrinks) ← ``compression/`` (the
+pipeline, one module per stage, and `Compressor` for any training loop) ← ``trainer/`` (`CompreSSMCallback`),
+``hub/`` (cards, upload) and ``peft_utils``. The scripts, their data and presets live in the repository
+(``scripts/``), outside the package.
 
 Importing the package registers the model families (Mamba-1, Mamba-2) with the Auto classes (``AutoConfig``,
 ``AutoModel``, ``AutoModelForCausalLM``, ``AutoModelForSequenceClassification`` for Mamba-1) and the hybrid hosts
@@ -19,7 +21,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .compression import CompressionArguments, CompreSSMCallback, ReductionReport, compress_model
+from .compression import CompressionArguments, CompressionRecord, Compressor, ReductionReport, compress_model
 from .models import (
     CompreSSMBambaConfig,
     CompreSSMBambaForCausalLM,
@@ -39,6 +41,7 @@ from .models import (
     CompreSSMZamba2Config,
     CompreSSMZamba2ForCausalLM,
 )
+from .trainer import CompreSSMCallback
 
 
 def _register() -> None:
@@ -76,6 +79,8 @@ _register()
 __all__ = [
     "CompreSSMCallback",
     "CompressionArguments",
+    "CompressionRecord",
+    "Compressor",
     "ReductionReport",
     "compress_model",
     "CompreSSMMambaConfig",

@@ -255,10 +255,10 @@ from compressssm_app.evaluation import evaluate_quality  # noqa: E402
 from compressssm_app.experiment import peak_rss_mb, train_and_measure, training_arguments  # noqa: E402
 from compressssm_app.harness import ResultsMismatchError, ResultsStore, fingerprint, git_state, in_child  # noqa: E402
 from hf_compressssm.compression.arguments import CompressionArguments  # noqa: E402
-from hf_compressssm.compression.callback import CompreSSMCallback  # noqa: E402
 from hf_compressssm.compression.decay_sum import decay_deficit_sum  # noqa: E402
 from hf_compressssm.compression.hnn import HNNTrainer  # noqa: E402
 from hf_compressssm.compression.reduction import compress_model  # noqa: E402
+from hf_compressssm.trainer.callback import CompreSSMCallback  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------------

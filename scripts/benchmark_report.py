@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hf_compressssm.compression.history import write_json_atomic
+from hf_compressssm.compression.atomic_io import write_json_atomic
 
 
 VARIANTS = ("full", "compressssm", "scratch", "smallest", "random", "hnn")

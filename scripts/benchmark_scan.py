@@ -264,7 +264,7 @@ def main(argv=None):
     import transformers
 
     from compressssm_app.harness import git_state
-    from hf_compressssm.compression.history import write_json_atomic
+    from hf_compressssm.compression.atomic_io import write_json_atomic
 
     sizes = dict(QUICK if args.quick else FULL)
     if args.states:

@@ -73,7 +73,7 @@ def worker(args: argparse.Namespace) -> None:
     from compressssm_app.experiment import train_and_measure, training_arguments
     from compressssm_app.harness import git_state
     from hf_compressssm import CompreSSMCallback, CompreSSMMambaConfig, CompreSSMMambaForCausalLM
-    from hf_compressssm.compression.history import write_json_atomic
+    from hf_compressssm.compression.atomic_io import write_json_atomic
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(1)

@@ -305,7 +305,7 @@ def main(argv=None) -> int:
         rows += [(f"{name}: {k}", v) for k, v in values.items()]
     rows += [(f"{k} ({device})", v) for k, v in report.get("speed", {}).items()]
     print(format_table(rows, title=f"Evaluation on {task_data.eval_description}"))
-    from hf_compressssm.compression.history import write_json_atomic
+    from hf_compressssm.compression.atomic_io import write_json_atomic
 
     write_json_atomic(output, report)  # never a half-written report
     print(f"Wrote {output}")

@@ -276,7 +276,7 @@ def main(argv=None) -> dict:
     args.steps = args.steps or (1 if args.smoke else 6)
     import torch
 
-    from hf_compressssm.compression.history import write_json_atomic
+    from hf_compressssm.compression.atomic_io import write_json_atomic
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:

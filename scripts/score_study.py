@@ -15,7 +15,7 @@ Parts (accuracy on the scored positions of a fixed validation set):
 
 * ``curve``: models trained from scratch at each state size N (the state-size curve), several seeds.
 * ``cuts``: trained full-size models are cut once to k of N states per layer by each score (``h2``, ``hankel``)
-  with ``largest`` selection, by the measured reference ``scan_energy`` (`hf_compressssm.compression.scan_energy`), and by the
+  with ``largest`` selection, by the measured reference ``scan_energy`` (`hf_compressssm.compression.scan_reference`), and by the
   ablations ``smallest`` and ``random`` (several seeds); accuracy right after the cut and after a fixed short
   recovery (fresh AdamW, constant learning rate).
 * ``tau``: the final state sizes that each τ gives in training (only the first 10 % of a run is trained: it holds
@@ -61,10 +61,10 @@ from compressssm_app.sources import synthetic_task  # noqa: E402
 from hf_compressssm import CompreSSMCallback, CompreSSMMambaConfig, CompreSSMMambaForCausalLM  # noqa: E402
 from hf_compressssm.compression.arguments import CompressionArguments  # noqa: E402
 from hf_compressssm.compression.calibration import collect_statistics  # noqa: E402
+from hf_compressssm.compression.mamba_scores import selective_state_scores  # noqa: E402
 from hf_compressssm.compression.ranks import select_indices  # noqa: E402
 from hf_compressssm.compression.reduction import compress_model  # noqa: E402
-from hf_compressssm.compression.scan_energy import scan_energy_scores  # noqa: E402
-from hf_compressssm.compression.scores import selective_state_scores  # noqa: E402
+from hf_compressssm.compression.scan_reference import scan_energy_scores  # noqa: E402
 from hf_compressssm.compression.surgery import shrink_mixers  # noqa: E402
 
 
@@ -554,7 +554,7 @@ def markdown(results: dict) -> str:
             f"(fresh AdamW, constant lr {p['recovery_learning_rate']}); cells: {names}. random: mean ± std over "
             f"{p['random_seeds']} seeds per base. smallest(x): keep the lowest-scoring states of score x. "
             "scan_energy: per-state output energy measured from the real scan (a slow reference, "
-            f"`hf_compressssm.compression.scan_energy`). Spearman rank correlation of the closed-form scores with scan_energy "
+            f"`hf_compressssm.compression.scan_reference`). Spearman rank correlation of the closed-form scores with scan_energy "
             f"(layer 0/layer 1): {agree}.",
             "",
             "| k | method | after cut % | after recovery % |",

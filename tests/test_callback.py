@@ -100,16 +100,16 @@ def test_gradient_accumulation(tmp_path):
 
 def _spy_statistics(monkeypatch) -> list:
     """Capture the (per-process) statistics each in-training cut is decided from."""
-    import hf_compressssm.compression.callback as callback_module
+    import hf_compressssm.compression.compressor as compressor_module
 
     seen = []
-    original = callback_module.reduce_once
+    original = compressor_module.reduce_once
 
     def spy(*args, **kwargs):
         seen.append([{k: v.clone() for k, v in layer.items()} for layer in kwargs["statistics"]])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(callback_module, "reduce_once", spy)
+    monkeypatch.setattr(compressor_module, "reduce_once", spy)
     return seen
 
 
@@ -437,7 +437,7 @@ def test_ddp_two_processes_stay_bit_identical_after_cuts(tmp_path):
 def test_ddp_checkpoints_hold_every_rank_state_before_trainer_state(tmp_path):
     """Issue 21.1 under DDP: each rank's callback state is in the checkpoint before the Trainer's trainer_state.json
     (after which save_total_limit deletes the older checkpoint), so the newest checkpoint is always complete."""
-    from hf_compressssm.compression.checkpoint import checkpoint_problem, state_file_name
+    from hf_compressssm.trainer.checkpoint import checkpoint_problem, state_file_name
 
     rank0, rank1 = _torchrun(tmp_path / "ddp", accumulation=1, save_steps=2)
     assert rank0["checksums"] == rank1["checksums"]

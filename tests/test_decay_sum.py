@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from hf_compressssm.compression.decay_sum import decay_deficit_sum
+from hf_compressssm.compression.mamba_scores import selective_state_scores, selective_statistics
 from hf_compressssm.compression.ranks import select_rank
-from hf_compressssm.compression.scores import selective_state_scores, selective_statistics
 
 
 pytest.importorskip("numba")
@@ -74,7 +74,7 @@ def test_auto_backend_uses_torch_for_float64_and_numba_refuses_it():
 
 def test_statistics_scores_and_ranks_equal_on_both_backends(monkeypatch):
     """selective_statistics with the kernel and with the torch path: the same scores (1e-6) and the same ranks."""
-    import hf_compressssm.compression.scores as scores_module
+    import hf_compressssm.compression.mamba_scores as scores_module
 
     g = torch.Generator().manual_seed(3)
     u = torch.randn(4, 64, 48, generator=g)

@@ -10,15 +10,15 @@ from scipy.stats import spearmanr
 
 from hf_compressssm import compress_model
 from hf_compressssm.compression.calibration import collect_statistics
-from hf_compressssm.compression.scan_energy import scan_energy_scores
-from hf_compressssm.compression.scores import SCORES
-from hf_compressssm.compression.scores_mamba2 import (
+from hf_compressssm.compression.mamba2_scores import (
     merge_ssd_statistics,
     ssd_energy_scores,
     ssd_state_output_energy,
     ssd_state_scores,
     ssd_statistics,
 )
+from hf_compressssm.compression.mamba_scores import SCORES
+from hf_compressssm.compression.scan_reference import scan_energy_scores
 from hf_compressssm.families import Mamba2Family, family_of, find_mixers
 
 

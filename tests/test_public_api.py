@@ -96,9 +96,9 @@ def test_optional_kernels_are_imported_by_name_only():
 
 
 def test_every_shipped_file_is_in_a_family_unit():
-    from hf_compressssm.families import FAMILIES
+    from hf_compressssm.hub.publish import REMOTE_CODE_FILES_BY_MODEL_TYPE
 
-    shipped = {name for family in FAMILIES for name in family.remote_code_files}
+    shipped = {name for files in REMOTE_CODE_FILES_BY_MODEL_TYPE.values() for name in files}
     assert {p.name for p in SHIPPED} <= shipped
 
 

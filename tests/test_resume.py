@@ -18,7 +18,7 @@ from transformers.trainer_jit_checkpoint import CheckpointManager
 from transformers.utils import logging as hf_logging
 
 from hf_compressssm import CompreSSMCallback, CompreSSMMamba2ForCausalLM, CompreSSMMambaForCausalLM
-from hf_compressssm.compression.checkpoint import STATE_FILE, checkpoint_problem
+from hf_compressssm.trainer.checkpoint import STATE_FILE, checkpoint_problem
 
 
 MAX_STEPS = 12

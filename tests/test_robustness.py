@@ -22,11 +22,10 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 from hf_compressssm import CompressionArguments, CompreSSMCallback, compress_model
-from hf_compressssm.compression import history as history_lib
-from hf_compressssm.compression import reduction, surgery
-from hf_compressssm.compression.checkpoint import STATE_FILE, checkpoint_problem
+from hf_compressssm.compression import atomic_io, record, reduction, surgery
 from hf_compressssm.compression.surgery import SurgeryError, shrink_mixers
 from hf_compressssm.families import find_mixers
+from hf_compressssm.trainer.checkpoint import STATE_FILE, checkpoint_problem
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,7 +157,7 @@ def test_failure_at_any_stage_of_a_cut_changes_nothing(monkeypatch, kind, stage,
         config_cls = type(model.config)
         monkeypatch.setattr(config_cls, "check_state_sizes", _fail_on_call(1)(config_cls.check_state_sizes))
     elif stage == "history":
-        monkeypatch.setattr(reduction, "record_report", _fail_on_call(1)(history_lib.record_report))
+        monkeypatch.setattr(reduction, "record_report", _fail_on_call(1)(record.record_report))
     with pytest.raises((SurgeryError, RuntimeError), match="injected failure"):
         compress_model(wrapped, _batches(), mode="fixed", fixed_fraction=0.5, optimizer=optimizer)
     monkeypatch.undo()
@@ -362,15 +361,15 @@ def test_collapsing_schedule_warns(hf_warnings):
 # ---------------------------------------------------------------- atomic files
 def test_json_and_safetensors_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / "compression_history.json"
-    history_lib.write_json_atomic(path, [{"step": 1}])
+    atomic_io.write_json_atomic(path, [{"step": 1}])
 
     def broken_dump(obj, f, **kwargs):
         f.write('[{"step": ')
         raise OSError("disk full")
 
-    monkeypatch.setattr(history_lib.json, "dump", broken_dump)
+    monkeypatch.setattr(atomic_io.json, "dump", broken_dump)
     with pytest.raises(OSError, match="disk full"):
-        history_lib.write_json_atomic(path, [{"step": 2}])
+        atomic_io.write_json_atomic(path, [{"step": 2}])
     monkeypatch.undo()
     assert json.loads(path.read_text()) == [{"step": 1}]
 
@@ -378,7 +377,7 @@ def test_json_and_safetensors_writes_are_atomic(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     target = tmp_path / "state.safetensors"
-    history_lib.write_safetensors_atomic(target, {"a": torch.ones(3)})
+    atomic_io.write_safetensors_atomic(target, {"a": torch.ones(3)})
 
     def broken_save(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
@@ -387,7 +386,7 @@ def test_json_and_safetensors_writes_are_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        history_lib.write_safetensors_atomic(target, {"a": torch.zeros(3)})
+        atomic_io.write_safetensors_atomic(target, {"a": torch.zeros(3)})
     monkeypatch.undo()
     assert torch.equal(load_file(target)["a"], torch.ones(3))
     assert sorted(os.listdir(tmp_path)) == ["compression_history.json", "state.safetensors"]  # no temporary left
@@ -421,7 +420,7 @@ elif stage == "after_rotation":  # checkpoint-4 saved, the older ones deleted (s
             os.kill(os.getpid(), signal.SIGKILL)
     trainer_module.rotate_checkpoints = rotate_checkpoints
 else:  # killed while the CompreSSM state of checkpoint-4 is written (before the Trainer's trainer_state.json)
-    from hf_compressssm.compression import callback
+    from hf_compressssm.trainer import callback
     original = callback.save_state_file
     def save_state_file(folder, *args, **kwargs):
         if folder.endswith("checkpoint-4"):

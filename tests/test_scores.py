@@ -8,8 +8,13 @@ import pytest
 import scipy.linalg as sla
 import torch
 
+from hf_compressssm.compression.mamba_scores import (
+    SCORES,
+    merge_statistics,
+    selective_state_scores,
+    selective_statistics,
+)
 from hf_compressssm.compression.ranks import select_indices, select_rank
-from hf_compressssm.compression.scores import SCORES, merge_statistics, selective_state_scores, selective_statistics
 
 
 torch.set_num_threads(1)

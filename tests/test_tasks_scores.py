@@ -18,9 +18,9 @@ from transformers import Trainer, TrainingArguments
 from compressssm_app import sources as D
 from hf_compressssm import CompreSSMCallback, compress_model
 from hf_compressssm.compression.calibration import collect_statistics
+from hf_compressssm.compression.mamba_scores import SCORES, selective_state_scores
 from hf_compressssm.compression.ranks import SELECTIONS
-from hf_compressssm.compression.scan_energy import scan_energy_scores, state_output_energy
-from hf_compressssm.compression.scores import SCORES, selective_state_scores
+from hf_compressssm.compression.scan_reference import scan_energy_scores, state_output_energy
 from hf_compressssm.families import MambaFamily, find_mixers
 
 

@@ -1,16 +1,25 @@
-"""CompreSSM's pipeline, one module per stage.
+"""CompreSSM's pipeline, one module per stage (pure functions and small objects on models and tensors).
 
-``arguments`` (every knob, and the checks shared by all entry points) → ``calibration`` (statistics from a few
-batches, through the model's `SSMFamily`) → ``scores`` (importance per state) → ``ranks`` (how many states each
-layer keeps, and which) → ``surgery`` (the atomic cut, optimizer included, and the restore used by rollback) →
-``reduction`` (one attempt end to end; `compress_model`) → ``history`` (what was done). ``distributed`` keeps the
-shrinkable tensors out of DDP; ``callback`` runs the schedule inside a `Trainer`. ``hankel`` is the LTI theory;
-``scan_energy`` a slow scan-measured reference score; ``hnn`` the Hankel-nuclear-norm baseline.
+``arguments`` (every knob) → ``calibration`` (statistics of the training forwards or of a few batches, from the
+family's projections) → ``scoring`` (each family's scores: ``mamba_scores``, ``mamba2_scores``) → ``ranks`` (how many
+states each layer keeps, and which) → ``surgery`` (the atomic cut, optimizer included) → ``reduction`` (one attempt
+end to end; `compress_model`) → ``record`` (what was done). ``compressor`` runs the schedule in any training loop
+(``rollback``: pragmatic mode); ``distributed`` keeps the shrinkable tensors out of DDP; ``atomic_io`` writes files
+atomically. ``hankel`` is the LTI theory, ``scan_reference`` a slow scan-measured reference score, ``hnn`` the
+Hankel-nuclear-norm baseline.
 """
 
 from .arguments import CompressionArguments
-from .callback import CompreSSMCallback
+from .compressor import Compressor
+from .record import CompressionRecord
 from .reduction import LayerDecision, ReductionReport, compress_model
 
 
-__all__ = ["CompreSSMCallback", "CompressionArguments", "LayerDecision", "ReductionReport", "compress_model"]
+__all__ = [
+    "CompressionArguments",
+    "CompressionRecord",
+    "Compressor",
+    "LayerDecision",
+    "ReductionReport",
+    "compress_model",
+]

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from transformers.utils import logging
 
 from .ranks import SELECTIONS
-from .scores import SCORES
+from .scoring import SCORES
 
 
 logger = logging.get_logger(__name__)
@@ -47,10 +47,7 @@ class CompressionArguments:
 
     tau: float = field(
         default=0.25,
-        metadata={
-            "help": "Fraction of Hankel energy discarded per layer at each attempt, in [0, 1) (mode tolerance). "
-            "0.25 with the h2 score took 128 -> ~12 states in our measurements (README: score study)."
-        },
+        metadata={"help": "Fraction of Hankel energy discarded per layer at each attempt, in [0, 1) (mode tolerance)."},
     )
     mode: str = field(
         default="tolerance",

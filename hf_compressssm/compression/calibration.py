@@ -1,8 +1,9 @@
 """Calibration: measure the importance statistics of every state of every SSM mixer on a few real batches.
 
-Only the mixers' projections are recomputed (no scan), through the model's `SSMFamily`, so this is cheap and
-independent of the scan kernel. The per-layer statistics are additive sums: they add across batches and are
-all-reduced across processes (`distributed.all_reduce_tensors`), so every rank scores states on the same numbers.
+Only the mixers' projections are recomputed (no scan), through the model's `SSMFamily`, and measured by the
+family's `scoring.FamilyScoring`, so this is cheap and independent of the scan kernel. The per-layer statistics are
+additive sums: they add across batches and are all-reduced across processes (`distributed.all_reduce_tensors`), so
+every rank scores states on the same numbers.
 """
 
 import time
@@ -13,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..families import LayerStatistics, SSMFamily, family_of, find_mixers
+from ..families import SSMLayers, ssm_layers
 from .checks import all_finite
 from .distributed import all_reduce_tensors
+from .scoring import FamilyScoring, LayerStatistics, scoring_for
 
 
 ProjectionVisitor = Callable[..., None]
@@ -33,13 +35,19 @@ def model_inputs(batch: Mapping[str, Any], device: torch.device) -> dict[str, An
 
 
 @torch.no_grad()
-def visit_mixer_projections(model: nn.Module, batches: Iterable[Mapping[str, Any]], visit: ProjectionVisitor) -> None:
+def visit_mixer_projections(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    visit: ProjectionVisitor,
+    layers: SSMLayers | None = None,
+) -> None:
     """Run ``model`` on ``batches`` (no grad, eval mode, train mode restored after) and call, for every mixer and
     batch, ``visit(layer_index, *projections, attention_mask)`` with that mixer's `SSMFamily.projections`.
-    ``batches``: dicts of model inputs (``labels`` are dropped), moved to the model's device.
+    ``batches``: dicts of model inputs (``labels`` are dropped), moved to the model's device. ``layers``: the
+    model's `SSMLayers` when already resolved.
     """
-    family = family_of(model)
-    mixers = find_mixers(model)
+    layers = layers or ssm_layers(model)
+    family, mixers = layers.family, layers.mixers
 
     def make_hook(index: int, mixer: nn.Module):
         def hook(module, args, kwargs):
@@ -62,34 +70,36 @@ def visit_mixer_projections(model: nn.Module, batches: Iterable[Mapping[str, Any
         model.train(was_training)
 
 
-def batch_statistics(family: SSMFamily, mixer: nn.Module, projections: tuple, mask) -> LayerStatistics:
+def batch_statistics(scoring: FamilyScoring, projections: tuple, mask) -> LayerStatistics:
     """One batch's statistics of one mixer; NaN-filled when a projection is not finite (the NaN marks the layer,
     and every process still reaches the all-reduce)."""
     if all(all_finite(t) for t in projections):
-        return family.statistics(tuple(projections), mask)
-    return family.nan_statistics(mixer, projections[0].device)
+        return scoring.statistics(*projections, mask=mask)
+    return scoring.nan_statistics(*projections)
 
 
-def sum_statistics(family: SSMFamily, per_batch: Iterable[list[LayerStatistics]]) -> list[LayerStatistics] | None:
+def sum_statistics(scoring: FamilyScoring, per_batch: Iterable[list[LayerStatistics]]) -> list[LayerStatistics] | None:
     """Layer-wise sum of per-batch statistics lists (None when there is no batch)."""
     totals = None
     for layers in per_batch:
-        totals = list(layers) if totals is None else [family.merge_statistics(a, b) for a, b in zip(totals, layers)]
+        totals = list(layers) if totals is None else [scoring.merge(a, b) for a, b in zip(totals, layers)]
     return totals
 
 
-def collect_statistics(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> list[LayerStatistics]:
+def collect_statistics(
+    model: nn.Module, batches: Iterable[Mapping[str, Any]], layers: SSMLayers | None = None
+) -> list[LayerStatistics]:
     """Sum per-layer statistics of ``model`` over ``batches``; one dict per mixer, in layer order."""
-    family = family_of(model)
-    mixers = find_mixers(model)
-    totals: list[LayerStatistics | None] = [None] * len(mixers)
+    layers = layers or ssm_layers(model)
+    scoring = scoring_for(layers.family)
+    totals: list[LayerStatistics | None] = [None] * len(layers.mixers)
 
     def accumulate(index, *projections_and_mask) -> None:
         *projections, mask = projections_and_mask
-        stats = batch_statistics(family, mixers[index], tuple(projections), mask)
-        totals[index] = stats if totals[index] is None else family.merge_statistics(totals[index], stats)
+        stats = batch_statistics(scoring, tuple(projections), mask)
+        totals[index] = stats if totals[index] is None else scoring.merge(totals[index], stats)
 
-    visit_mixer_projections(model, batches, accumulate)
+    visit_mixer_projections(model, batches, accumulate, layers)
     if any(t is None for t in totals):
         raise ValueError("calibration saw no batch: pass at least one batch of inputs.")
     return totals  # type: ignore[return-value]
@@ -123,11 +133,12 @@ class TrainingStatisticsRecorder:
         self._handles: list[Any] = []
         self._current: list[LayerStatistics | None] | None = None
 
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, model: nn.Module, layers: SSMLayers | None = None) -> None:
         """Hook ``model`` and its mixers (the hooks sit on modules, so they survive cuts that replace parameters)."""
         self.detach()
-        family = family_of(model)
-        mixers = find_mixers(model)
+        layers = layers or ssm_layers(model)
+        family, mixers = layers.family, layers.mixers
+        scoring = scoring_for(family)
 
         def open_forward(module, args, kwargs):
             if self.active and module.training and torch.is_grad_enabled():
@@ -146,7 +157,7 @@ class TrainingStatisticsRecorder:
                     hidden = (args[0] if args else kwargs["hidden_states"]).detach()
                     mask = kwargs.get("attention_mask")
                     projections = family.projections(mixer, hidden, mask)
-                    current[index] = batch_statistics(family, mixer, projections, mask)
+                    current[index] = batch_statistics(scoring, projections, mask)
                 self.seconds += time.perf_counter() - start
 
             return hook
@@ -165,10 +176,10 @@ class TrainingStatisticsRecorder:
         self._current = None
         self.seconds = 0.0
 
-    def statistics(self, family: SSMFamily) -> list[LayerStatistics] | None:
+    def statistics(self, scoring: FamilyScoring) -> list[LayerStatistics] | None:
         """Per-layer sums over the recorded forwards (None when none was recorded completely)."""
         complete = [layers for layers in self.window if all(s is not None for s in layers)]
-        return sum_statistics(family, complete)
+        return sum_statistics(scoring, complete)
 
     def state(self) -> dict[str, Any]:
         """The recorded statistics and time (tensors), for a checkpoint."""

@@ -1,10 +1,9 @@
 """``Σ_t expm1(Δ_td · A_dn)``: the one calibration term that needs ``tokens × D × N`` work, as one fused CPU kernel.
 
-The decay statistic of a Mamba-1 layer (``decay_sum = count + deficit``, see :mod:`.scores`) evaluates
+The decay statistic of a Mamba-1 layer (``decay_sum = count + deficit``, see :mod:`.mamba_scores`) evaluates
 ``expm1(Δ A)`` for every token, channel and state. Written with torch ops it allocates, writes and reads a
-``(chunk, D, N)`` intermediate three times (multiply, ``expm1``, sum), so its cost is memory traffic: on the
-benchmark's LM (D = 128, N = 128, 2048 tokens per batch) one layer's term took about as long as two thirds of a
-training step. The numba kernel here streams over tokens and keeps one channel's ``N`` accumulators in registers:
+``(chunk, D, N)`` intermediate three times (multiply, ``expm1``, sum), so its cost is memory traffic, comparable
+to a training step's for a language model of the benchmark's size. The numba kernel here streams over tokens and keeps one channel's ``N`` accumulators in registers:
 no intermediate, and the inner loop over states is vectorised: ``expm1`` by a Cody-Waite range reduction and a
 polynomial of ``expm1`` on the reduced argument, which keeps its *relative* precision for slow modes
 (``Δ A → 0``), where ``1/(1 − ā²)`` dominates the scores.

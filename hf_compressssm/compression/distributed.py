@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..families import family_of_mixer, find_mixers
+from ..families import SSMLayers, family_of_mixer, find_mixers
 
 
 DDP_IGNORE_ATTRIBUTE = "_ddp_params_and_buffers_to_ignore"
@@ -28,9 +28,12 @@ def is_distributed() -> bool:
     )
 
 
-def shrinkable_parameter_names(model: nn.Module) -> list[str]:
+def shrinkable_parameter_names(model: nn.Module, layers: SSMLayers | None = None) -> list[str]:
     """Qualified names of the parameters a cut replaces (`SSMFamily.shrinkable_parameters` of every mixer)."""
-    ids = {id(p) for mixer in find_mixers(model) for p in family_of_mixer(mixer).shrinkable_parameters(mixer)}
+    if layers is not None:
+        ids = {id(p) for mixer in layers.mixers for p in layers.family.shrinkable_parameters(mixer)}
+    else:
+        ids = {id(p) for mixer in find_mixers(model) for p in family_of_mixer(mixer).shrinkable_parameters(mixer)}
     return [name for name, p in model.named_parameters() if id(p) in ids]
 
 
@@ -61,17 +64,18 @@ class GradientAllReducer:
         self._handles: list[Any] = []
         self._pending: list[torch.Tensor] = []
 
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, model: nn.Module, layers: SSMLayers | None = None) -> None:
         self.detach()
         if not is_distributed():
             return
-        for name in shrinkable_parameter_names(model):
+        names = shrinkable_parameter_names(model, layers)
+        for name in names:
             param = model.get_parameter(name)
             if param.requires_grad:
                 self._handles.append(param.register_post_accumulate_grad_hook(self._mark_ready))
         # DDP broadcasts only the parameters it manages: start every replica from rank 0's values.
         with torch.no_grad():
-            for name in shrinkable_parameter_names(model):
+            for name in names:
                 torch.distributed.broadcast(model.get_parameter(name).data, src=0)
 
     def _mark_ready(self, param: torch.Tensor) -> None:

@@ -11,13 +11,14 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..families import FAMILIES, LayerStatistics, check_per_layer_model, family_of, find_mixers
+from ..families import FAMILIES, SSMLayers, ssm_layers
 from .arguments import CompressionArguments
 from .calibration import all_reduce_statistics, collect_statistics
 from .checks import all_finite
 from .distributed import broadcast_object
-from .history import history_owner, record_report, set_history, update_compression_record
 from .ranks import layer_rank, select_group_indices, select_indices
+from .record import history_owner, record_report, set_history, update_compression_record
+from .scoring import LayerStatistics, scoring_for
 from .surgery import shrink_mixers
 
 
@@ -88,10 +89,10 @@ def plan_reduction(
     ``target_sizes`` (one per layer) replaces the mode's rank rule by exact sizes (a size ≥ the present one leaves
     the layer unchanged).
     """
-    family = family or FAMILIES[0]
+    scoring = scoring_for(family or FAMILIES[0])
     decisions = []
     for layer, (layer_stats, size) in enumerate(zip(stats, sizes)):
-        scores = family.scores(layer_stats, args.score)
+        scores = scoring.scores(layer_stats, args.score)
         total = float(scores.sum())
         if total <= 0:
             # Every state scored 0: nothing tells the states apart, so no choice of kept states is informed.
@@ -131,11 +132,10 @@ def plan_reduction(
     return decisions
 
 
-def _non_finite_reason(model: nn.Module, stats: list[LayerStatistics]) -> str | None:
-    family = family_of(model)
+def _non_finite_reason(model: nn.Module, layers: SSMLayers, stats: list[LayerStatistics]) -> str | None:
     names = {id(p): n for n, p in model.named_parameters()}
-    for i, mixer in enumerate(find_mixers(model)):
-        for p in family.shrinkable_parameters(mixer):
+    for i, mixer in enumerate(layers.mixers):
+        for p in layers.family.shrinkable_parameters(mixer):
             if not all_finite(p):
                 return f"layer {i} {names.get(id(p), 'parameter').rpartition('mixer.')[2]} contains NaN/Inf"
     for i, layer_stats in enumerate(stats):
@@ -155,6 +155,7 @@ def reduce_once(
     on_commit: Callable[[ReductionReport], None] | None = None,
     statistics: list[LayerStatistics] | None = None,
     calibration_seconds: float = 0.0,
+    layers: SSMLayers | None = None,
 ) -> ReductionReport:
     """Calibrate on ``batches`` (or take this process's already summed ``statistics``, e.g. recorded from the
     training forwards, whose cost ``calibration_seconds`` is added to the report's time), decide per-layer ranks (identical on every rank), and cut ``model`` (+ optimizer).
@@ -162,19 +163,22 @@ def reduce_once(
     ``on_commit(report)`` (e.g. record the history) runs inside the cut, so that a failure there undoes it too; it
     also runs when nothing is cut. NaN/Inf in the weights or statistics skips the cut with a warning. Atomic: when
     anything fails, model, optimizer, config (``state_sizes``, ``compression``), ``compression_history`` and
-    ``generator`` are exactly as before, and the error is raised.
+    ``generator`` are exactly as before, and the error is raised. ``layers``: the model's `SSMLayers`, when the
+    caller has resolved them (every stage of the attempt uses them).
     """
     start = time.perf_counter() - calibration_seconds
-    family = family_of(model)
-    sizes = [family.state_size(m) for m in find_mixers(model)]
+    layers = layers or ssm_layers(model)
+    sizes = layers.state_sizes()
     saved = (
         copy.deepcopy(model.config.compression),
         copy.copy(getattr(history_owner(model), "compression_history", None)),
         generator.get_state() if generator is not None else None,
     )
     try:
-        stats = all_reduce_statistics(statistics if statistics is not None else collect_statistics(model, batches))
-        reason = _non_finite_reason(model, stats)
+        if statistics is None:
+            statistics = collect_statistics(model, batches, layers)
+        stats = all_reduce_statistics(statistics)
+        reason = _non_finite_reason(model, layers, stats)
         reason = broadcast_object(reason)
         if reason is not None:
             logger.warning(f"CompreSSM: reduction at step {step} skipped: {reason}. The model is unchanged.")
@@ -182,7 +186,7 @@ def reduce_once(
             if on_commit is not None:
                 on_commit(report)
             return report
-        decisions = plan_reduction(stats, sizes, args, generator, family, target_sizes)
+        decisions = plan_reduction(stats, sizes, args, generator, layers.family, target_sizes)
         decisions = broadcast_object(decisions)  # rank 0 decides: every replica keeps exactly the same indices
         kept = {d.layer: torch.tensor(d.kept, dtype=torch.long) for d in decisions if d.reduced}
         report = ReductionReport(
@@ -194,7 +198,7 @@ def reduce_once(
         )
         commit = (lambda: on_commit(report)) if on_commit is not None else None
         if kept:
-            shrink_mixers(model, kept, optimizer, on_commit=commit)
+            shrink_mixers(model, kept, optimizer, on_commit=commit, layers=layers)
         elif commit is not None:
             commit()
     except BaseException:
@@ -230,9 +234,9 @@ def compress_model(
         a `ReductionReport` with per-layer sizes, kept indices and scores.
     """
     args = kwargs.pop("compression_args", None) or CompressionArguments(tau=tau, **kwargs)
-    family = check_per_layer_model(model)
+    layers = ssm_layers(model, per_layer=True)
     if target_sizes is not None:
-        target_sizes = _check_target_sizes(target_sizes, len(find_mixers(model)), family)
+        target_sizes = _check_target_sizes(target_sizes, len(layers.mixers), layers.family)
     generator = torch.Generator().manual_seed(args.compression_seed)
     batches = list(itertools.islice(iter(dataloader), args.calibration_batches))
     if not batches:
@@ -248,6 +252,7 @@ def compress_model(
             generator=generator,
             target_sizes=target_sizes,
             on_commit=lambda report: record_report(model, report, args),
+            layers=layers,
         )
     except BaseException:
         model.config.compression = record

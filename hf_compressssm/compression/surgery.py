@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..families import SSMFamily, check_per_layer_model, family_of_mixer, find_mixers
+from ..families import SSMFamily, SSMLayers, family_of_mixer, ssm_layers
 
 
 logger = logging.get_logger(__name__)
@@ -100,12 +100,6 @@ def _group_keep(mixer: nn.Module, keep, groups: int, size: int) -> torch.Tensor:
     if int(keep.min()) < 0 or int(keep.max()) >= size or bool((keep.diff(dim=1) == 0).any()):
         raise SurgeryError(f"layer {mixer.layer_idx}: kept indices of every group must be distinct and in [0, {size}).")
     return keep
-
-
-def _kept_count(keep) -> int:
-    """States kept per group: ``k`` of a ``(k,)`` or ``(G, k)`` keep."""
-    keep = torch.as_tensor(keep)
-    return int(keep.shape[-1]) if keep.ndim >= 2 else int(keep.numel())
 
 
 def _is_peft_layer(module: nn.Module) -> bool:
@@ -285,32 +279,34 @@ def shrink_mixers(
     kept: Mapping[int, torch.Tensor],
     optimizer: torch.optim.Optimizer | None = None,
     on_commit=None,
+    layers: SSMLayers | None = None,
 ) -> list[ParameterCut]:
     """Shrink mixer ``i`` (layer order) to state indices ``kept[i]``, carrying ``optimizer`` and the config.
 
     Layers absent from ``kept`` are untouched. ``on_commit()`` (e.g. record the history) runs after the config is
     updated, inside the cut. Atomic: on any failure, including in ``on_commit``, nothing changes (`SurgeryError`).
-    Returns the installed cuts (old and new parameters).
+    ``layers``: the model's `SSMLayers` when already resolved. Returns the installed cuts (old and new parameters).
     """
     try:
-        family = check_per_layer_model(model)
+        layers = layers or ssm_layers(model)
+        if not layers.family.per_layer_config(getattr(model, "config", None)):
+            ssm_layers(model, per_layer=True)  # raises, naming the conversion
     except ValueError as err:
         raise SurgeryError(str(err)) from err
-    mixers = find_mixers(model)
+    family, mixers = layers.family, list(layers.mixers)
     config = model.config
     cuts: list[ParameterCut] = []
     for layer, keep in sorted(kept.items()):
         if not 0 <= layer < len(mixers):
             raise SurgeryError(f"layer {layer} does not exist (the model has {len(mixers)} SSM layers).")
         cuts.extend(plan_mixer_cut(mixers[layer], keep, family))
-    new_sizes = [family.state_size(m) for m in mixers]
-    for layer, keep in kept.items():
-        new_sizes[layer] = _kept_count(keep)
     old_sizes = config.state_sizes
 
     def commit() -> None:
+        layers.sync_state_sizes()
+        new_sizes = layers.state_sizes()  # read from the parameters just installed
         config.check_state_sizes(new_sizes)
-        config.state_sizes = list(new_sizes)  # reassign, never mutate a shared list
+        config.state_sizes = new_sizes  # a new list, never a mutated shared one
         if on_commit is not None:
             on_commit()
 
@@ -320,21 +316,23 @@ def shrink_mixers(
         config.state_sizes = old_sizes
         raise
     finally:
-        for mixer in mixers:
-            family.sync_state_size(mixer)
+        layers.sync_state_sizes()
     return cuts
 
 
-def check_cut_supported(model: nn.Module) -> None:
+def check_cut_supported(model: nn.Module, layers: SSMLayers | None = None) -> None:
     """`SurgeryError` now, before any training step, if a cut of ``model`` could not be applied (e.g. an adapter
     type that cannot follow a cut), with what to do instead. Plans a no-op cut of every mixer; changes nothing."""
-    family = check_per_layer_model(model)
-    for mixer in find_mixers(model):
-        resolve_axes(family.shrink_axes(mixer, torch.arange(family.state_size(mixer))), mixer)
+    layers = layers or ssm_layers(model, per_layer=True)
+    for mixer in layers.mixers:
+        resolve_axes(layers.family.shrink_axes(mixer, torch.arange(layers.family.state_size(mixer))), mixer)
 
 
 def restore_parameters(
-    model: nn.Module, state_dict: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+    layers: SSMLayers | None = None,
 ) -> None:
     """Load ``state_dict`` (a snapshot of ``model`` taken before cuts) back into ``model``, shapes included.
 
@@ -342,7 +340,7 @@ def restore_parameters(
     groups, its state dropped); the config's ``state_sizes`` and the mixers' cached sizes follow the parameters.
     Load the optimizer's own snapshot afterwards to restore its state.
     """
-    family = check_per_layer_model(model)
+    layers = layers or ssm_layers(model, per_layer=True)
     inner = unwrap_optimizer(optimizer)
     named = dict(model.named_parameters())
     for name, tensor in state_dict.items():
@@ -365,7 +363,5 @@ def restore_parameters(
                     if isinstance(getattr(holder, feature, None), int):
                         setattr(holder, feature, int(size))
     model.load_state_dict(state_dict)
-    mixers = find_mixers(model)
-    for mixer in mixers:
-        family.sync_state_size(mixer)
-    model.config.state_sizes = [family.state_size(m) for m in mixers]
+    layers.sync_state_sizes()
+    model.config.state_sizes = layers.state_sizes()

@@ -1,26 +1,23 @@
-"""What the compression pipeline needs to know about one SSM family, and nothing else.
+"""What the compression pipeline needs to know about one SSM family: where its mixers are and how they are built.
 
-An `SSMFamily` tells calibration, surgery, the DDP helpers, PEFT and the model card how a family's mixers look:
-how to find them, how to recompute the inputs of their state recurrence from a mixer's input (for the importance
-statistics), which parameters shrink along which axis when states are removed, and which cached attributes must
-follow a cut. Everything else (ranks, the cut's atomicity, optimizer slicing, the schedule) is family-agnostic.
+An `SSMFamily` is a thin adapter over a family's mixers: it recognises them, reads their state size from their
+parameters, recomputes the inputs of their state recurrence from a mixer's input (the projections the importance
+statistics are computed from), and names the parameters that shrink, along which axis, when states are removed.
+It holds no scoring math (`hf_compressssm.compression.scoring`), no PEFT data (`hf_compressssm.peft_utils`) and no
+Hub data (`hf_compressssm.hub`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
-LayerStatistics = dict[str, torch.Tensor]
-
-
 @dataclass(frozen=True)
 class ShrinkAxis:
-    """One parameter that changes shape in a cut: ``owner.<name>`` keeps ``rows`` along dimension ``dim``."""
+    """One parameter that changes shape in a cut: ``owner.<name>`` keeps ``index`` along dimension ``dim``."""
 
     owner: nn.Module
     name: str
@@ -40,11 +37,6 @@ class SSMFamily:
     model_type: str = ""
     #: How a user turns a stock model of this family into one whose layers can each have their own size.
     convert_hint: str = ""
-    #: Files ``save_pretrained`` writes next to the weights so that the folder loads with ``trust_remote_code``.
-    remote_code_files: tuple[str, ...] = ()
-    #: PEFT: mixer submodules called as modules (LoRA works there), and those whose weights are read directly.
-    lora_targets: tuple[str, ...] = ()
-    never_lora_targets: tuple[str, ...] = ()
     #: Whether states come in groups cut separately (Mamba-2: B/C per group). Grouped families score states as
     #: ``(G, N)`` and take kept indices as ``(G, k)`` (the same count k per group); others as ``(N,)`` / ``(k,)``.
     grouped: bool = False
@@ -76,33 +68,8 @@ class SSMFamily:
     def projections(
         self, mixer: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
-        """Recompute the recurrence inputs from the mixer's input (differentiable; wrap in no_grad to calibrate)."""
-        raise NotImplementedError
-
-    def statistics(self, projections: tuple[torch.Tensor, ...], mask: torch.Tensor | None) -> LayerStatistics:
-        """Additive calibration sums of one batch (they add across batches and all-reduce across processes)."""
-        raise NotImplementedError
-
-    def nan_statistics(self, mixer: nn.Module, device: torch.device) -> LayerStatistics:
-        """Statistics of the right shapes filled with NaN: marks a layer whose batch had non-finite values."""
-        raise NotImplementedError
-
-    def merge_statistics(self, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> LayerStatistics:
-        raise NotImplementedError
-
-    def scores(self, stats: Mapping[str, torch.Tensor], score: str) -> torch.Tensor:
-        """One non-negative importance score per state, ``(N,)`` float64 (``(G, N)`` for a grouped family)."""
-        raise NotImplementedError
-
-    def scan_energy(
-        self, projections: tuple[torch.Tensor, ...], mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference (slow): per-channel, per-state sums of squared state output contributions from the exact
-        sequential recurrence, and the number of tokens counted."""
-        raise NotImplementedError
-
-    def scan_energy_scores(self, mixer: nn.Module, sum_sq: torch.Tensor, count: float) -> torch.Tensor:
-        """Scan-measured scores (the shape of `scores`) from summed `scan_energy` results."""
+        """Recompute the recurrence inputs ``(u, delta, A, B, C)`` from the mixer's input ``hidden_states``
+        ``(batch, L, hidden)`` (differentiable; wrap in no_grad to calibrate)."""
         raise NotImplementedError
 
     def per_layer_config(self, config) -> bool:

@@ -7,14 +7,11 @@ indices per layer: columns S of ``A_log`` and rows ``[0:R] ∪ (R + S) ∪ (R + 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..compression.scores import merge_statistics, selective_state_scores, selective_statistics
-from .base import LayerStatistics, ShrinkAxis, SSMFamily
+from .base import ShrinkAxis, SSMFamily
 
 
 # transformers' mixer and ours (also when loaded as remote code), recognised by name: transformers' class is not part
@@ -27,18 +24,6 @@ class MambaFamily(SSMFamily):
     stock_model_type = "mamba"
     model_type = "compressssm_mamba"
     convert_hint = "CompreSSMMambaForCausalLM.from_mamba(model)"
-    remote_code_files = (
-        "configuration_compressssm_mamba.py",
-        "configuration_compressssm_common.py",
-        "modeling_compressssm_mamba.py",
-        "modeling_compressssm_common.py",
-        "selective_scan.py",
-        "kernel_policy.py",
-    )
-    lora_targets = ("in_proj", "x_proj", "out_proj")
-    never_lora_targets = ("dt_proj", "conv1d")
-    #: The only module call of the fused CUDA training path (``mamba_inner_fn`` reads every other weight directly).
-    fused_lora_targets = ("in_proj",)
 
     def is_mixer(self, module: nn.Module) -> bool:
         return type(module).__name__ in _MIXER_CLASS_NAMES
@@ -81,35 +66,6 @@ class MambaFamily(SSMFamily):
         delta = F.softplus(mixer.dt_proj(dt).float())
         A = -torch.exp(mixer.A_log.float())
         return u.float(), delta, A, B.float(), C.float()
-
-    def statistics(self, projections: tuple[torch.Tensor, ...], mask: torch.Tensor | None) -> LayerStatistics:
-        return selective_statistics(*projections, mask=mask)
-
-    def nan_statistics(self, mixer: nn.Module, device: torch.device) -> LayerStatistics:
-        channels, states = mixer.A_log.shape
-        nan = float("nan")
-        return {
-            "count": torch.full((), nan, dtype=torch.float64, device=device),
-            "decay_sum": torch.full((channels, states), nan, dtype=torch.float64, device=device),
-            "ctrl_sum": torch.full((channels, states), nan, dtype=torch.float64, device=device),
-            "obs_sum": torch.full((states,), nan, dtype=torch.float64, device=device),
-        }
-
-    def merge_statistics(self, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> LayerStatistics:
-        return merge_statistics(a, b)
-
-    def scores(self, stats: Mapping[str, torch.Tensor], score: str) -> torch.Tensor:
-        return selective_state_scores(stats, score)
-
-    def scan_energy(
-        self, projections: tuple[torch.Tensor, ...], mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..compression.scan_energy import state_output_energy  # scan_energy imports the families
-
-        return state_output_energy(*projections, mask)
-
-    def scan_energy_scores(self, mixer: nn.Module, sum_sq: torch.Tensor, count: float) -> torch.Tensor:
-        return (sum_sq / count).sqrt().sum(0)
 
 
 def kept_x_proj_rows(mixer: nn.Module, keep: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 Zamba2).
 
 One family class, `Mamba2Family`, parameterised by a `Mamba2Host`: the small per-architecture description of where
-the Mamba-2 layers are (the class names of the host's Mamba-2 mixers), which cached attributes follow a cut, how a
-stock model of the host is converted, and which files its folders ship. The mixers of every host share the Mamba-2
+the Mamba-2 layers are (the class names of the host's Mamba-2 mixers), which cached attributes follow a cut, and how
+a stock model of the host is converted. The mixers of every host share the Mamba-2
 layout and forward, so calibration, scores and surgery are the same; attention / MoE modules are never touched.
 
 Per mixer (I = ``intermediate_size``, H heads of P channels, G groups of N states): ``in_proj.weight`` is
@@ -12,27 +12,19 @@ Per mixer (I = ``intermediate_size``, H heads of P channels, G groups of N state
 group g, the same number k of states ``S_g`` (the sets may differ between groups): rows ``2I + g·N + S_g`` (B) and
 ``2I + GN + g·N + S_g`` (C) of ``in_proj`` (weight and bias) and channels ``I + g·N + S_g``, ``I + GN + g·N + S_g``
 of ``conv1d`` (weight and bias). ``A_log``, ``D``, ``dt_bias``, the gated norm and ``out_proj`` keep their shapes.
-Scores: `hf_compressssm.compression.scores_mamba2` (docs/method_mamba2.md).
+Scores: `hf_compressssm.compression.mamba2_scores` (docs/method_mamba2.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..compression.scores_mamba2 import (
-    merge_ssd_statistics,
-    ssd_energy_scores,
-    ssd_state_output_energy,
-    ssd_state_scores,
-    ssd_statistics,
-)
 from ..models.modeling_compressssm_hybrid import kept_rows, mamba2_state_size, sync_mamba2_sizes
-from .base import LayerStatistics, ShrinkAxis, SSMFamily
+from .base import ShrinkAxis, SSMFamily
 
 
 @dataclass(frozen=True)
@@ -53,8 +45,6 @@ class Mamba2Host:
     mixer_class_names: tuple[str, ...]
     #: How a user turns a stock model into one whose layers can each have their own size.
     convert_hint: str
-    #: Files ``save_pretrained`` writes next to the weights.
-    remote_code_files: tuple[str, ...]
     #: Attributes the mixer caches from the state size, re-synced after a cut (skipped where they are properties).
     synced_attributes: tuple[str, ...] = ("ssm_state_size", "conv_dim")
 
@@ -66,14 +56,6 @@ MAMBA2 = Mamba2Host(
     model_type="compressssm_mamba2",
     mixer_class_names=("Mamba2Mixer", "CompreSSMMamba2Mixer"),
     convert_hint="CompreSSMMamba2ForCausalLM.from_mamba2(model)",
-    remote_code_files=(
-        "configuration_compressssm_mamba2.py",
-        "configuration_compressssm_common.py",
-        "modeling_compressssm_mamba2.py",
-        "modeling_compressssm_common.py",
-        "ssd_scan.py",
-        "kernel_policy.py",
-    ),
 )
 
 GRANITE_MOE_HYBRID = Mamba2Host(
@@ -83,13 +65,6 @@ GRANITE_MOE_HYBRID = Mamba2Host(
     model_type="compressssm_granitemoehybrid",
     mixer_class_names=("GraniteMoeHybridMambaLayer",),
     convert_hint="CompreSSMGraniteMoeHybridForCausalLM.from_stock(model)",
-    remote_code_files=(
-        "configuration_compressssm_granitemoehybrid.py",
-        "configuration_compressssm_common.py",
-        "modeling_compressssm_granitemoehybrid.py",
-        "modeling_compressssm_hybrid.py",
-        "modeling_compressssm_common.py",
-    ),
 )
 
 BAMBA = Mamba2Host(
@@ -99,13 +74,6 @@ BAMBA = Mamba2Host(
     model_type="compressssm_bamba",
     mixer_class_names=("BambaMixer",),
     convert_hint="CompreSSMBambaForCausalLM.from_stock(model)",
-    remote_code_files=(
-        "configuration_compressssm_bamba.py",
-        "configuration_compressssm_common.py",
-        "modeling_compressssm_bamba.py",
-        "modeling_compressssm_hybrid.py",
-        "modeling_compressssm_common.py",
-    ),
 )
 
 NEMOTRON_H = Mamba2Host(
@@ -115,13 +83,6 @@ NEMOTRON_H = Mamba2Host(
     model_type="compressssm_nemotron_h",
     mixer_class_names=("NemotronHMamba2Mixer",),
     convert_hint="CompreSSMNemotronHForCausalLM.from_stock(model)",
-    remote_code_files=(
-        "configuration_compressssm_nemotron_h.py",
-        "configuration_compressssm_common.py",
-        "modeling_compressssm_nemotron_h.py",
-        "modeling_compressssm_hybrid.py",
-        "modeling_compressssm_common.py",
-    ),
 )
 
 ZAMBA2 = Mamba2Host(
@@ -131,13 +92,6 @@ ZAMBA2 = Mamba2Host(
     model_type="compressssm_zamba2",
     mixer_class_names=("Zamba2MambaMixer",),
     convert_hint="CompreSSMZamba2ForCausalLM.from_stock(model)",
-    remote_code_files=(
-        "configuration_compressssm_zamba2.py",
-        "configuration_compressssm_common.py",
-        "modeling_compressssm_zamba2.py",
-        "modeling_compressssm_hybrid.py",
-        "modeling_compressssm_common.py",
-    ),
 )
 
 #: Every host whose Mamba-2 layers the pipeline compresses.
@@ -153,13 +107,7 @@ class Mamba2Family(SSMFamily):
         self.stock_model_type = host.stock_model_type
         self.model_type = host.model_type
         self.convert_hint = host.convert_hint
-        self.remote_code_files = host.remote_code_files
 
-    #: ``in_proj`` and ``out_proj`` are called as modules on the torch path; ``conv1d``'s weight is read directly.
-    lora_targets = ("in_proj", "out_proj")
-    never_lora_targets = ("conv1d",)
-    #: The fused ``mamba_split_conv1d_scan_combined`` training kernel reads ``out_proj``'s weight directly.
-    fused_lora_targets = ("in_proj",)
     grouped = True
 
     def is_mixer(self, module: nn.Module) -> bool:
@@ -224,34 +172,6 @@ class Mamba2Family(SSMFamily):
             B.float().reshape(bsz, length, groups, size),
             C.float().reshape(bsz, length, groups, size),
         )
-
-    def statistics(self, projections: tuple[torch.Tensor, ...], mask: torch.Tensor | None) -> LayerStatistics:
-        return ssd_statistics(*projections, mask=mask)
-
-    def nan_statistics(self, mixer: nn.Module, device: torch.device) -> LayerStatistics:
-        heads, groups, size = mixer.num_heads, mixer.n_groups, self.state_size(mixer)
-        nan = float("nan")
-        return {
-            "count": torch.full((), nan, dtype=torch.float64, device=device),
-            "decay_sum": torch.full((heads,), nan, dtype=torch.float64, device=device),
-            "ctrl_sum": torch.full((heads, mixer.head_dim, size), nan, dtype=torch.float64, device=device),
-            "obs_sum": torch.full((groups, size), nan, dtype=torch.float64, device=device),
-        }
-
-    def merge_statistics(self, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> LayerStatistics:
-        return merge_ssd_statistics(a, b)
-
-    def scores(self, stats: Mapping[str, torch.Tensor], score: str) -> torch.Tensor:
-        """``(G, N)`` float64: one score per state of every group."""
-        return ssd_state_scores(stats, score)
-
-    def scan_energy(
-        self, projections: tuple[torch.Tensor, ...], mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return ssd_state_output_energy(*projections, mask=mask)
-
-    def scan_energy_scores(self, mixer: nn.Module, sum_sq: torch.Tensor, count: float) -> torch.Tensor:
-        return ssd_energy_scores(sum_sq, count, self.state_groups(mixer))
 
 
 __all__ = [

@@ -20,7 +20,6 @@ from typing import Any
 
 from transformers.utils import logging
 
-from ..families import FAMILIES, MambaFamily
 from .model_card import CARD_FILE, save_model_card
 
 
@@ -28,7 +27,36 @@ logger = logging.get_logger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-REMOTE_CODE_FILES = MambaFamily.remote_code_files  # Mamba-1; `remote_code_files` gives any folder's
+_HYBRID_CODE = ("modeling_compressssm_hybrid.py", "modeling_compressssm_common.py")
+#: The files ``save_pretrained`` writes next to the weights of each model_type, so the folder loads as remote code.
+REMOTE_CODE_FILES_BY_MODEL_TYPE: dict[str, tuple[str, ...]] = {
+    "compressssm_mamba": (
+        "configuration_compressssm_mamba.py",
+        "configuration_compressssm_common.py",
+        "modeling_compressssm_mamba.py",
+        "modeling_compressssm_common.py",
+        "selective_scan.py",
+        "kernel_policy.py",
+    ),
+    "compressssm_mamba2": (
+        "configuration_compressssm_mamba2.py",
+        "configuration_compressssm_common.py",
+        "modeling_compressssm_mamba2.py",
+        "modeling_compressssm_common.py",
+        "ssd_scan.py",
+        "kernel_policy.py",
+    ),
+    **{
+        f"compressssm_{host}": (
+            f"configuration_compressssm_{host}.py",
+            "configuration_compressssm_common.py",
+            f"modeling_compressssm_{host}.py",
+            *_HYBRID_CODE,
+        )
+        for host in ("granitemoehybrid", "bamba", "nemotron_h", "zamba2")
+    },
+}
+REMOTE_CODE_FILES = REMOTE_CODE_FILES_BY_MODEL_TYPE["compressssm_mamba"]  # `remote_code_files` gives any folder's
 # Folders and files a training output dir may hold that do not belong on the Hub.
 _IGNORE_PATTERNS = [
     "checkpoint-*",
@@ -119,10 +147,7 @@ def remote_code_files(directory: str | os.PathLike) -> tuple[str, ...]:
         model_type = json.loads((Path(directory) / CONFIG_FILE).read_text()).get("model_type")
     except (OSError, ValueError):
         model_type = None
-    for family in FAMILIES:
-        if model_type == family.model_type:
-            return family.remote_code_files
-    return REMOTE_CODE_FILES
+    return REMOTE_CODE_FILES_BY_MODEL_TYPE.get(model_type, REMOTE_CODE_FILES)
 
 
 def missing_hub_files(directory: str | os.PathLike) -> list[str]:
@@ -212,6 +237,7 @@ __all__ = [
     "check_hub_access",
     "missing_hub_files",
     "remote_code_files",
+    "REMOTE_CODE_FILES_BY_MODEL_TYPE",
     "prepare_folder",
     "push_to_hub",
     "upload_command",

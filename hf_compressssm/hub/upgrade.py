@@ -42,11 +42,11 @@ def _package_classes() -> dict[str, tuple[type, list[type]]]:
     """``model_type -> (config class, model classes marked for an Auto class)`` from the package's public names."""
     from transformers import PreTrainedModel
 
-    import hf_compressssm
+    from .. import models  # the package's __init__ has marked the classes for their Auto classes
 
     families: dict[str, tuple[type, list[type]]] = {}
-    for name in hf_compressssm.__all__:
-        obj = getattr(hf_compressssm, name)
+    for name in models.__all__:
+        obj = getattr(models, name)
         if not (isinstance(obj, type) and issubclass(obj, PreTrainedModel)):
             continue
         config_class = obj.config_class

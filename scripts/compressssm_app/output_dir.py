@@ -39,8 +39,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
-from hf_compressssm.compression.checkpoint import checkpoint_folders, save_in_progress
-from hf_compressssm.compression.history import write_json_atomic
+from hf_compressssm.compression.atomic_io import write_json_atomic
+from hf_compressssm.trainer.checkpoint import checkpoint_folders, save_in_progress
 
 from .arguments import UsageError
 
@@ -470,7 +470,7 @@ class RunRecordCallback(TrainerCallback, ExportableState):
     The record is written from ``state()`` (`ExportableState`), which the Trainer calls inside ``_save_checkpoint``
     just before ``trainer_state.json`` and before ``save_total_limit`` deletes older checkpoints: ``on_save`` runs
     only after both, and not at all for a preemption checkpoint (``--enable_jit_checkpoint``), so a kill there would
-    leave the only checkpoint without its record (see `hf_compressssm.compression.checkpoint`)."""
+    leave the only checkpoint without its record (see `hf_compressssm.trainer.checkpoint`)."""
 
     def __init__(self, record: dict[str, Any], overwrite: bool = False) -> None:
         self.record = record

@@ -17,10 +17,10 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
 from hf_compressssm.compression.arguments import CompressionArguments, check_min_state_size, check_training_setup
-from hf_compressssm.compression.callback import CompreSSMCallback
-from hf_compressssm.compression.checkpoint import checkpoint_folders, checkpoint_problem, last_complete_checkpoint
-from hf_compressssm.compression.history import write_json_atomic
+from hf_compressssm.compression.atomic_io import write_json_atomic
 from hf_compressssm.hub.model_card import find_template, save_model_card
+from hf_compressssm.trainer.callback import CompreSSMCallback, report_cuts_to_integrations
+from hf_compressssm.trainer.checkpoint import checkpoint_folders, checkpoint_problem, last_complete_checkpoint
 
 from .arguments import DataArguments, ModelArguments, UsageError
 from .model_builder import build_model
@@ -282,6 +282,7 @@ def _train(
         preprocess_logits_for_metrics=task_data.preprocess_logits_for_metrics,
         callbacks=[CompreSSMCallback(comp_args), *callbacks],
     )
+    report_cuts_to_integrations(trainer)  # report_to receives the cut scalars
     main = trainer.is_world_process_zero()
     if main:
         logger.warning(

@@ -30,11 +30,12 @@ class Blocks(torch.utils.data.Dataset):
 def main(out_dir: str, accumulation: int, save_steps: int = 0) -> None:
     if os.environ.get("COMPRESSSSM_NEGATIVE_CONTROL") == "1":
         # Let DDP manage the shrinkable tensors (the naive design): the test must see the replicas drift.
-        import hf_compressssm.compression.callback as callback_module
+        import hf_compressssm.compression.compressor as compressor_module
+        import hf_compressssm.trainer.callback as callback_module
 
         callback_module.exclude_shrinkable_from_ddp = lambda model: []
-        callback_module.shrinkable_excluded_from_ddp = lambda model: True
-        callback_module.GradientAllReducer.attach = lambda self, model: None
+        compressor_module.shrinkable_excluded_from_ddp = lambda model: True
+        compressor_module.GradientAllReducer.attach = lambda self, model, layers=None: None
     model = tiny_lm(seed=0, state_sizes=[8, 8])
     args = TrainingArguments(
         output_dir=out_dir,

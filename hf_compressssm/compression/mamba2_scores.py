@@ -16,12 +16,13 @@ import torch
 from torch import Tensor
 
 from .checks import check_finite
-from .scores import SCORES
+from .mamba_scores import SCORES
 
 
 __all__ = [
     "SSD_STAT_KEYS",
     "merge_ssd_statistics",
+    "nan_ssd_statistics",
     "ssd_energy_scores",
     "ssd_state_output_energy",
     "ssd_state_scores",
@@ -105,6 +106,20 @@ def ssd_statistics(
     ctrl_sum = torch.einsum("tgd,tgn->gdn", du2, B2.square()).reshape(heads, head_dim, size)
     obs_sum = C2.square().sum(0)
     return {"count": count, "decay_sum": decay_sum, "ctrl_sum": ctrl_sum, "obs_sum": obs_sum}
+
+
+def nan_ssd_statistics(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> dict[str, Tensor]:
+    """Statistics of the shapes :func:`ssd_statistics` gives for these projections, filled with NaN: they mark a
+    layer whose batch had non-finite values (float64, on ``u``'s device)."""
+    heads, head_dim = u.shape[-2:]
+    groups, size = B.shape[-2:]
+    nan, f64, device = float("nan"), torch.float64, u.device
+    return {
+        "count": torch.full((), nan, dtype=f64, device=device),
+        "decay_sum": torch.full((heads,), nan, dtype=f64, device=device),
+        "ctrl_sum": torch.full((heads, head_dim, size), nan, dtype=f64, device=device),
+        "obs_sum": torch.full((groups, size), nan, dtype=f64, device=device),
+    }
 
 
 def _check_stats(name: str, stats: Mapping[str, Tensor]) -> tuple[int, int, int, int]:

@@ -1,6 +1,8 @@
-"""What `CompreSSMCallback` keeps in a Trainer checkpoint, and which checkpoint folders are complete.
+"""What `CompreSSMCallback` keeps in a Trainer checkpoint, which checkpoint folders are complete, and the Trainer
+settings that checkpoints constrain (PEFT, ``load_best_model_at_end``).
 
-The callback's JSON-able state (schedule progress, the pending pragmatic check's bookkeeping, the arguments) travels
+The callback's JSON-able state (the compressor's progress through the schedule, the pending pragmatic check's
+bookkeeping, the arguments) travels
 the HF way, in ``trainer_state.json`` (``stateful_callbacks``, via `transformers.trainer_callback.ExportableState`).
 Its tensors (the recent calibration batches, the random-selection generator, a pending check's model and optimizer
 snapshot) go into the checkpoint folder as ``compressssm_state.safetensors`` (one file per process:
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from .history import write_safetensors_atomic
+from ..compression.atomic_io import write_safetensors_atomic
 
 
 logger = logging.get_logger(__name__)
@@ -143,6 +145,79 @@ def save_in_progress(folder: str) -> bool:
         return True
     weights = [t for t in (_mtime(os.path.join(folder, n)) for n in WEIGHT_FILES) if t is not None]
     return bool(weights) and max(weights) > state
+
+
+def saved_callback_state(trainer_state) -> dict | None:
+    """The callback state kept in the ``trainer_state.json`` being resumed (None for a fresh run or none kept)."""
+    if trainer_state.global_step == 0:
+        return None
+    saved = (trainer_state.stateful_callbacks or {}).get(CALLBACK_NAME)
+    if isinstance(saved, list):
+        saved = saved[0] if saved else None
+    if isinstance(saved, dict):
+        return (saved.get("attributes") or {}).get("_resume_state")
+    return None
+
+
+def load_saved_tensors(args, trainer_state, saved: dict) -> dict[str, Any]:
+    """The tensors this process saved with the checkpoint being resumed (`load_state_file`), looked for in
+    ``TrainingArguments.resume_from_checkpoint``, in the folder they were saved to and in ``output_dir/checkpoint-N``;
+    `ValueError` naming the folders when none holds them."""
+    step = trainer_state.global_step
+    resume = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None
+    candidates = [resume, saved.get("folder"), os.path.join(args.output_dir, f"checkpoint-{step}")]
+    rank = int(getattr(args, "process_index", 0) or 0)
+    path = find_state_file(candidates, step, rank)
+    if path is None:
+        raise ValueError(
+            f"CompreSSM: resuming at step {step} needs the callback state saved with the checkpoint "
+            f"({state_file_name(rank)}), found in none of {[c for c in candidates if c]}. Pass the checkpoint folder "
+            "in TrainingArguments(resume_from_checkpoint=...) as well as to trainer.train(), or copy that file along "
+            "with the checkpoint."
+        )
+    _, payload = load_state_file(path)
+    logger.info(f"CompreSSM: restoring the callback state of step {step} from {path}.")
+    return payload
+
+
+# ---------------------------------------------------------------- Trainer settings checkpoints constrain
+def check_peft_checkpointing(args, model, schedule: list[int]) -> None:
+    """PEFT + cuts + Trainer checkpoints: refused before any step (a checkpoint of a PEFT model holds only the
+    adapter, not the base model the cuts shrink)."""
+    if not schedule or not any(hasattr(m, "base_layer") for m in model.modules()):
+        return
+    save_strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+    jit = bool(getattr(args, "enable_jit_checkpoint", False))
+    if save_strategy == "no" and not jit:
+        return
+    setting = f"save_strategy={save_strategy!r}" + (" and enable_jit_checkpoint=True" if jit else "")
+    raise ValueError(
+        f"CompreSSM cannot cut a PEFT model that the Trainer checkpoints ({setting}): a checkpoint of a PEFT "
+        "model holds only the adapter weights, not the base model that the cuts shrink, so it could not be "
+        "resumed and its adapter would fit no saved base. Train with save_strategy='no' (and without "
+        "enable_jit_checkpoint) and save the result at the end (model.merge_and_unload().save_pretrained(...)), "
+        "or compress the base model first (a run without adapters, or compress_model) and add the adapters to "
+        "the compressed model."
+    )
+
+
+def forget_best_checkpoint(args, state, change: str) -> None:
+    """``load_best_model_at_end``: a checkpoint saved at other state sizes cannot be loaded into the model, so the
+    best metric so far is forgotten; the best model is chosen among the checkpoints saved from now on."""
+    if not getattr(args, "load_best_model_at_end", False):
+        return
+    if state.best_metric is None and state.best_global_step is None and state.best_model_checkpoint is None:
+        return
+    if state.is_world_process_zero:
+        logger.warning(
+            f"CompreSSM: {change} changed the state sizes, so the best checkpoint so far "
+            f"({state.best_model_checkpoint or f'step {state.best_global_step}'}, {args.metric_for_best_model} "
+            f"{state.best_metric}) no longer fits the model: load_best_model_at_end will pick the best "
+            "checkpoint saved from now on."
+        )
+    state.best_metric = None
+    state.best_global_step = None
+    state.best_model_checkpoint = None
 
 
 # ---------------------------------------------------------------- complete checkpoints

@@ -4,7 +4,8 @@ The layer is summarised per channel by a time-averaged LTI surrogate (mean decay
 on real batches from projections only (no scan); see ``docs/method.md`` §3. :func:`selective_statistics` returns
 sums that add across batches (:func:`merge_statistics`) and all-reduce across processes; :func:`selective_state_scores`
 turns them into one score per state: ``h2`` (the mode's output energy, the default) or ``hankel`` (the one-state
-Hankel singular value of the paper).
+Hankel singular value of the paper). :func:`state_output_energy` is the sequential reference: the measured
+per-state output energy of the exact recurrence (slow; for checks and studies).
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ from .checks import check_finite, check_int
 from .decay_sum import decay_deficit_sum
 
 
-__all__ = ["SCORES", "STAT_KEYS", "merge_statistics", "selective_state_scores", "selective_statistics"]
+__all__ = [
+    "SCORES",
+    "STAT_KEYS",
+    "energy_scores",
+    "merge_statistics",
+    "nan_statistics",
+    "selective_state_scores",
+    "selective_statistics",
+    "state_output_energy",
+]
 
 SCORES: tuple[str, ...] = ("hankel", "h2")
 """Valid ``score`` names for :func:`selective_state_scores`."""
@@ -167,3 +177,54 @@ def selective_state_scores(stats: Mapping[str, Tensor], score: str = "h2") -> Te
     else:
         per = (P * c2).sqrt()
     return per.sum(0)
+
+
+def nan_statistics(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> dict[str, Tensor]:
+    """Statistics of the shapes :func:`selective_statistics` gives for these projections, filled with NaN: they mark
+    a layer whose batch had non-finite values (float64, on ``u``'s device)."""
+    channels, states = A.shape
+    nan, f64, device = float("nan"), torch.float64, u.device
+    return {
+        "count": torch.full((), nan, dtype=f64, device=device),
+        "decay_sum": torch.full((channels, states), nan, dtype=f64, device=device),
+        "ctrl_sum": torch.full((channels, states), nan, dtype=f64, device=device),
+        "obs_sum": torch.full((states,), nan, dtype=f64, device=device),
+    }
+
+
+@torch.no_grad()
+def state_output_energy(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Sum over batch and valid time steps of ``(C_{t,n} h_{t,d,n})²`` from the exact recurrence (float64, one step
+    at a time; the skip term ``D u`` and the gate are not attributed to any state).
+
+    Args:
+        u, delta: ``(batch, L, D)`` (post-conv activations; time step after softplus).
+        A: ``(D, N)``, the continuous ``-exp(A_log)``.
+        B, C: ``(batch, L, N)``.
+        mask: optional ``(batch, L)`` 0/1; a masked token neither updates the state nor counts.
+    Returns:
+        ``(sum_sq, count)``: ``(D, N)`` float64 sums and the float64 number of counted tokens.
+    """
+    f64 = torch.float64
+    u, delta, A, B, C = (x.to(f64) for x in (u, delta, A, B, C))
+    bsz, length, d = u.shape
+    n = A.shape[-1]
+    h = torch.zeros(bsz, d, n, dtype=f64, device=u.device)
+    sum_sq = torch.zeros(d, n, dtype=f64, device=u.device)
+    m = torch.ones(bsz, length, dtype=f64, device=u.device) if mask is None else mask.to(f64)
+    for t in range(length):
+        keep = m[:, t, None, None]
+        decay = torch.exp(delta[:, t, :, None] * A)  # (b, D, N)
+        update = decay * h + (delta[:, t] * u[:, t])[:, :, None] * B[:, t, None, :]
+        h = keep * update + (1 - keep) * h
+        contribution = C[:, t, None, :] * h
+        sum_sq += (keep * contribution.square()).sum(0)
+    return sum_sq, m.sum()
+
+
+def energy_scores(sum_sq: Tensor, count: Tensor | float, groups: int = 1) -> Tensor:
+    """Scan-measured scores ``s_n = Σ_d sqrt(mean_t (C_{t,n} h_{t,d,n})²)``, ``(N,)``, from the sums of
+    :func:`state_output_energy` (the measured counterpart of the ``h2`` score). ``groups`` is unused (always 1)."""
+    return (sum_sq / float(count)).sqrt().sum(0)

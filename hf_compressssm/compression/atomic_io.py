@@ -1,0 +1,45 @@
+"""Files written atomically: through a temporary file in the same folder, flushed to disk, then renamed over the
+target, so that a reader (or a run resumed after a kill) never sees a half-written file."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> str:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def write_safetensors_atomic(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> str:
+    """Write ``tensors`` (name → tensor, made contiguous on CPU) as safetensors through a temporary file + rename."""
+    from safetensors import torch as safetensors_torch
+
+    save_file = safetensors_torch.save_file
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+__all__ = ["write_json_atomic", "write_safetensors_atomic"]
