@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark CompreSSM against its baselines at a budget where the cuts happen after learning (issues 7 and 16).
+"""Benchmark CompreSSM against its baselines at a budget where the cuts happen after learning.
 
     python scripts/benchmark.py                 # default presets, 3 seeds (240 min of run time: resumable, see below)
     python scripts/benchmark.py --estimate      # time a few steps per preset: the estimated time still to run
@@ -16,7 +16,7 @@ name.field=value`` changes a field):
                            most of a step: how close the end-to-end speed-up comes to the step-time ceiling;
 * ``mamba2_lm``            the byte-level LM with a Mamba-2 model (``family="mamba2"``: hidden 64, 2 layers, head_dim
                            32, one group, N0 = 128 as transformers' `Mamba2Config`): full vs CompreSSM vs
-                           small-from-scratch at the final sizes, 2000 steps (issue 13).
+                           small-from-scratch at the final sizes, 2000 steps.
 
 For each preset and seed, with the same data, steps, learning-rate schedule and seed (initialisation and data
 order) for every variant: ``full`` (N0 throughout); ``compressssm`` (`CompreSSMCallback`, tolerance mode, default

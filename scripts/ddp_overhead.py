@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The price of CompreSSM's multi-process design (issue 16 point 6): a 2-process (gloo) training step with
+"""The price of CompreSSM's multi-process design: a 2-process (gloo) training step with
 `CompreSSMCallback` vs plain DDP on the same model, before the first cut and after the last one.
 
     python scripts/ddp_overhead.py                      # launches itself on 2 processes (torch.distributed.run)

@@ -1,4 +1,4 @@
-"""Issue 21 item 9: a --train_file that cannot be read (latin-1 text, an empty file, a .jsonl with a truncated
+"""a --train_file that cannot be read (latin-1 text, an empty file, a .jsonl with a truncated
 record), in memory and with --streaming: one error line naming the file and the fix, exit 2, nothing written, and
 no model built (a stream's first block is read before the model)."""
 

@@ -331,7 +331,7 @@ def _train_expect_error(tmp_path, model, callback, message, **arg_overrides):
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
 def test_load_best_model_at_end_picks_the_best_checkpoint_at_the_final_sizes(tmp_path, family, caplog):
-    """Issue 21.5: the best evaluation is before the cuts (a metric that prefers large states), whose checkpoint no
+    """the best evaluation is before the cuts (a metric that prefers large states), whose checkpoint no
     longer fits the cut model; training must end with the best checkpoint saved since the last cut, never fail."""
     from mamba2_helpers import tiny_mamba2_lm
     from transformers.utils import logging as hf_logging
@@ -435,7 +435,7 @@ def test_ddp_two_processes_stay_bit_identical_after_cuts(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_checkpoints_hold_every_rank_state_before_trainer_state(tmp_path):
-    """Issue 21.1 under DDP: each rank's callback state is in the checkpoint before the Trainer's trainer_state.json
+    """Under DDP: each rank's callback state is in the checkpoint before the Trainer's trainer_state.json
     (after which save_total_limit deletes the older checkpoint), so the newest checkpoint is always complete."""
     from hf_compressssm.trainer.checkpoint import checkpoint_problem, state_file_name
 

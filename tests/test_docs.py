@@ -29,12 +29,14 @@ MARKER = re.compile(r"^<!--\s*(not run|needs):\s*(.*?)\s*-->\s*$")
 SMALL = {
     "README.md": [
         ("max_steps=300,", "max_steps=8,"),
+        ("max_steps=300)", "max_steps=8)"),
         ("range(1, 301)", "range(1, 9)"),
-        ("reduction_steps=[8, 15, 23, 30]", "reduction_steps=[2, 4, 6, 8]"),
     ],
     "docs/usage.md": [
         ("max_steps=300,", "max_steps=8,"),
         ("reduction_steps=[8, 15, 23, 30]", "reduction_steps=[2, 4, 6, 8]"),
+        ("max_steps=40)", "max_steps=8)"),
+        ("max_steps=40, step=20)", "max_steps=8, step=4)"),
         ("range(1, 21)", "range(1, 5)"),
         ("range(21, 41)", "range(5, 9)"),
     ],

@@ -1,4 +1,4 @@
-"""Issue 21 items 7 and 10: scripts/evaluate_model.py.
+"""scripts/evaluate_model.py: what it evaluates and what it refuses.
 
 7. A checkpoint of a run on the user's own data is evaluated on that data (each checkpoint carries the run record;
    one without it uses its run folder's), and a checkpoint with no record anywhere is refused instead of evaluated

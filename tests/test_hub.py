@@ -158,7 +158,7 @@ def test_load_from_hf_cache_offline_without_package(upload_dir, compressed, tmp_
     torch.testing.assert_close(torch.tensor(out["logits"]), expected, rtol=1e-4, atol=1e-4)
 
 
-# ---------------------------------------------------------------- issue 21 item 11: --push_to_hub checks the Hub first
+# ---------------------------------------------------------------- --push_to_hub checks the Hub first
 UNREACHABLE = "http://127.0.0.1:9"  # loopback, nothing listens: the connection is refused at once
 
 

@@ -1,4 +1,4 @@
-"""transformers' model conventions on the Mamba-1 classes with heterogeneous state sizes (issue 12 point 5).
+"""transformers' model conventions on the Mamba-1 classes with heterogeneous state sizes.
 
 Shaped like transformers' own model tests (a model tester building configs and inputs, then checks of every output,
 the per-layer cache, generation, save/load, training and the classification head variants), written for this

@@ -1,4 +1,4 @@
-"""Resume anywhere = the uninterrupted run: the callback's state travels in every Trainer checkpoint (issue 15.1, 15.3).
+"""Resume anywhere = the uninterrupted run: the callback's state travels in every Trainer checkpoint.
 
 One uninterrupted run per mode saves a checkpoint at every step; resuming from a checkpoint before a cut, inside the
 calibration window of a cut, right after a cut, between a cut and its pragmatic check, and after all cuts must give
@@ -158,13 +158,13 @@ def test_uninterrupted_runs_do_what_the_resume_cases_need(uninterrupted):
     "mode, step",
     [
         ("tolerance", 1),  # before the first cut, before its calibration window
-        ("tolerance", 2),  # inside the calibration window of the cut at 4 (issue row 4)
+        ("tolerance", 2),  # inside the calibration window of the cut at 4
         ("tolerance", 4),  # right after a cut
         ("tolerance", 7),  # between cuts, inside the window of the cut at 8: needs the batches of steps 6-7
         ("tolerance", 10),  # after all cuts
         ("mamba2", 7),  # Mamba-2, inside the calibration window of the second cut
         ("pragmatic", 3),  # after the "before" evaluation of the cut at 4
-        ("pragmatic", 5),  # between the cut at 4 and its rollback check at 6 (issue row 3)
+        ("pragmatic", 5),  # between the cut at 4 and its rollback check at 6
         ("pragmatic", 9),  # after the rollback
     ],
 )
@@ -206,7 +206,7 @@ def test_checkpoint_records_callback_state_in_trainer_state(uninterrupted):
 
 
 def test_changed_arguments_on_resume_warn_and_history_keeps_what_was_done(uninterrupted, tmp_path, caplog):
-    """Issue row 11: resuming with another tau warns with each changed field; recorded attempts keep their tau."""
+    """Resuming with another tau warns with each changed field; recorded attempts keep their tau."""
     out, _ = uninterrupted["tolerance"]
     changed = {**MODES["tolerance"], "tau": 0.5, "calibration_batches": 2}
     hf_logging.enable_propagation()
@@ -247,7 +247,7 @@ def test_changed_arguments_on_resume_warn_and_history_keeps_what_was_done(uninte
 def test_resume_from_a_preemption_checkpoint_equals_uninterrupted(
     uninterrupted, tmp_path, mode, hook, step, preempt_first
 ):
-    """Issue 21.2: a preemption checkpoint (transformers' enable_jit_checkpoint, no regular saves) taken anywhere in
+    """a preemption checkpoint (transformers' enable_jit_checkpoint, no regular saves) taken anywhere in
     a step holds the callback state; resuming from it gives the uninterrupted run."""
     out, full = uninterrupted[mode]
     preempt = Preempt(hook, step)

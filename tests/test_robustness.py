@@ -1,4 +1,4 @@
-"""Issue 15 regressions: atomic cuts (PEFT included), degenerate scores, argument types, atomic files, and the train
+"""Regressions: atomic cuts (PEFT included), degenerate scores, argument types, atomic files, and the train
 script's resume (skipping a half-written checkpoint left by a kill). The resume-anywhere cases are in test_resume.py.
 
 Table rows of the issue covered here: 1 (PEFT cut not atomic), 2 (--resume_from_checkpoint ignored), 5 (kill leaves
@@ -234,7 +234,7 @@ def test_lora_model_trains_with_the_callback(tmp_path):
 
 @pytest.mark.parametrize("save_strategy", ["steps", "epoch"])
 def test_lora_with_cuts_and_trainer_checkpoints_is_refused_before_anything_changes(tmp_path, save_strategy):
-    """Issue 21.6: a Trainer checkpoint of a PEFT model holds only the adapter, not the cut base: refused at the
+    """a Trainer checkpoint of a PEFT model holds only the adapter, not the cut base: refused at the
     start (model, optimizer and output folder unchanged), with the reason and the fix."""
     model = tiny_lm(state_sizes=[8, 8])
     wrapped = _lora(model)
@@ -508,7 +508,7 @@ def _killed_run(tmp_path, stage, *argv):
 def test_killed_after_the_trainer_deleted_the_older_checkpoint_resumes_from_the_newest(
     uninterrupted_script_runs, tmp_path, family
 ):
-    """Issue 21.1: with --save_total_limit 1 the Trainer deletes checkpoint-2 as soon as checkpoint-4 is saved, before
+    """with --save_total_limit 1 the Trainer deletes checkpoint-2 as soon as checkpoint-4 is saved, before
     any on_save callback runs; a kill right there must leave checkpoint-4 complete, callback state included, and the
     re-run must resume from it (not from step 0) and end as the uninterrupted run."""
     out = tmp_path / "run"
@@ -549,7 +549,7 @@ runpy.run_path({train!r}, run_name="__main__")
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_sigterm_with_jit_checkpoint_stops_with_an_error_and_resumes(tmp_path, family):
-    """Issue 21.2: SIGTERM through the Trainer's preemption path (--enable_jit_checkpoint): a non-zero exit with one
+    """SIGTERM through the Trainer's preemption path (--enable_jit_checkpoint): a non-zero exit with one
     "interrupted at step k of n" line, no final model, card or run file, and a checkpoint that the same command
     resumes from, ending as the uninterrupted run."""
     argv = [

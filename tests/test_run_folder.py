@@ -1,4 +1,4 @@
-"""Issue 21 items 3, 4 and 12: what scripts/train.py does with its --output_dir.
+"""what scripts/train.py does with its --output_dir.
 
 3. A finished run is reported and left alone (exit 0); a non-empty folder that is not a run of the same settings
    is refused (exit 2) unless --overwrite_output_dir, which deletes the old run's checkpoints and results.

@@ -1,4 +1,4 @@
-"""Strict loading and invariants at every entry point (issue 15 rows 6, 7, 10; points 5 and 6), for every family."""
+"""Strict loading and invariants at every entry point, for every family."""
 
 import json
 import logging

@@ -41,10 +41,10 @@ by the environment variable ``HF_COMPRESSSSM_SCAN_BACKEND`` (``auto``, ``fast``/
 (not installed, wrong device, or inputs outside a kernel's limits) raises a ``RuntimeError``; see
 ``kernel_policy.py`` for the whole policy.
 
-JIT warm-up: the numba kernels compile on their first use in a process -- about 8 s per dtype (float32,
-float64) for the forward and backward kernels together on a busy 2-core machine -- and are cached on disk
-(``cache=True``: in ``__pycache__`` next to this file, or under ``NUMBA_CACHE_DIR``); later processes load them in
-about half a second. Importing this module does not import numba.
+JIT warm-up: the numba kernels compile on their first use in a process (once per dtype, float32 and float64) and
+are cached on disk (``cache=True``: in ``__pycache__`` next to this file, or under ``NUMBA_CACHE_DIR``); later
+processes load them from the cache (docs/kernels.md has the measured times). Importing this module does not import
+numba.
 """
 
 from __future__ import annotations
