@@ -72,6 +72,8 @@ MAMBA2 = Mamba2Host(
         "modeling_compressssm_mamba2.py",
         "modeling_compressssm_common.py",
         "ssd_scan.py",
+        "ssd_numba_scan.py",
+        "selective_scan.py",
         "kernel_policy.py",
     ),
 )
