@@ -251,6 +251,27 @@ def test_scan_benchmark_quick_runs_the_package_kernel(tmp_path):
 
 
 @pytest.mark.slow
+def test_scan_benchmark_quick_mamba2_runs_every_variant(tmp_path):
+    out = tmp_path / "scan2"
+    argv = [sys.executable, str(REPO / "scripts" / "benchmark_scan.py"), "--family", "mamba2", "--quick"]
+    argv += ["--states", "3", "--rounds", "1", "--reps", "1", "--output", str(out)]
+    proc = subprocess.run(argv, cwd=str(REPO), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    (row,) = report["results"]
+    assert row["state"] == 3 and set(row["median"]) == {
+        "stock_ssd",
+        "ours_ssd",
+        "stock_mixer",
+        "ours_mixer",
+        "ours_torch_mixer",
+    }
+    assert all(m["wall_s"] > 0 for m in row["median"].values())
+    assert row["mixer_loss_rel_diff"] < 1e-5 and row["ssd_loss_rel_diff"] < 1e-5
+    assert "| tiny | 3 |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
 def test_ddp_overhead_script_measures_both_designs(tmp_path):
     out = tmp_path / "ddp"
     argv = [sys.executable, str(REPO / "scripts" / "ddp_overhead.py"), "--steps", "4", "--skip", "1", "--rounds", "1"]

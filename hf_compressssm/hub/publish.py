@@ -44,6 +44,8 @@ REMOTE_CODE_FILES_BY_MODEL_TYPE: dict[str, tuple[str, ...]] = {
         "modeling_compressssm_mamba2.py",
         "modeling_compressssm_common.py",
         "ssd_scan.py",
+        "ssd_numba_scan.py",
+        "selective_scan.py",
         "kernel_policy.py",
     ),
     **{

@@ -2,9 +2,10 @@
 
 Each family (Mamba-1, Mamba-2) and each hybrid host (Granite 4.0-H, Bamba, Nemotron-H, Zamba2) is a ``configuration_*.py`` / ``modeling_*.py``
 pair; the hosts share ``modeling_compressssm_hybrid.py``; the files they import with single-dot relative
-imports (``modeling_compressssm_common.py``, the kernels ``selective_scan.py``, ``ssd_scan.py``, ``kernel_policy.py``)
-sit in this one folder, because ``save_pretrained`` copies a unit and its relative imports next to the weights as
-remote code. These files import nothing from the rest of the package and only public names of transformers.
+imports (``modeling_compressssm_common.py``, the kernels ``selective_scan.py``, ``ssd_scan.py``,
+``ssd_numba_scan.py``, ``kernel_policy.py``) sit in this one folder, because ``save_pretrained`` copies a unit and
+its relative imports next to the weights as remote code. These files import nothing from the rest of the package
+and only public names of transformers.
 """
 
 from .configuration_compressssm_bamba import CompreSSMBambaConfig

@@ -183,7 +183,7 @@ def kernel_limits(
 class KernelPlan:
     """The kernels one forward uses (both families; see `plan_kernels` and `plan_mamba2_kernels`).
 
-    ``scan``: ``numba`` | ``mamba_ssm`` | ``mambapy`` | ``torch`` (Mamba-2: ``mamba_ssm`` | ``torch``); ``conv`` and
+    ``scan``: ``numba`` | ``mamba_ssm`` | ``mambapy`` | ``torch`` (Mamba-2: ``numba`` | ``mamba_ssm`` | ``torch``); ``conv`` and
     ``conv_step``: ``causal_conv1d`` | ``torch``; ``fused``: a training forward runs one fused kernel
     (``mamba_inner_fn``; Mamba-2: ``mamba_split_conv1d_scan_combined``); ``step`` (decode state update): ``mamba_ssm``
     (triton) | ``torch``; ``fallbacks``: why a kernel that ``auto`` would pick was not used (to warn once).
@@ -346,7 +346,11 @@ def plan_mamba2_kernels(
 ) -> KernelPlan:
     """The kernels of one Mamba-2 forward.
 
-    CPU (any device but CUDA): the torch code of ``ssd_scan.py``. CUDA: ``mamba_ssm``'s SSD kernels and
+    CPU: the numba SSD scan of ``ssd_numba_scan.py`` when numba is importable, else the torch code of
+    ``ssd_scan.py``; ``HF_COMPRESSSSM_SCAN_BACKEND=torch`` forces the torch code, ``numba``/``fast`` forces the numba
+    scan (a ``RuntimeError`` when numba is missing); its other values concern Mamba-1 or CUDA and leave the choice
+    to ``auto`` here. Other devices but CUDA: the torch code. The decode step is the torch step on every device but
+    CUDA. CUDA: ``mamba_ssm``'s SSD kernels and
     ``causal_conv1d`` when importable and the dtype is float32/float16/bfloat16; ``causal_conv1d`` also needs conv
     width 2-4 and a SiLU activation. The fused training kernel additionally needs plain ``conv1d``/``norm``/``out_proj``
     modules (an adapter there would be bypassed), no padding in the batch (it does not re-mask after the convolution)
@@ -355,8 +359,16 @@ def plan_mamba2_kernels(
     ``scan``/``step`` ``mamba_ssm`` mean the triton SSD kernels (``mamba_chunk_scan_combined`` /
     ``selective_state_update``) and ``fused`` means ``mamba_split_conv1d_scan_combined``.
     """
-    if _device_type(device) != "cuda":
-        return KernelPlan("torch", "torch", False, "torch", "torch")
+    dev = _device_type(device)
+    if dev != "cuda":
+        scan = "torch"
+        if dev == "cpu":
+            choice, source = requested_backend()
+            if choice == "numba":
+                _check_forced(choice, source, dev, {})
+            if choice in ("auto", "numba", "mamba_ssm", "mambapy") and _numba_importable():
+                scan = "numba"
+        return KernelPlan(scan, "torch", False, "torch", "torch")
     fallbacks = []
     dtype_ok = dtype is None or dtype in KERNEL_DTYPES
     ssd = _try_import(_SSD_MODULE)

@@ -2,8 +2,9 @@
 
 The classes are written here and keep the stock transformers Mamba-2 parameter names, shapes and initialisation, so
 stock checkpoints load unchanged (`CompreSSMMamba2ForCausalLM.from_mamba2` / `to_mamba2` are exact). Kernels are
-chosen per call (`CompreSSMMamba2Mixer.kernel_plan`): CPU tensors run the torch code of ``ssd_scan.py``, CUDA tensors
-``mamba_ssm``'s SSD kernels and ``causal_conv1d`` when installed, within the kernels' limits. This file is copied next
+chosen per call (`CompreSSMMamba2Mixer.kernel_plan`): CPU tensors run the numba SSD scan of ``ssd_numba_scan.py`` when
+numba is installed (else the torch code of ``ssd_scan.py``), CUDA tensors ``mamba_ssm``'s SSD kernels and
+``causal_conv1d`` when installed, within the kernels' limits. This file is copied next
 to saved weights as remote code: it imports torch, public names of ``transformers`` and its sibling files.
 """
 
@@ -37,6 +38,7 @@ from .modeling_compressssm_common import (
     kernel_layout,
     take_old_cache_name,
 )
+from .ssd_numba_scan import ssd_numba_scan
 from .ssd_scan import ssd_chunk_scan, ssd_state_update
 
 
@@ -143,7 +145,9 @@ class CompreSSMMamba2Mixer(nn.Module):
     ) -> KernelPlan:
         """The kernels a forward on ``device``/``dtype`` uses.
 
-        CPU (any device but CUDA): the torch code of ``ssd_scan.py``. CUDA: ``mamba_ssm``'s SSD kernels and ``causal_conv1d``
+        CPU: the numba SSD scan of ``ssd_numba_scan.py`` when numba is importable (``HF_COMPRESSSSM_SCAN_BACKEND=torch``
+        forces the torch code), else the torch code of ``ssd_scan.py``, as on other devices but CUDA; the decode step is
+        torch's. CUDA: ``mamba_ssm``'s SSD kernels and ``causal_conv1d``
         when importable and the dtype is float32/float16/bfloat16; ``causal_conv1d`` also needs conv width 2-4 and a
         SiLU activation. The fused training kernel additionally needs plain ``conv1d``/``norm``/``out_proj`` modules
         (an adapter there would be bypassed), no padding in the batch (it does not re-mask after the convolution)
@@ -195,7 +199,7 @@ class CompreSSMMamba2Mixer(nn.Module):
         projected_states = self.in_proj(hidden_states)
         plan = self.kernel_plan(projected_states.device, projected_states.dtype, cache is not None, attention_mask)
         seq_idx = kwargs.get("seq_idx")
-        if plan.scan == "torch" and (seq_idx is not None or kwargs.get("cu_seqlens") is not None):
+        if plan.scan != "mamba_ssm" and (seq_idx is not None or kwargs.get("cu_seqlens") is not None):
             raise ValueError("Packed sequences (seq_idx / cu_seqlens) need mamba_ssm's kernels on CUDA tensors.")
         ssd = _try_import("mamba_ssm.ops.triton.ssd_combined") if plan.scan == "mamba_ssm" else None
 
@@ -298,6 +302,8 @@ class CompreSSMMamba2Mixer(nn.Module):
             )
             if ssd is not None:
                 scan_result = ssd.mamba_chunk_scan_combined(*scan_args, seq_idx=seq_idx, **scan_kwargs)
+            elif plan.scan == "numba":
+                scan_result = ssd_numba_scan(*scan_args, **scan_kwargs)
             else:
                 scan_result = ssd_chunk_scan(*scan_args, **scan_kwargs)
             if cache is not None:

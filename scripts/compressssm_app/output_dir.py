@@ -118,6 +118,7 @@ _RUN_OUTPUTS = (
     "selective_scan.py",
     "kernel_policy.py",
     "ssd_scan.py",
+    "ssd_numba_scan.py",
     "runs",
 )
 

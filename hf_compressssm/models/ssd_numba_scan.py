@@ -1,0 +1,443 @@
+"""The Mamba-2 (SSD) scan on CPU tensors: numba kernels, sequential in time, with an exact hand-written backward.
+
+Recurrence per batch row b and head h (group ``g = h // (H / G)``), with the state ``s`` of shape (P, N) and the
+step size ``Δ`` already discretised (``softplus(dt + dt_bias)`` clamped to ``dt_limit``, done by torch outside, so
+autograd differentiates it)::
+
+    s_t = exp(Δ_t A_h) s_{t-1} + Δ_t x_t ⊗ B_t[g]          s_{-1} = initial state or 0
+    y_t = s_t C_t[g] + D_h x_t
+
+Forward: one work item per (batch row, head) streams over time keeping only its (N, P) state (P, the head
+dimension, is the vectorised inner axis, so any N works, 1 and odd included). Backward: per (batch row, head) the
+states are recomputed from checkpoints taken every ``K`` steps (``K`` chosen so a segment's ``K + 1`` states take
+about `SEGMENT_BYTES`, a core's cache), and the gradient of the state ``G_t = dL/ds_t`` runs backwards,
+``G_t = exp(Δ_{t+1} A_h) G_{t+1} + dy_t ⊗ C_t`` (``G_{L-1}`` includes the final state's gradient), giving every
+input's gradient exactly. Memory: the inputs, the outputs and (b, splits, L, G, N) partial sums of dB and dC, plus
+O((L / K + K) P N) scratch per thread; no (b, H, chunks, chunk, chunk) or (b, L, H, P, N) tensor. The work items
+run on `selective_scan`'s thread pool, sized by ``torch.get_num_threads()``. float64 inputs are computed in
+float64, everything else in float32.
+
+This file is copied next to saved weights as remote code: it imports torch, numpy and its sibling files; numba is
+imported lazily (``kernel_policy._try_import``), only when the kernels are first used, and they compile on that
+first use in a process (cached on disk, ``cache=True``).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .kernel_policy import _LOCK, _try_import
+from .selective_scan import _run_parallel
+
+
+__all__ = ["SSDScanFunction", "ssd_numba_scan"]
+
+#: bytes of one segment's recomputed states (K + 1 states of P × N) in the backward: about one core's L2 cache.
+SEGMENT_BYTES = 1 << 20
+
+_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}  # no nnan/ninf: inf/nan inputs stay well-defined
+
+# --------------------------------------------------------------------------------------------------------------
+# numba kernels (plain Python source; jitted lazily by _numba_kernels())
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _ssd_fwd_kernel(item0, item1, x, dt, A, Bm, Cm, Dv, h0, y, hlast, has_D, has_h0, heads_per_group, one):
+    """Forward for work items item0 <= item < item1 of b * H, item = (batch row, head).
+
+    x, y: (b, L, H, P); dt: (b, L, H) discretised; A, Dv: (H,); Bm, Cm: (b, L, G, N); h0, hlast: (b, H, P, N).
+    ``has_*`` say which optional inputs are real (the others are empty dummies); ``one`` is 1 in the compute type."""
+    _, seqlen, heads, hd = x.shape
+    nst = Bm.shape[3]
+    zero = one - one
+    s = np.zeros((nst, hd), dtype=y.dtype)  # the state, transposed: lanes = head channels
+    xdt = np.zeros(hd, dtype=y.dtype)
+    acc = np.zeros(hd, dtype=y.dtype)
+    for item in range(item0, item1):
+        b = item // heads
+        h = item % heads
+        g = h // heads_per_group
+        ah = A[h]
+        dd = Dv[h] if has_D else zero
+        for n in range(nst):
+            for p in range(hd):
+                s[n, p] = h0[b, h, p, n] if has_h0 else zero
+        for t in range(seqlen):
+            dtv = dt[b, t, h]
+            a = math.exp(dtv * ah)
+            for p in range(hd):
+                xv = x[b, t, h, p]
+                xdt[p] = dtv * xv
+                acc[p] = dd * xv
+            for n in range(nst):
+                bn = Bm[b, t, g, n]
+                cn = Cm[b, t, g, n]
+                sn = s[n]
+                for p in range(hd):
+                    v = a * sn[p] + bn * xdt[p]
+                    sn[p] = v
+                    acc[p] += v * cn
+            for p in range(hd):
+                y[b, t, h, p] = acc[p]
+        for p in range(hd):
+            for n in range(nst):
+                hlast[b, h, p, n] = s[n, p]
+
+
+def _ssd_bwd_kernel(
+    item0,
+    item1,
+    x,
+    dt,
+    A,
+    Bm,
+    Cm,
+    Dv,
+    h0,
+    dy,
+    dlast,
+    has_D,
+    has_h0,
+    has_dlast,
+    heads_per_group,
+    nsplit,
+    seg,
+    one,
+    dx,
+    ddt,
+    dA_part,
+    dD_part,
+    dh0,
+    dB_part,
+    dC_part,
+):
+    """Backward for work items item0 <= item < item1 of b * G * nsplit, item = (batch row, group, split of the
+    group's heads).
+
+    Inputs as in _ssd_fwd_kernel plus dy (b, L, H, P) and dlast (b, H, P, N). Writes dx (b, L, H, P), ddt (b, L, H)
+    (w.r.t. the discretised step), dh0 (b, H, P, N), dA_part and dD_part (b, H) (summed over the batch by the
+    caller), and adds into dB_part, dC_part (b, nsplit, L, G, N), zero-initialised (summed over the splits by the
+    caller). Per head: checkpoints every ``seg`` steps, then segment by segment from the end, the segment's states
+    recomputed into scratch and the reverse-time recurrence of G_t = dL/ds_t run over it."""
+    _, seqlen, heads, hd = x.shape
+    groups = Bm.shape[2]
+    nst = Bm.shape[3]
+    zero = one - one
+    nseg = (seqlen + seg - 1) // seg
+    ck = np.zeros((nseg, nst, hd), dtype=dx.dtype)  # ck[k] = the state entering segment k
+    buf = np.zeros((seg + 1, nst, hd), dtype=dx.dtype)  # buf[i + 1] = s_{t0 + i}, buf[0] = s_{t0 - 1}
+    decay = np.zeros(seg, dtype=dx.dtype)
+    gs = np.zeros((nst, hd), dtype=dx.dtype)  # G, transposed
+    xdt = np.zeros(hd, dtype=dx.dtype)
+    dyl = np.zeros(hd, dtype=dx.dtype)
+    dxdt = np.zeros(hd, dtype=dx.dtype)
+    for item in range(item0, item1):
+        b = item // (groups * nsplit)
+        g = (item // nsplit) % groups
+        part = item % nsplit
+        first = g * heads_per_group + (part * heads_per_group) // nsplit
+        last = g * heads_per_group + ((part + 1) * heads_per_group) // nsplit
+        dBp = dB_part[b, part]
+        dCp = dC_part[b, part]
+        for h in range(first, last):
+            ah = A[h]
+            dd = Dv[h] if has_D else zero
+            # pass 1: the checkpoints
+            s = buf[0]
+            for n in range(nst):
+                for p in range(hd):
+                    s[n, p] = h0[b, h, p, n] if has_h0 else zero
+            for t in range(seqlen):
+                if t % seg == 0:
+                    ck[t // seg] = s
+                dtv = dt[b, t, h]
+                a = math.exp(dtv * ah)
+                for p in range(hd):
+                    xdt[p] = dtv * x[b, t, h, p]
+                for n in range(nst):
+                    bn = Bm[b, t, g, n]
+                    sn = s[n]
+                    for p in range(hd):
+                        sn[p] = a * sn[p] + bn * xdt[p]
+            # pass 2: segments from the end
+            for n in range(nst):
+                for p in range(hd):
+                    gs[n, p] = dlast[b, h, p, n] if has_dlast else zero
+            a_next = one
+            dA_acc = zero
+            dD_acc = zero
+            for k in range(nseg - 1, -1, -1):
+                t0 = k * seg
+                t1 = min(seqlen, t0 + seg)
+                buf[0] = ck[k]
+                for t in range(t0, t1):
+                    i = t - t0
+                    dtv = dt[b, t, h]
+                    a = math.exp(dtv * ah)
+                    decay[i] = a
+                    for p in range(hd):
+                        xdt[p] = dtv * x[b, t, h, p]
+                    for n in range(nst):
+                        bn = Bm[b, t, g, n]
+                        prev = buf[i, n]
+                        cur = buf[i + 1, n]
+                        for p in range(hd):
+                            cur[p] = a * prev[p] + bn * xdt[p]
+                for t in range(t1 - 1, t0 - 1, -1):
+                    i = t - t0
+                    a = decay[i]
+                    dtv = dt[b, t, h]
+                    for p in range(hd):
+                        xdt[p] = dtv * x[b, t, h, p]
+                        dyl[p] = dy[b, t, h, p]
+                        dxdt[p] = zero
+                    da = zero
+                    for n in range(nst):
+                        bn = Bm[b, t, g, n]
+                        cn = Cm[b, t, g, n]
+                        gn = gs[n]
+                        cur = buf[i + 1, n]
+                        prev = buf[i, n]
+                        sc = zero
+                        sb = zero
+                        for p in range(hd):
+                            gv = a_next * gn[p] + dyl[p] * cn
+                            gn[p] = gv
+                            sc += cur[p] * dyl[p]
+                            sb += gv * xdt[p]
+                            dxdt[p] += gv * bn
+                            da += gv * prev[p]
+                        dCp[t, g, n] += sc
+                        dBp[t, g, n] += sb
+                    dxs = zero
+                    dds = zero
+                    for p in range(hd):
+                        xv = x[b, t, h, p]
+                        dx[b, t, h, p] = dtv * dxdt[p] + dd * dyl[p]
+                        dxs += dxdt[p] * xv
+                        dds += dyl[p] * xv
+                    dlog = da * a  # dL/d(Δ_t A_h)
+                    ddt[b, t, h] = dxs + dlog * ah
+                    dA_acc += dlog * dtv
+                    dD_acc += dds
+                    a_next = a
+            for p in range(hd):
+                for n in range(nst):
+                    dh0[b, h, p, n] = a_next * gs[n, p]
+            dA_part[b, h] = dA_acc
+            dD_part[b, h] = dD_acc
+
+
+_KERNELS = None
+
+
+def _cache_named(fn):
+    """Suffix the qualname (numba's on-disk cache key) with a hash of this module's name, so the same file imported
+    under two names (package module, remote-code copy) never loads the other's cache entry."""
+    fn.__qualname__ = f"{fn.__name__}_{zlib.crc32(__name__.encode()) & 0xFFFFFFFF:08x}"
+    return fn
+
+
+def _numba_kernels():
+    """Jit (or load from the on-disk cache) the kernels; returns (forward, backward)."""
+    global _KERNELS
+    with _LOCK:
+        if _KERNELS is None:
+            numba = _try_import("numba")
+            if numba is None:
+                raise RuntimeError("the numba SSD scan needs numba (pip install numba)")
+            opts = dict(cache=True, fastmath=_FASTMATH, nogil=True)
+            _KERNELS = (
+                numba.njit(**opts)(_cache_named(_ssd_fwd_kernel)),
+                numba.njit(**opts)(_cache_named(_ssd_bwd_kernel)),
+            )
+        return _KERNELS
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the autograd function
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(*tensors) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _np(t: torch.Tensor | None, cd: torch.dtype, ndim: int) -> np.ndarray:
+    """A tensor as a contiguous numpy array in the compute dtype, or an empty dummy when it is None."""
+    if t is None:
+        return np.zeros((0,) * ndim, dtype=np.float64 if cd == torch.float64 else np.float32)
+    return t.detach().to(cd).contiguous().numpy()
+
+
+def _one(cd: torch.dtype):
+    return np.float64(1.0) if cd == torch.float64 else np.float32(1.0)
+
+
+def _segment_length(seqlen: int, state_elems: int, itemsize: int) -> int:
+    """Steps per checkpoint segment of the backward: (K + 1) states fit in `SEGMENT_BYTES`, at least 4 steps."""
+    return int(max(1, min(seqlen, max(4, SEGMENT_BYTES // max(1, state_elems * itemsize) - 1))))
+
+
+def _head_splits(bsz: int, groups: int, heads_per_group: int, nthreads: int) -> int:
+    """Splits of each group's heads in the backward: enough work items to keep every thread busy, few enough to
+    keep the dB/dC partial sums small."""
+    if nthreads <= 1:
+        return 1
+    return int(max(1, min(heads_per_group, -(-2 * nthreads // max(1, bsz * groups)))))
+
+
+class SSDScanFunction(torch.autograd.Function):
+    """The SSD scan on CPU tensors (numba kernels) with an exact backward.
+
+    ``apply(x, dt, A, B, C, D, initial_state) -> (y, final_state)``: x (b, L, H, P), dt (b, L, H) the discretised
+    step, A and D (H,), B and C (b, L, G, N), initial_state (b, H, P, N); D and initial_state may be None. y
+    (b, L, H, P) and final_state (b, H, P, N) are in the compute dtype (float64 for float64 inputs, else float32);
+    both are differentiable. Only the inputs are saved for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, initial_state):
+        fwd, _ = _numba_kernels()
+        cd = _compute_dtype(x, dt, A, B, C, initial_state)
+        bsz, seqlen, heads, head_dim = x.shape
+        groups, n_state = B.shape[2], B.shape[3]
+        y = torch.empty(bsz, seqlen, heads, head_dim, dtype=cd)
+        final = torch.empty(bsz, heads, head_dim, n_state, dtype=cd)
+        _run_parallel(
+            fwd,
+            bsz * heads,
+            _np(x, cd, 4),
+            _np(dt, cd, 3),
+            _np(A, cd, 1),
+            _np(B, cd, 4),
+            _np(C, cd, 4),
+            _np(D, cd, 1),
+            _np(initial_state, cd, 4),
+            y.numpy(),
+            final.numpy(),
+            D is not None,
+            initial_state is not None,
+            heads // groups,
+            _one(cd),
+        )
+        ctx.save_for_backward(x, dt, A, B, C, D, initial_state)
+        ctx.set_materialize_grads(False)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        _, bwd = _numba_kernels()
+        x, dt, A, B, C, D, initial_state = ctx.saved_tensors
+        cd = _compute_dtype(x, dt, A, B, C, initial_state)
+        bsz, seqlen, heads, head_dim = x.shape
+        groups, n_state = B.shape[2], B.shape[3]
+        heads_per_group = heads // groups
+        nsplit = _head_splits(bsz, groups, heads_per_group, max(1, torch.get_num_threads()))
+        itemsize = 8 if cd == torch.float64 else 4
+        dx = torch.empty(bsz, seqlen, heads, head_dim, dtype=cd)
+        ddt = torch.empty(bsz, seqlen, heads, dtype=cd)
+        dA_part = torch.empty(bsz, heads, dtype=cd)
+        dD_part = torch.empty(bsz, heads, dtype=cd)
+        dh0 = torch.empty(bsz, heads, head_dim, n_state, dtype=cd)
+        dB_part = torch.zeros(bsz, nsplit, seqlen, groups, n_state, dtype=cd)
+        dC_part = torch.zeros(bsz, nsplit, seqlen, groups, n_state, dtype=cd)
+        if dy is None:
+            dy = torch.zeros(bsz, seqlen, heads, head_dim, dtype=cd)
+        _run_parallel(
+            bwd,
+            bsz * groups * nsplit,
+            _np(x, cd, 4),
+            _np(dt, cd, 3),
+            _np(A, cd, 1),
+            _np(B, cd, 4),
+            _np(C, cd, 4),
+            _np(D, cd, 1),
+            _np(initial_state, cd, 4),
+            _np(dy, cd, 4),
+            _np(dfinal, cd, 4),
+            D is not None,
+            initial_state is not None,
+            dfinal is not None,
+            heads_per_group,
+            nsplit,
+            _segment_length(seqlen, n_state * head_dim, itemsize),
+            _one(cd),
+            dx.numpy(),
+            ddt.numpy(),
+            dA_part.numpy(),
+            dD_part.numpy(),
+            dh0.numpy(),
+            dB_part.numpy(),
+            dC_part.numpy(),
+        )
+        need = ctx.needs_input_grad
+
+        def out(flag, grad, like):
+            return grad.to(like.dtype) if flag and like is not None else None
+
+        return (
+            out(need[0], dx, x),
+            out(need[1], ddt, dt),
+            out(need[2], dA_part.sum(0), A),
+            out(need[3], dB_part.sum(1) if nsplit > 1 else dB_part[:, 0], B),
+            out(need[4], dC_part.sum(1) if nsplit > 1 else dC_part[:, 0], C),
+            out(need[5], dD_part.sum(0), D),
+            out(need[6], dh0, initial_state),
+        )
+
+
+def ssd_numba_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int | None = None,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    return_final_states: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The SSD scan over a whole sequence on CPU tensors, with `ssd_scan.ssd_chunk_scan`'s signature.
+
+    x (b, L, H, P), dt (b, L, H), A (H,), B and C (b, L, G, N), D (H,), dt_bias (H,), initial_states (b, H, P, N).
+    Returns y (b, L, H, P), and the final state (b, H, P, N) when ``return_final_states``, in float32 (float64 for
+    float64 inputs); differentiable in every tensor input. ``chunk_size`` is accepted and ignored (the kernel is
+    sequential in time); ``z`` (gating) is not supported (Mamba-2 gates in its norm).
+    """
+    if z is not None:
+        raise ValueError("ssd_numba_scan: gating (z) is applied by the gated norm, pass z=None")
+    if x.device.type != "cpu":
+        raise RuntimeError(f"ssd_numba_scan runs on CPU tensors only (got device {x.device})")
+    batch, length, heads, head_dim = x.shape
+    groups, state_size = B.shape[2], B.shape[3]
+    if heads % groups or tuple(B.shape) != (batch, length, groups, state_size) or C.shape != B.shape:
+        raise ValueError(
+            f"ssd_numba_scan: B and C must be (b, L, G, N) with G dividing H={heads}, got {tuple(B.shape)} and "
+            f"{tuple(C.shape)}"
+        )
+    cd = _compute_dtype(x, dt, A, B, C, initial_states)
+    step = dt.to(cd)
+    if dt_bias is not None:
+        step = step + dt_bias.to(cd)
+    if dt_softplus:
+        step = F.softplus(step)
+    step = step.clamp(min=dt_limit[0], max=dt_limit[1])
+    if length == 0:
+        y = x.new_zeros(batch, 0, heads, head_dim, dtype=cd)
+        if initial_states is None:
+            final = x.new_zeros(batch, heads, head_dim, state_size, dtype=cd)
+        else:
+            final = initial_states.to(cd)
+        return (y, final) if return_final_states else y
+    y, final = SSDScanFunction.apply(x, step, A, B, C, D, initial_states)
+    return (y, final) if return_final_states else y
