@@ -17,6 +17,16 @@ Presets (`default_presets`; ``--tasks`` picks some by name, ``--set name.field=v
                            32, one group, N0 = 128 as transformers' `Mamba2Config`): full vs CompreSSM vs
                            small-from-scratch at the final sizes, 2000 steps (issue 13).
 
+Opt-in presets (run only when ``--tasks`` names them; the default command is unchanged):
+
+* ``granite_hybrid_lm``    the byte-level LM with a small Granite-4.0-H-shaped hybrid
+                           (`CompreSSMGraniteMoeHybridForCausalLM`, ``family="granitemoehybrid"``: hidden 128, layers
+                           Mamba/Mamba/attention/Mamba, Mamba heads of 64 channels, N0 = 128, dense MLP, NoPE):
+                           full vs CompreSSM vs scratch; its probe also measures the decode cache of one sequence
+                           after a prefill of each of ``cache_contexts`` tokens (attention KV + SSM states)::
+
+                               python scripts/benchmark.py --tasks granite_hybrid_lm --output_dir scripts/results/hybrid
+
 For each preset and seed, with the same data, steps, learning-rate schedule and seed (initialisation and data
 order) for every variant: ``full`` (N0 throughout); ``compressssm`` (`CompreSSMCallback`, tolerance mode, default
 score and schedule: 4 cuts in the first 10 % of the steps) at each τ of the grid; ``scratch`` (trained from scratch
@@ -115,6 +125,16 @@ class TaskPreset:
     hnn_seeds: int = 1  # HNN runs only for the first hnn_seeds seeds
     probe_reps: int = 8  # step-time probe repetitions per size
     ceiling_target: float | None = None  # verdict: the step-time ceiling at the final sizes is at least this
+    # Granite 4.0-H hybrid only (family "granitemoehybrid"; head_dim, n_groups, chunk_size as for Mamba-2)
+    layer_pattern: str = ""  # one letter per layer: M (a Mamba-2 layer) or A (an attention layer); len == num_layers
+    attention_heads: int = 2
+    kv_heads: int = 1
+    attention_head_dim: int = 64
+    experts: int = 0  # routed MoE experts per layer (0: the dense shared MLP only, as the small Granite 4.0-H models)
+    experts_per_token: int = 1
+    expert_size: int = 64  # intermediate width of each routed expert
+    shared_mlp_size: int = 256  # intermediate width of the shared (dense) MLP
+    cache_contexts: list[int] = field(default_factory=list)  # probe: decode cache after a prefill of these lengths
 
 
 def default_presets() -> dict[str, TaskPreset]:
@@ -168,6 +188,67 @@ def default_presets() -> dict[str, TaskPreset]:
     }
 
 
+def hybrid_presets(quick: bool = False) -> dict[str, TaskPreset]:
+    """The opt-in hybrid preset (``--tasks granite_hybrid_lm``), full size or tiny (``quick``).
+
+    Sized on 2 shared CPU cores, one thread: a step of batch 8 × 256 bytes takes about 0.66 s CPU at N0 and 0.53 s
+    with every Mamba layer at 16 (transformers' chunked torch path for the Mamba layers); 500 steps keep the 9 runs
+    of 3 seeds near 45 min of run time."""
+    if quick:
+        return {
+            "granite_hybrid_lm": TaskPreset(
+                task="causal_lm",
+                family="granitemoehybrid",
+                variants=["full", "compressssm", "scratch"],
+                hidden_size=16,
+                num_layers=3,
+                layer_pattern="MAM",
+                state_size=16,
+                head_dim=8,
+                chunk_size=16,
+                attention_heads=2,
+                kv_heads=1,
+                attention_head_dim=8,
+                shared_mlp_size=32,
+                cache_contexts=[64, 256],
+                block_size=32,
+                eval_blocks=8,
+                batch_size=4,
+                steps=40,
+                probe_reps=2,
+                curve_points=2,
+                taus=[0.1, 0.3],
+                main_tau=0.3,
+            )
+        }
+    return {
+        "granite_hybrid_lm": TaskPreset(
+            task="causal_lm",
+            family="granitemoehybrid",
+            variants=["full", "compressssm", "scratch"],
+            hidden_size=128,
+            num_layers=4,
+            layer_pattern="MMAM",
+            state_size=128,
+            head_dim=64,
+            n_groups=1,
+            chunk_size=256,
+            attention_heads=2,
+            kv_heads=1,
+            attention_head_dim=64,
+            experts=0,
+            shared_mlp_size=256,
+            cache_contexts=[2048, 32768],
+            block_size=256,
+            eval_blocks=100,
+            steps=500,
+            batch_size=8,
+            curve_points=4,
+            probe_reps=4,
+        )
+    }
+
+
 def quick_presets() -> dict[str, TaskPreset]:
     """Tiny versions of every default preset (every variant and the report builder; numbers meaningless)."""
     tiny = dict(steps=40, hnn_steps=4, probe_reps=2, curve_points=2, taus=[0.1, 0.3], main_tau=0.3)
@@ -217,6 +298,8 @@ def quick_presets() -> dict[str, TaskPreset]:
 def _coerce(value: str, current: Any, name: str) -> Any:
     if name == "variants":
         return [v.strip() for v in value.split(",") if v.strip()]
+    if name == "cache_contexts":
+        return [int(v) for v in value.split(",") if v.strip()]
     if isinstance(current, bool):
         return value.lower() in ("1", "true", "yes")
     if isinstance(current, list) or name in ("taus", "scratch_taus"):
@@ -256,8 +339,15 @@ def check_presets(presets: dict[str, TaskPreset]) -> None:
             raise SystemExit(f"benchmark.py: {name}: task={p.task!r}; choose from {TASK_KINDS}")
         if p.family not in MODEL_FAMILIES:
             raise SystemExit(f"benchmark.py: {name}: family={p.family!r}; available: {sorted(MODEL_FAMILIES)}")
-        if p.family == "mamba2" and (p.task != "causal_lm" or "hnn" in p.variants):
-            raise SystemExit(f"benchmark.py: {name}: the Mamba-2 family runs causal_lm without the hnn variant")
+        if p.family != "mamba" and (p.task != "causal_lm" or "hnn" in p.variants):
+            raise SystemExit(f"benchmark.py: {name}: the {p.family} family runs causal_lm without the hnn variant")
+        if p.family == "granitemoehybrid" and (
+            len(p.layer_pattern) != p.num_layers or set(p.layer_pattern) - {"M", "A"} or "M" not in p.layer_pattern
+        ):
+            raise SystemExit(
+                f"benchmark.py: {name}: layer_pattern={p.layer_pattern!r} needs one letter M (Mamba) or A "
+                f"(attention) per layer (num_layers={p.num_layers}), at least one M"
+            )
         if unknown := [v for v in p.variants if v not in VARIANTS]:
             raise SystemExit(f"benchmark.py: {name}: unknown variants {unknown}; choose from {VARIANTS}")
         if p.main_tau not in p.taus:
@@ -418,10 +508,64 @@ def _mamba2_model(task_data: TaskData, p: TaskPreset):
     return build_model(model_args, task_data)
 
 
-MODEL_FAMILIES: dict[str, Callable[[TaskData, TaskPreset], Any]] = {"mamba": _mamba_model, "mamba2": _mamba2_model}
-FAMILY_FIELDS = {"mamba2": ("head_dim", "n_groups", "chunk_size")}
-"""Preset fields only one family reads (left out of the other families' fingerprints: their results files stay valid)."""
+def _granite_hybrid_model(task_data: TaskData, p: TaskPreset):
+    """A Granite 4.0-H-shaped hybrid (`CompreSSMGraniteMoeHybridForCausalLM`) at N0: ``p.layer_pattern`` places the
+    Mamba-2 (M) and attention (A) layers; Mamba heads of ``p.head_dim`` channels over the inner width 2·hidden;
+    attention scaled by 1/head_dim and without position embeddings (NoPE), as Granite 4.0-H; embeddings tied."""
+    from hf_compressssm import CompreSSMGraniteMoeHybridConfig, CompreSSMGraniteMoeHybridForCausalLM
+
+    config = CompreSSMGraniteMoeHybridConfig(
+        vocab_size=task_data.vocab_size,
+        hidden_size=p.hidden_size,
+        num_hidden_layers=len(p.layer_pattern),
+        layer_types=["mamba" if c == "M" else "attention" for c in p.layer_pattern],
+        num_attention_heads=p.attention_heads,
+        num_key_value_heads=p.kv_heads,
+        head_dim=p.attention_head_dim,
+        attention_multiplier=1.0 / p.attention_head_dim,
+        position_embedding_type="nope",
+        max_position_embeddings=max([p.block_size, *p.cache_contexts]),
+        mamba_n_heads=2 * p.hidden_size // p.head_dim,
+        mamba_d_head=p.head_dim,
+        mamba_n_groups=p.n_groups,
+        mamba_d_state=p.state_size,
+        mamba_chunk_size=p.chunk_size,
+        num_local_experts=p.experts,
+        num_experts_per_tok=p.experts_per_token,
+        intermediate_size=p.expert_size,
+        shared_intermediate_size=p.shared_mlp_size,
+        tie_word_embeddings=True,
+        **(task_data.special_token_ids or {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0}),
+    )
+    return CompreSSMGraniteMoeHybridForCausalLM(config)
+
+
+MODEL_FAMILIES: dict[str, Callable[[TaskData, TaskPreset], Any]] = {
+    "mamba": _mamba_model,
+    "mamba2": _mamba2_model,
+    "granitemoehybrid": _granite_hybrid_model,
+}
 """Preset ``family`` → a function building a fresh model at N0 for the task (a second SSM family adds its entry)."""
+_HYBRID_FIELDS = ("layer_pattern", "attention_heads", "kv_heads", "attention_head_dim", "experts", "experts_per_token")
+FAMILY_FIELDS = {
+    "mamba2": ("head_dim", "n_groups", "chunk_size"),
+    "granitemoehybrid": (
+        "head_dim",
+        "n_groups",
+        "chunk_size",
+        *_HYBRID_FIELDS,
+        "expert_size",
+        "shared_mlp_size",
+        "cache_contexts",
+    ),
+}
+"""Preset fields only some families read (left out of the other families' fingerprints: their results files stay
+valid)."""
+
+
+def ssm_layer_count(p: TaskPreset) -> int:
+    """How many layers of the preset's model have an SSM state (the length of its ``config.state_sizes``)."""
+    return p.layer_pattern.count("M") if p.family == "granitemoehybrid" else p.num_layers
 
 
 def new_model(task_data: TaskData, p: TaskPreset, seed: int, state_sizes: list[int] | None = None):
@@ -545,8 +689,8 @@ def run_variant(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, thread
 
 
 def _scan_share(model, batch) -> dict[str, float | None]:
-    """The selective-scan kernel's share of a profiled step (Mamba-1); None for Mamba-2, whose CPU path is
-    transformers' chunked torch code with no single scan op to attribute."""
+    """The selective-scan kernel's share of a profiled step (Mamba-1); None for Mamba-2 layers (pure or in a
+    hybrid), whose CPU path is transformers' chunked torch code with no single scan op to attribute."""
     from torch.profiler import ProfilerActivity, profile
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -557,7 +701,7 @@ def _scan_share(model, batch) -> dict[str, float | None]:
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     scan = sum(e.cpu_time_total for e in events if e.key in ("SelectiveScanFunction", "SelectiveScanFunctionBackward"))
-    share = None if getattr(model.config, "model_type", "") == "compressssm_mamba2" else scan / max(1e-12, total)
+    share = scan / max(1e-12, total) if getattr(model.config, "model_type", "") == "compressssm_mamba" else None
     return {"scan_share": share, "profiled_step_ms": total / 1000.0}
 
 
@@ -592,12 +736,34 @@ def decode_cache_bytes(model, input_ids: torch.Tensor) -> int:
     return _tensor_bytes(cache)
 
 
+def context_cache_bytes(model, context: int) -> dict[str, int]:
+    """Bytes of the decode cache of one sequence (batch 1) after a prefill of ``context`` tokens with
+    ``use_cache=True``: the real cache object the model builds, summed tensor by tensor. ``attention_kv``: the keys
+    and values of the attention layers; ``ssm_states``: the conv and recurrent states of the Mamba layers;
+    ``other``: any further tensor the cache holds (bookkeeping such as token counters); ``total``: all of them."""
+    vocab = int(model.config.vocab_size)
+    ids = (torch.arange(context) % vocab)[None]
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    model.train()
+    cache = out.get("cache", None) or out.get("past_key_values", None)
+    if cache is None:
+        raise RuntimeError(f"{type(model).__name__} returned no decode cache with use_cache=True")
+    kv = ssm = 0
+    for layer in getattr(cache, "layers", []):
+        kv += sum(_tensor_bytes(getattr(layer, name, None)) for name in ("keys", "values"))
+        ssm += sum(_tensor_bytes(getattr(layer, name, None)) for name in ("conv_states", "recurrent_states"))
+    total = _tensor_bytes(cache)
+    return {"attention_kv": kv, "ssm_states": ssm, "other": total - kv - ssm, "total": total}
+
+
 def run_probe(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, threads: int) -> dict[str, Any]:
     """Time one training step (forward, backward, AdamW) on a fixed batch at N0 and at ``spec['sizes']``."""
     torch.set_num_threads(threads)
     hf_logging.set_verbosity_error()
     _warm_up(task_data, p)
-    sizes = {"full": None, "compressed": spec["sizes"], "min": [1] * p.num_layers}
+    sizes = {"full": None, "compressed": spec["sizes"], "min": [1] * ssm_layer_count(p)}
     loader = torch.utils.data.DataLoader(task_data.train_dataset, batch_size=p.batch_size, shuffle=False)
     first = next(iter(loader))
     batch = {"input_ids": first["input_ids"], "labels": first["labels"]}
@@ -643,6 +809,10 @@ def run_probe(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, threads:
         "ratio": cache["full"] / cache["compressed"],
         "dtype": str(next(models["full"].parameters()).dtype).replace("torch.", ""),
     }
+    if p.family == "granitemoehybrid" and p.cache_contexts:
+        out["decode_cache_context"] = {
+            str(t): {k: context_cache_bytes(models[k], t) for k in ("full", "compressed")} for t in p.cache_contexts
+        }
     return out
 
 
@@ -653,7 +823,7 @@ def time_steps(task_data: TaskData, p: TaskPreset, threads: int, steps: int = 6)
     hf_logging.set_verbosity_error()
     _warm_up(task_data, p)
     out: dict[str, float] = {}
-    small = [max(1, p.state_size // 10)] * p.num_layers
+    small = [max(1, p.state_size // 10)] * ssm_layer_count(p)
     out["hnn"] = float("nan")
     for label, sizes, trainer_cls in (("full", None, Trainer), ("small", small, Trainer), ("hnn", None, HNNTrainer)):
         if label == "hnn" and "hnn" not in p.variants:
@@ -738,6 +908,7 @@ def run_id(name: str, key: str, seed: int | None) -> str:
 def preset_fingerprint(p: TaskPreset, threads: int) -> str:
     """What a preset's runs depend on (not the seeds or variants asked for: adding some reuses the rest)."""
     own = {f for fam, names in FAMILY_FIELDS.items() if fam != p.family for f in names}
+    own -= set(FAMILY_FIELDS.get(p.family, ()))
     preset = {k: v for k, v in asdict(p).items() if k not in own}
     return fingerprint({"preset": preset, "threads": threads})
 
@@ -751,6 +922,8 @@ def _load() -> str:
 
 def select_presets(args: argparse.Namespace) -> dict[str, TaskPreset]:
     presets = quick_presets() if args.quick else default_presets()
+    default_names = list(presets)
+    presets |= hybrid_presets(args.quick)  # opt-in: run only when --tasks names them
     if args.taus:
         taus = [float(t) for t in args.taus.split(",") if t.strip()]
         for p in presets.values():
@@ -758,7 +931,7 @@ def select_presets(args: argparse.Namespace) -> dict[str, TaskPreset]:
             if p.main_tau not in taus:
                 p.main_tau = taus[len(taus) // 2]
     apply_overrides(presets, args.overrides)
-    names = [t.strip() for t in (args.tasks or ",".join(presets)).split(",") if t.strip()]
+    names = [t.strip() for t in (args.tasks or ",".join(default_names)).split(",") if t.strip()]
     if unknown := [n for n in names if n not in presets]:
         raise SystemExit(f"benchmark.py: unknown preset(s) {unknown}; choose from {list(presets)}")
     presets = {n: presets[n] for n in names}
