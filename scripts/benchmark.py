@@ -191,9 +191,9 @@ def default_presets() -> dict[str, TaskPreset]:
 def hybrid_presets(quick: bool = False) -> dict[str, TaskPreset]:
     """The opt-in hybrid preset (``--tasks granite_hybrid_lm``), full size or tiny (``quick``).
 
-    Sized on 2 shared CPU cores, one thread: a step of batch 8 × 256 bytes takes about 0.66 s CPU at N0 and 0.53 s
-    with every Mamba layer at 16 (transformers' chunked torch path for the Mamba layers); 500 steps keep the 9 runs
-    of 3 seeds near 45 min of run time."""
+    Sized with ``--estimate`` on 2 CPU cores shared with other jobs, one thread: a step of batch 8 × 256 bytes takes
+    0.65 s CPU at N0 and 0.43 s at N0/10 (transformers' chunked torch path for the Mamba layers), one evaluation 4 s;
+    400 steps keep the 9 runs of 3 seeds near 35 min of run time on an idle core."""
     if quick:
         return {
             "granite_hybrid_lm": TaskPreset(
@@ -241,7 +241,7 @@ def hybrid_presets(quick: bool = False) -> dict[str, TaskPreset]:
             cache_contexts=[2048, 32768],
             block_size=256,
             eval_blocks=100,
-            steps=500,
+            steps=400,
             batch_size=8,
             curve_points=4,
             probe_reps=4,
