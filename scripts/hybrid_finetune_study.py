@@ -274,6 +274,27 @@ def run_posthoc(s: StudySettings, data: StudyData, folder: Path, size: int | Non
     }
 
 
+def run_no_state_readout(s: StudySettings, data: StudyData, folder: Path, before: dict) -> dict[str, Any]:
+    """How much the recurrent states contribute at all: the pretrained model with every Mamba layer's C set to zero
+    (the ``in_proj`` rows and ``conv1d`` channels of C), so that each layer outputs only its skip term D·x through
+    the gate and norm; the rest of the model unchanged."""
+    model = _load(folder)
+    with torch.no_grad():
+        for mixer in model.ssm_mixers():
+            inner, gn = int(mixer.intermediate_size), int(mixer.n_groups) * int(mixer.ssm_state_size)
+            mixer.in_proj.weight[2 * inner + gn : 2 * inner + 2 * gn] = 0.0
+            mixer.conv1d.weight[inner + gn : inner + 2 * gn] = 0.0
+            if mixer.conv1d.bias is not None:
+                mixer.conv1d.bias[inner + gn : inner + 2 * gn] = 0.0
+    return {
+        "part": "reference",
+        "state_sizes": model.state_sizes(),
+        "sizes_after": list(model.config.state_sizes),
+        "eval_before": before,
+        "eval": _eval(model, data, s),
+    }
+
+
 def run_finetune(s: StudySettings, data: StudyData, folder: Path, cut: dict[str, Any] | None) -> dict[str, Any]:
     model = _load(folder)
     callbacks = []
@@ -318,7 +339,7 @@ def plan(s: StudySettings) -> list[tuple[str, dict[str, Any]]]:
     parts += [("finetune/full", {"cut": None})]
     parts += [(f"finetune/cut@{k}", {"cut": {"size": k}}) for k in s.finetune_sizes]
     parts += [(f"finetune/tau@{s.tau:g}", {"cut": {"tau": s.tau}})]
-    return parts
+    return parts + [("reference/no-state-readout", {})]
 
 
 def write_report(out_dir: Path, s: StudySettings, store: ResultsStore, meta: dict[str, Any]) -> None:
@@ -366,6 +387,13 @@ def write_report(out_dir: Path, s: StudySettings, store: ResultsStore, meta: dic
             lines.append(
                 f"| {how} | {r['sizes_after']} | {r['parameters']} | {b:.4f} | {a:.4f} | {a - b:+.4f} "
                 f"({a / b - 1:+.1%}) | {r['compress_seconds']:.2f} |"
+            )
+        ref = parts.get("reference/no-state-readout")
+        if ref:
+            b, a = ref["eval_before"]["loss"], ref["eval"]["loss"]
+            lines.append(
+                f"| reference: no state readout (C = 0 in every Mamba layer: y = D·x) | – | – | {b:.4f} | {a:.4f} | "
+                f"{a - b:+.4f} ({a / b - 1:+.1%}) | – |"
             )
         lines.append("")
     tune = [(k, v) for k, v in parts.items() if k.startswith("finetune")]
@@ -442,6 +470,8 @@ def main(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         if name == "pretrain":
             result = run_pretrain(s, data, folder)
+        elif name.startswith("reference"):
+            result = run_no_state_readout(s, data, folder, store.get("pretrain")["eval"])
         elif name.startswith("posthoc"):
             result = run_posthoc(s, data, folder, spec["size"], store.get("pretrain")["eval"])
         else:

@@ -127,7 +127,7 @@ def test_quick_finetune_study_runs_every_part_and_resumes(tmp_path):
     report = json.loads((tmp_path / "out" / "hybrid_finetune_study.json").read_text())
     parts = report["parts"]
     expected = ["pretrain", "posthoc@8", "posthoc@4", "posthoc@tau0.25", "finetune/full", "finetune/cut@4"]
-    assert list(parts) == [*expected, "finetune/tau@0.25"]
+    assert list(parts) == [*expected, "finetune/tau@0.25", "reference/no-state-readout"]
     mamba = [i for i, c in enumerate(report["settings"]["layer_pattern"]) if c == "M"]
     assert [i for i, n in enumerate(parts["pretrain"]["state_sizes"]) if n is not None] == mamba
     assert parts["posthoc@4"]["sizes_after"] == [4] * len(mamba)
@@ -137,9 +137,15 @@ def test_quick_finetune_study_runs_every_part_and_resumes(tmp_path):
     assert cut["sizes_after"] == [4] * len(mamba) and [r["step"] for r in cut["reductions"]] == [2]
     assert [pt["step"] for pt in cut["curve"]] == [2, 4] and cut["curve"][0]["state_sizes"] == [4] * len(mamba)
     assert all(n < 16 for n in parts["finetune/tau@0.25"]["sizes_after"])
+    assert parts["reference/no-state-readout"]["eval_before"] == parts["pretrain"]["eval"]
     md = (tmp_path / "out" / "hybrid_finetune_study.md").read_text()
-    assert "target_sizes = 4 per layer" in md and "| finetune/cut@4 |" in md and "PARTIAL" not in md
+    assert (
+        "target_sizes = 4 per layer" in md
+        and "no state readout" in md
+        and "| finetune/cut@4 |" in md
+        and "PARTIAL" not in md
+    )
     lines = (tmp_path / "out" / "hybrid_finetune_runs.jsonl").read_text().splitlines()
     again = run()
-    assert again.returncode == 0 and again.stdout.count("done before, skipped") == len(expected) + 1
+    assert again.returncode == 0 and again.stdout.count("done before, skipped") == len(expected) + 2
     assert (tmp_path / "out" / "hybrid_finetune_runs.jsonl").read_text().splitlines() == lines
