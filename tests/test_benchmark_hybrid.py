@@ -63,6 +63,23 @@ def test_existing_preset_fingerprints_ignore_the_hybrid_fields(bench):
     assert bench.preset_fingerprint(hybrid, 1) != before
 
 
+def test_hybrid_preset_is_that_of_the_committed_results(bench):
+    """configs/presets/benchmark/granite_hybrid_lm.yaml has the fingerprint its runs in scripts/results/hybrid carry
+    (the results file resumes), and only --tasks granite_hybrid_lm selects it."""
+    recorded = {
+        json.loads(line)["fingerprint"]
+        for line in (REPO / "scripts" / "results" / "hybrid" / "benchmark_runs.jsonl").read_text().splitlines()
+    }
+    presets = bench.default_presets(opt_in=True)
+    assert list(presets)[-1] == "granite_hybrid_lm"
+    assert recorded == {bench.preset_fingerprint(presets["granite_hybrid_lm"], 1)}
+    bench.check_presets(presets)
+    bench.check_presets(bench.quick_presets(opt_in=True))
+    args = bench.parse_args(["--tasks", "granite_hybrid_lm"])
+    assert list(bench.select_presets(args)) == ["granite_hybrid_lm"]
+    assert "granite_hybrid_lm" not in bench.select_presets(bench.parse_args([]))
+
+
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
     argv = [sys.executable, str(SCRIPT), "--quick", "--tasks", "granite_hybrid_lm", "--output_dir", str(out)]
