@@ -18,6 +18,17 @@ name.field=value`` changes a field):
                            32, one group, N0 = 128 as transformers' `Mamba2Config`): full vs CompreSSM vs
                            small-from-scratch at the final sizes, 2000 steps.
 
+Opt-in presets (``opt_in: true`` in their file: run only when ``--tasks`` names them; the default command is
+unchanged):
+
+* ``granite_hybrid_lm``    the byte-level LM with a small Granite-4.0-H-shaped hybrid
+                           (`CompreSSMGraniteMoeHybridForCausalLM`, ``family="granitemoehybrid"``: hidden 128, layers
+                           Mamba/Mamba/attention/Mamba, Mamba heads of 64 channels, N0 = 128, dense MLP, NoPE):
+                           full vs CompreSSM vs scratch; its probe also measures the decode cache of one sequence
+                           after a prefill of each of ``cache_contexts`` tokens (attention KV + SSM states)::
+
+                               python scripts/benchmark.py --tasks granite_hybrid_lm --output_dir scripts/results/hybrid
+
 For each preset and seed, with the same data, steps, learning-rate schedule and seed (initialisation and data
 order) for every variant: ``full`` (N0 throughout); ``compressssm`` (`CompreSSMCallback`, tolerance mode, default
 score and schedule: 4 cuts in the first 10 % of the steps) at each τ of the grid; ``scratch`` (trained from scratch
@@ -117,33 +128,50 @@ class TaskPreset:
     hnn_seeds: int = 1  # HNN runs only for the first hnn_seeds seeds
     probe_reps: int = 8  # step-time probe repetitions per size
     ceiling_target: float | None = None  # verdict: the step-time ceiling at the final sizes is at least this
+    # Granite 4.0-H hybrid only (family "granitemoehybrid"; head_dim, n_groups, chunk_size as for Mamba-2)
+    layer_pattern: str = ""  # one letter per layer: M (a Mamba-2 layer) or A (an attention layer); len == num_layers
+    attention_heads: int = 2
+    kv_heads: int = 1
+    attention_head_dim: int = 64
+    experts: int = 0  # routed MoE experts per layer (0: the dense shared MLP only, as the small Granite 4.0-H models)
+    experts_per_token: int = 1
+    expert_size: int = 64  # intermediate width of each routed expert
+    shared_mlp_size: int = 256  # intermediate width of the shared (dense) MLP
+    cache_contexts: list[int] = field(default_factory=list)  # probe: decode cache after a prefill of these lengths
 
 
-def default_presets() -> dict[str, TaskPreset]:
+def _read_presets(quick: bool, opt_in: bool) -> dict[str, TaskPreset]:
+    presets = {}
+    for name in preset_names("benchmark"):
+        values = load_preset("benchmark", name)
+        quick_values = values.pop("quick", None) or {}
+        if values.pop("opt_in", False) and not opt_in:
+            continue
+        if quick:
+            values.update(quick_values)
+        where = f"configs/presets/benchmark/{name}.yaml" + (" (quick)" if quick else "")
+        presets[name] = preset_into(TaskPreset, values, where)
+    return presets
+
+
+def default_presets(opt_in: bool = False) -> dict[str, TaskPreset]:
     """The presets, one file each: ``configs/presets/benchmark/<name>.yaml`` (TaskPreset fields; the others keep
-    their defaults), in the files' ``order``. Adding a preset is adding a file."""
-    presets = {}
-    for name in preset_names("benchmark"):
-        values = load_preset("benchmark", name)
-        values.pop("quick", None)
-        presets[name] = preset_into(TaskPreset, values, f"configs/presets/benchmark/{name}.yaml")
-    return presets
+    their defaults), in the files' ``order``. Adding a preset is adding a file. A file with ``opt_in: true`` is
+    left out unless ``opt_in`` (the command runs it only when ``--tasks`` names it)."""
+    return _read_presets(quick=False, opt_in=opt_in)
 
 
-def quick_presets() -> dict[str, TaskPreset]:
-    """Tiny versions of every preset (its file's ``quick`` values over its own: every variant and the report
-    builder in seconds; numbers meaningless)."""
-    presets = {}
-    for name in preset_names("benchmark"):
-        values = load_preset("benchmark", name)
-        values.update(values.pop("quick", None) or {})
-        presets[name] = preset_into(TaskPreset, values, f"configs/presets/benchmark/{name}.yaml (quick)")
-    return presets
+def quick_presets(opt_in: bool = False) -> dict[str, TaskPreset]:
+    """Tiny versions of the presets (each file's ``quick`` values over its own: every variant and the report
+    builder in seconds; numbers meaningless); ``opt_in`` as for `default_presets`."""
+    return _read_presets(quick=True, opt_in=opt_in)
 
 
 def _coerce(value: str, current: Any, name: str) -> Any:
     if name == "variants":
         return [v.strip() for v in value.split(",") if v.strip()]
+    if name == "cache_contexts":
+        return [int(v) for v in value.split(",") if v.strip()]
     if isinstance(current, bool):
         return value.lower() in ("1", "true", "yes")
     if isinstance(current, list) or name in ("taus", "scratch_taus"):
@@ -183,8 +211,15 @@ def check_presets(presets: dict[str, TaskPreset]) -> None:
             raise SystemExit(f"benchmark.py: {name}: task={p.task!r}; choose from {TASK_KINDS}")
         if p.family not in MODEL_FAMILIES:
             raise SystemExit(f"benchmark.py: {name}: family={p.family!r}; available: {sorted(MODEL_FAMILIES)}")
-        if p.family == "mamba2" and (p.task != "causal_lm" or "hnn" in p.variants):
-            raise SystemExit(f"benchmark.py: {name}: the Mamba-2 family runs causal_lm without the hnn variant")
+        if p.family != "mamba" and (p.task != "causal_lm" or "hnn" in p.variants):
+            raise SystemExit(f"benchmark.py: {name}: the {p.family} family runs causal_lm without the hnn variant")
+        if p.family == "granitemoehybrid" and (
+            len(p.layer_pattern) != p.num_layers or set(p.layer_pattern) - {"M", "A"} or "M" not in p.layer_pattern
+        ):
+            raise SystemExit(
+                f"benchmark.py: {name}: layer_pattern={p.layer_pattern!r} needs one letter M (Mamba) or A "
+                f"(attention) per layer (num_layers={p.num_layers}), at least one M"
+            )
         if unknown := [v for v in p.variants if v not in VARIANTS]:
             raise SystemExit(f"benchmark.py: {name}: unknown variants {unknown}; choose from {VARIANTS}")
         if p.main_tau not in p.taus:
@@ -254,6 +289,7 @@ from compressssm_app import DataArguments, ModelArguments, TaskData, build_datas
 from compressssm_app.evaluation import evaluate_quality  # noqa: E402
 from compressssm_app.experiment import peak_rss_mb, train_and_measure, training_arguments  # noqa: E402
 from compressssm_app.harness import ResultsMismatchError, ResultsStore, fingerprint, git_state, in_child  # noqa: E402
+from compressssm_app.model_builder import build_granite_hybrid_model  # noqa: E402
 from hf_compressssm.compression.arguments import CompressionArguments  # noqa: E402
 from hf_compressssm.compression.decay_sum import decay_deficit_sum  # noqa: E402
 from hf_compressssm.compression.hnn import HNNTrainer  # noqa: E402
@@ -318,15 +354,57 @@ def model_arguments(p: TaskPreset) -> ModelArguments:
     return ModelArguments(**values)
 
 
-MODEL_FAMILIES = ("mamba", "mamba2")
-FAMILY_FIELDS = {"mamba2": ("head_dim", "n_groups", "chunk_size")}
-"""Preset fields only one family reads (left out of the other families' fingerprints: their results files stay valid)."""
+MODEL_FAMILIES = ("mamba", "mamba2", "granitemoehybrid")
+FAMILY_FIELDS = {
+    "mamba2": ("head_dim", "n_groups", "chunk_size"),
+    "granitemoehybrid": (
+        "head_dim",
+        "n_groups",
+        "chunk_size",
+        "layer_pattern",
+        "attention_heads",
+        "kv_heads",
+        "attention_head_dim",
+        "experts",
+        "experts_per_token",
+        "expert_size",
+        "shared_mlp_size",
+        "cache_contexts",
+    ),
+}
+"""Preset fields only some families read (left out of the other families' fingerprints: their results files stay
+valid)."""
+
+
+def ssm_layer_count(p: TaskPreset) -> int:
+    """How many layers of the preset's model have an SSM state (the length of its ``config.state_sizes``)."""
+    return p.layer_pattern.count("M") if p.family == "granitemoehybrid" else p.num_layers
 
 
 def new_model(task_data: TaskData, p: TaskPreset, seed: int, state_sizes: list[int] | None = None):
-    """A freshly initialised model (seeded), optionally with per-layer ``state_sizes`` (`build_model`)."""
+    """A freshly initialised model (seeded), optionally with per-layer ``state_sizes`` (one per SSM layer):
+    `build_model`, or `build_granite_hybrid_model` for the hybrid family."""
     set_seed(seed)
-    return build_model(model_arguments(p), task_data, state_sizes=state_sizes)
+    if p.family != "granitemoehybrid":
+        return build_model(model_arguments(p), task_data, state_sizes=state_sizes)
+    return build_granite_hybrid_model(
+        task_data,
+        hidden_size=p.hidden_size,
+        layer_pattern=p.layer_pattern,
+        state_size=p.state_size,
+        head_dim=p.head_dim,
+        n_groups=p.n_groups,
+        chunk_size=p.chunk_size,
+        attention_heads=p.attention_heads,
+        kv_heads=p.kv_heads,
+        attention_head_dim=p.attention_head_dim,
+        experts=p.experts,
+        experts_per_token=p.experts_per_token,
+        expert_size=p.expert_size,
+        shared_mlp_size=p.shared_mlp_size,
+        max_positions=max([p.block_size, *p.cache_contexts]),
+        state_sizes=state_sizes,
+    )
 
 
 def _warm_up(task_data: TaskData, p: TaskPreset) -> None:
@@ -439,8 +517,8 @@ def run_variant(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, thread
 
 
 def _scan_share(model, batch) -> dict[str, float | None]:
-    """The selective-scan kernel's share of a profiled step (Mamba-1); None for Mamba-2, whose CPU path is
-    transformers' chunked torch code with no single scan op to attribute."""
+    """The selective-scan kernel's share of a profiled step (Mamba-1); None for Mamba-2 layers (pure or in a
+    hybrid), whose CPU path is transformers' chunked torch code with no single scan op to attribute."""
     from torch.profiler import ProfilerActivity, profile
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -451,7 +529,7 @@ def _scan_share(model, batch) -> dict[str, float | None]:
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     scan = sum(e.cpu_time_total for e in events if e.key in ("SelectiveScanFunction", "SelectiveScanFunctionBackward"))
-    share = None if getattr(model.config, "model_type", "") == "compressssm_mamba2" else scan / max(1e-12, total)
+    share = scan / max(1e-12, total) if getattr(model.config, "model_type", "") == "compressssm_mamba" else None
     return {"scan_share": share, "profiled_step_ms": total / 1000.0}
 
 
@@ -486,12 +564,34 @@ def decode_cache_bytes(model, input_ids: torch.Tensor) -> int:
     return _tensor_bytes(cache)
 
 
+def context_cache_bytes(model, context: int) -> dict[str, int]:
+    """Bytes of the decode cache of one sequence (batch 1) after a prefill of ``context`` tokens with
+    ``use_cache=True``: the real cache object the model builds, summed tensor by tensor. ``attention_kv``: the keys
+    and values of the attention layers; ``ssm_states``: the conv and recurrent states of the Mamba layers;
+    ``other``: any further tensor the cache holds (bookkeeping such as token counters); ``total``: all of them."""
+    vocab = int(model.config.vocab_size)
+    ids = (torch.arange(context) % vocab)[None]
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    model.train()
+    cache = out.get("cache", None) or out.get("past_key_values", None)
+    if cache is None:
+        raise RuntimeError(f"{type(model).__name__} returned no decode cache with use_cache=True")
+    kv = ssm = 0
+    for layer in getattr(cache, "layers", []):
+        kv += sum(_tensor_bytes(getattr(layer, name, None)) for name in ("keys", "values"))
+        ssm += sum(_tensor_bytes(getattr(layer, name, None)) for name in ("conv_states", "recurrent_states"))
+    total = _tensor_bytes(cache)
+    return {"attention_kv": kv, "ssm_states": ssm, "other": total - kv - ssm, "total": total}
+
+
 def run_probe(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, threads: int) -> dict[str, Any]:
     """Time one training step (forward, backward, AdamW) on a fixed batch at N0 and at ``spec['sizes']``."""
     torch.set_num_threads(threads)
     hf_logging.set_verbosity_error()
     _warm_up(task_data, p)
-    sizes = {"full": None, "compressed": spec["sizes"], "min": [1] * p.num_layers}
+    sizes = {"full": None, "compressed": spec["sizes"], "min": [1] * ssm_layer_count(p)}
     loader = torch.utils.data.DataLoader(task_data.train_dataset, batch_size=p.batch_size, shuffle=False)
     first = next(iter(loader))
     batch = {"input_ids": first["input_ids"], "labels": first["labels"]}
@@ -537,6 +637,10 @@ def run_probe(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, threads:
         "ratio": cache["full"] / cache["compressed"],
         "dtype": str(next(models["full"].parameters()).dtype).replace("torch.", ""),
     }
+    if p.family == "granitemoehybrid" and p.cache_contexts:
+        out["decode_cache_context"] = {
+            str(t): {k: context_cache_bytes(models[k], t) for k in ("full", "compressed")} for t in p.cache_contexts
+        }
     return out
 
 
@@ -547,7 +651,7 @@ def time_steps(task_data: TaskData, p: TaskPreset, threads: int, steps: int = 6)
     hf_logging.set_verbosity_error()
     _warm_up(task_data, p)
     out: dict[str, float] = {}
-    small = [max(1, p.state_size // 10)] * p.num_layers
+    small = [max(1, p.state_size // 10)] * ssm_layer_count(p)
     out["hnn"] = float("nan")
     for label, sizes, trainer_cls in (("full", None, Trainer), ("small", small, Trainer), ("hnn", None, HNNTrainer)):
         if label == "hnn" and "hnn" not in p.variants:
@@ -632,6 +736,7 @@ def run_id(name: str, key: str, seed: int | None) -> str:
 def preset_fingerprint(p: TaskPreset, threads: int) -> str:
     """What a preset's runs depend on (not the seeds or variants asked for: adding some reuses the rest)."""
     own = {f for fam, names in FAMILY_FIELDS.items() if fam != p.family for f in names}
+    own -= set(FAMILY_FIELDS.get(p.family, ()))
     preset = {k: v for k, v in asdict(p).items() if k not in own}
     return fingerprint({"preset": preset, "threads": threads})
 
@@ -644,7 +749,8 @@ def _load() -> str:
 
 
 def select_presets(args: argparse.Namespace) -> dict[str, TaskPreset]:
-    presets = quick_presets() if args.quick else default_presets()
+    presets = quick_presets(opt_in=True) if args.quick else default_presets(opt_in=True)
+    default_names = list(quick_presets() if args.quick else default_presets())  # opt-in ones run only when named
     if args.taus:
         taus = [float(t) for t in args.taus.split(",") if t.strip()]
         for p in presets.values():
@@ -652,7 +758,7 @@ def select_presets(args: argparse.Namespace) -> dict[str, TaskPreset]:
             if p.main_tau not in taus:
                 p.main_tau = taus[len(taus) // 2]
     apply_overrides(presets, args.overrides)
-    names = [t.strip() for t in (args.tasks or ",".join(presets)).split(",") if t.strip()]
+    names = [t.strip() for t in (args.tasks or ",".join(default_names)).split(",") if t.strip()]
     if unknown := [n for n in names if n not in presets]:
         raise SystemExit(f"benchmark.py: unknown preset(s) {unknown}; choose from {list(presets)}")
     presets = {n: presets[n] for n in names}

@@ -280,7 +280,58 @@ def verdicts(
                 f"{b['compressed'] / 1024:.1f} KiB at {probe['sizes']['compressed']} ({cache['dtype']}; conv + "
                 "recurrent states of every layer after a one-token forward with use_cache=True)",
             )
+        for context, by_size in (probe.get("decode_cache_context") or {}).items():
+            full, comp = by_size["full"], by_size["compressed"]
+            add(
+                f"decode cache per sequence at {int(context)} tokens of context: N0 / final sizes",
+                None,
+                f"{full['total'] / comp['total']:.2f}x smaller: {full['total'] / 2**20:.2f} MiB at N0 (attention KV "
+                f"{full['attention_kv'] / 2**20:.2f} MiB + SSM states {full['ssm_states'] / 2**20:.2f} MiB) vs "
+                f"{comp['total'] / 2**20:.2f} MiB at {probe['sizes']['compressed']} (SSM states "
+                f"{comp['ssm_states'] / 2**20:.2f} MiB, {full['ssm_states'] / comp['ssm_states']:.2f}x smaller)",
+            )
     return out
+
+
+def _hybrid_model_text(p: dict[str, Any]) -> str:
+    """The layer layout, attention and MLP of a hybrid preset (empty for a pure SSM preset)."""
+    if p.get("family") != "granitemoehybrid":
+        return ""
+    mlp = (
+        f"MoE of {p['experts']} experts (top {p['experts_per_token']}, width {p['expert_size']}) + shared MLP "
+        if p["experts"]
+        else "dense shared MLP "
+    )
+    return (
+        f" (layers {p['layer_pattern']}: M = Mamba-2 with heads of {p['head_dim']} channels, {p['n_groups']} "
+        f"group(s), chunk {p['chunk_size']}; A = attention with {p['attention_heads']} heads of "
+        f"{p['attention_head_dim']} and {p['kv_heads']} KV head(s), NoPE; {mlp}of width {p['shared_mlp_size']})"
+    )
+
+
+def _context_cache_lines(probe: dict[str, Any]) -> list[str]:
+    """The table of decode-cache bytes per sequence after a prefill of each measured context length."""
+    contexts = probe.get("decode_cache_context")
+    if not contexts:
+        return []
+    lines = [
+        "",
+        f"Decode cache of one sequence after a prefill of T tokens (batch 1, {probe['decode_cache']['dtype']}; the "
+        "cache object the model builds with use_cache=True, summed tensor by tensor; 'other' = its bookkeeping "
+        "tensors):",
+        "",
+        "| T | sizes | attention KV bytes | SSM states bytes (conv + recurrent) | other bytes | total bytes | total MiB "
+        "| total vs N0 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for context, by_size in contexts.items():
+        for k in ("full", "compressed"):
+            b = by_size[k]
+            lines.append(
+                f"| {int(context)} | {probe['sizes'][k]} | {b['attention_kv']} | {b['ssm_states']} | {b['other']} | "
+                f"{b['total']} | {b['total'] / 2**20:.3f} | {b['total'] / by_size['full']['total']:.3f} |"
+            )
+    return lines
 
 
 def _fmt(ms: tuple[float, float] | list[float], digits: int = 2, scale: float = 1.0, suffix: str = "") -> str:
@@ -344,7 +395,8 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
             f"## {task}" + (f" ({kind}, {p['family']})" if task != kind or p["family"] != "mamba" else ""),
             "",
             f"Data: {t['data']}. Evaluation: {t['eval_split']}.  ",
-            f"Model: hidden {p['hidden_size']}, {p['num_layers']} layers, N0 = {p['state_size']}; {p['steps']} "
+            f"Model: hidden {p['hidden_size']}, {p['num_layers']} layers{_hybrid_model_text(p)}, N0 = "
+            f"{p['state_size']}; {p['steps']} "
             f"steps of batch {p['batch_size']}, lr {p['learning_rate']}, cosine, warm-up {p['warmup']}; "
             f"CompreSSM: default score, 4 cuts in the window ({p.get('schedule_start', 0.0):g}, "
             f"{p.get('schedule_end', 0.1):g}] of the steps (first at step {p.get('first_cut_step')}), calibration on "
@@ -446,6 +498,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
                     f"Decode cache per sequence (conv + recurrent states, {cache['dtype']}): {b['full']} bytes at N0, "
                     f"{b['compressed']} bytes at {probe['sizes']['compressed']}: **{cache['ratio']:.2f}x smaller**.",
                 ]
+            lines += _context_cache_lines(probe)
         lines += ["", "Targets:", ""]
         for v in t["verdicts"]:
             lines.append(f"- **{v['verdict']}** {v['target']}: {v['detail']}")

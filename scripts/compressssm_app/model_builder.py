@@ -1,5 +1,5 @@
 """Build the model a run trains: a new CompreSSM model, or one loaded (a stock Mamba / Mamba-2 is converted on the
-fly)."""
+fly); `build_granite_hybrid_model`: a new Granite-4.0-H-shaped hybrid for the benchmark's hybrid preset."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedModel
 
 from hf_compressssm.models import (
+    CompreSSMGraniteMoeHybridConfig,
+    CompreSSMGraniteMoeHybridForCausalLM,
     CompreSSMMamba2Config,
     CompreSSMMamba2ForCausalLM,
     CompreSSMMambaConfig,
@@ -135,3 +137,57 @@ def build_model(
         return cls.from_pretrained(source, **kwargs, **extra)
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot load the model from {source!r}: {err}") from err
+
+
+def build_granite_hybrid_model(
+    task_data: TaskData,
+    *,
+    hidden_size: int,
+    layer_pattern: str,
+    state_size: int,
+    head_dim: int,
+    n_groups: int,
+    chunk_size: int,
+    attention_heads: int,
+    kv_heads: int,
+    attention_head_dim: int,
+    experts: int,
+    experts_per_token: int,
+    expert_size: int,
+    shared_mlp_size: int,
+    max_positions: int,
+    state_sizes: Sequence[int] | None = None,
+) -> CompreSSMGraniteMoeHybridForCausalLM:
+    """A new Granite 4.0-H-shaped hybrid (`CompreSSMGraniteMoeHybridForCausalLM`) for a causal-LM task.
+
+    ``layer_pattern``: one letter per layer, M (a Mamba-2 layer: heads of ``head_dim`` channels over the inner width
+    2·hidden, ``n_groups`` groups, ``state_size`` states) or A (attention: ``attention_heads`` heads of
+    ``attention_head_dim``, ``kv_heads`` KV heads, scaled by 1/head_dim, no position embeddings (NoPE), as Granite
+    4.0-H). ``experts``: routed MoE experts per layer (0: the dense shared MLP only). Embeddings tied.
+    ``state_sizes``: one size per Mamba layer (None: ``state_size`` everywhere)."""
+    if set(layer_pattern) - {"M", "A"} or "M" not in layer_pattern:
+        raise UsageError(f"layer_pattern={layer_pattern!r}: one letter M (Mamba) or A (attention) per layer, one M.")
+    config = CompreSSMGraniteMoeHybridConfig(
+        vocab_size=task_data.vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=len(layer_pattern),
+        layer_types=["mamba" if c == "M" else "attention" for c in layer_pattern],
+        num_attention_heads=attention_heads,
+        num_key_value_heads=kv_heads,
+        head_dim=attention_head_dim,
+        attention_multiplier=1.0 / attention_head_dim,
+        position_embedding_type="nope",
+        max_position_embeddings=max_positions,
+        mamba_n_heads=2 * hidden_size // head_dim,
+        mamba_d_head=head_dim,
+        mamba_n_groups=n_groups,
+        mamba_d_state=state_size,
+        mamba_chunk_size=chunk_size,
+        num_local_experts=experts,
+        num_experts_per_tok=experts_per_token,
+        intermediate_size=expert_size,
+        shared_intermediate_size=shared_mlp_size,
+        tie_word_embeddings=True,
+        **(task_data.special_token_ids or {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0}),
+    )
+    return CompreSSMGraniteMoeHybridForCausalLM(config if state_sizes is None else config.with_state_sizes(state_sizes))
