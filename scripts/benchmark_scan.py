@@ -404,9 +404,8 @@ def main_mamba2(args):
     import torch
     import transformers
 
-    sys.path.insert(0, ROOT)
-    from hf_compressssm.compression.history import write_json_atomic
-    from hf_compressssm.tasks.experiment import git_state
+    from compressssm_app.harness import git_state
+    from hf_compressssm.compression.atomic_io import write_json_atomic
 
     shapes = MAMBA2_QUICK if args.quick else MAMBA2_SHAPES
     states = args.states or ([8, 3] if args.quick else MAMBA2_STATES)

@@ -1,4 +1,4 @@
-"""Tests for hf_compressssm.compression.scores: selective statistics (against an unchunked naive formula and a one-state LTI
+"""Tests for hf_compressssm.compression.mamba_scores: selective statistics (against an unchunked naive formula and a one-state LTI
 proxy) and the importance scores."""
 
 from __future__ import annotations
