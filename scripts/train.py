@@ -96,5 +96,18 @@ def _finished_line(training_args) -> str:
     return line + "."
 
 
+def _end_distributed() -> None:
+    """Leave the process group before the interpreter exits (torchrun / accelerate launch): without it a process can
+    abort at exit ("terminate called without an active exception") after all its work is done."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        _end_distributed()
+    sys.exit(code)

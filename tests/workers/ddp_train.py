@@ -74,4 +74,8 @@ def main(out_dir: str, accumulation: int, save_steps: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1, int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+    try:
+        main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1, int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+    finally:  # leave the process group: a process can otherwise abort at exit
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

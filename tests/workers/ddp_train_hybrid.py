@@ -61,4 +61,8 @@ def main(out_dir: str, host_name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    try:
+        main(sys.argv[1], sys.argv[2])
+    finally:  # leave the process group: a process can otherwise abort at exit
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

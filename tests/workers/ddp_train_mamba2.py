@@ -59,4 +59,8 @@ def main(out_dir: str, accumulation: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+    try:
+        main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+    finally:  # leave the process group: a process can otherwise abort at exit
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
