@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_finite
-from .mamba_scores import SCORES
+from .mamba_scores import SCORES, sum_statistics
 
 
 __all__ = [
@@ -144,13 +144,7 @@ def merge_ssd_statistics(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> di
     """Key-wise sum of two :func:`ssd_statistics` dicts (same layer, same shapes)."""
     _check_stats("a", a)
     _check_stats("b", b)
-    for k in SSD_STAT_KEYS:
-        if a[k].shape != b[k].shape:
-            raise ValueError(
-                f"cannot merge statistics of different layers: {k} has shapes {tuple(a[k].shape)} "
-                f"and {tuple(b[k].shape)}."
-            )
-    return {k: a[k] + b[k].to(device=a[k].device, dtype=a[k].dtype) for k in SSD_STAT_KEYS}
+    return sum_statistics(a, b, SSD_STAT_KEYS)
 
 
 def ssd_state_scores(stats: Mapping[str, Tensor], score: str = "h2") -> Tensor:

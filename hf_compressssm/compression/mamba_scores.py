@@ -28,6 +28,7 @@ __all__ = [
     "selective_state_scores",
     "selective_statistics",
     "state_output_energy",
+    "sum_statistics",
 ]
 
 SCORES: tuple[str, ...] = ("hankel", "h2")
@@ -127,17 +128,22 @@ def _check_stats(name: str, stats: Mapping[str, Tensor]) -> None:
         raise ValueError(f"{name}['count'] must be a scalar; got shape {tuple(stats['count'].shape)}.")
 
 
-def merge_statistics(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Key-wise sum of two :func:`selective_statistics` dicts (same layer, same shapes)."""
-    _check_stats("a", a)
-    _check_stats("b", b)
-    for k in STAT_KEYS:
+def sum_statistics(a: Mapping[str, Tensor], b: Mapping[str, Tensor], keys: tuple[str, ...]) -> dict[str, Tensor]:
+    """Key-wise sum of two statistics dicts of one layer over ``keys``; `ValueError` when a shape differs."""
+    for k in keys:
         if a[k].shape != b[k].shape:
             raise ValueError(
                 f"cannot merge statistics of different layers: {k} has shapes {tuple(a[k].shape)} "
                 f"and {tuple(b[k].shape)}."
             )
-    return {k: a[k] + b[k].to(device=a[k].device, dtype=a[k].dtype) for k in STAT_KEYS}
+    return {k: a[k] + b[k].to(device=a[k].device, dtype=a[k].dtype) for k in keys}
+
+
+def merge_statistics(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Key-wise sum of two :func:`selective_statistics` dicts (same layer, same shapes)."""
+    _check_stats("a", a)
+    _check_stats("b", b)
+    return sum_statistics(a, b, STAT_KEYS)
 
 
 def selective_state_scores(stats: Mapping[str, Tensor], score: str = "h2") -> Tensor:
