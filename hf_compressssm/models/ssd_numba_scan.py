@@ -88,11 +88,13 @@ def _ssd_fwd_kernel(
         sig = one
         for t in range(seqlen):
             if has_ck and t % seg == 0:  # the state entering step t, unscaled, for the backward
+                ckt = ck[b, h, t // seg]
                 for n in range(nst):
                     for p in range(hd):
-                        r[n, p] *= sig
+                        v = r[n, p] * sig
+                        r[n, p] = v
+                        ckt[n, p] = v
                 sig = one
-                ck[b, h, t // seg] = r
             dtv = dt[b, t, h]
             sig = sig * math.exp(dtv * ah)
             if not (sig >= lo and sig <= hi):
@@ -104,11 +106,11 @@ def _ssd_fwd_kernel(
             for p in range(hd):
                 xdt[p] = dtv * x[b, t, h, p] * inv
                 acc[p] = zero
-            n4 = nst - nst % 4
-            for n in range(0, n4, 4):  # four state rows per pass over the lanes: acc is loaded and stored once
-                b0, b1, b2, b3 = Bm[b, t, g, n], Bm[b, t, g, n + 1], Bm[b, t, g, n + 2], Bm[b, t, g, n + 3]
-                c0, c1, c2, c3 = Cm[b, t, g, n], Cm[b, t, g, n + 1], Cm[b, t, g, n + 2], Cm[b, t, g, n + 3]
-                r0, r1, r2, r3 = r[n], r[n + 1], r[n + 2], r[n + 3]
+            n4 = 0
+            while n4 + 4 <= nst:  # four state rows per pass over the lanes: acc is loaded and stored once
+                b0, b1, b2, b3 = Bm[b, t, g, n4], Bm[b, t, g, n4 + 1], Bm[b, t, g, n4 + 2], Bm[b, t, g, n4 + 3]
+                c0, c1, c2, c3 = Cm[b, t, g, n4], Cm[b, t, g, n4 + 1], Cm[b, t, g, n4 + 2], Cm[b, t, g, n4 + 3]
+                r0, r1, r2, r3 = r[n4], r[n4 + 1], r[n4 + 2], r[n4 + 3]
                 for p in range(hd):
                     xv = xdt[p]
                     v0 = r0[p] + b0 * xv
@@ -120,6 +122,7 @@ def _ssd_fwd_kernel(
                     r2[p] = v2
                     r3[p] = v3
                     acc[p] += (v0 * c0 + v1 * c1) + (v2 * c2 + v3 * c3)
+                n4 += 4
             for n in range(n4, nst):
                 bn = Bm[b, t, g, n]
                 cn = Cm[b, t, g, n]
@@ -183,6 +186,7 @@ def _ssd_bwd_kernel(
     q = np.zeros((nst, hd), dtype=dx.dtype)  # G / gam, transposed
     xdt = np.zeros(hd, dtype=dx.dtype)
     dys = np.zeros(hd, dtype=dx.dtype)
+    dyl = np.zeros(hd, dtype=dx.dtype)
     dxdt = np.zeros(hd, dtype=dx.dtype)
     for item in range(item0, item1):
         b = item // (groups * nsplit)
@@ -206,7 +210,10 @@ def _ssd_bwd_kernel(
             for k in range(nseg - 1, -1, -1):
                 t0 = k * seg
                 t1 = min(seqlen, t0 + seg)
-                buf[0] = ck[b, h, k]
+                ckt = ck[b, h, k]
+                for n in range(nst):
+                    for p in range(hd):
+                        buf[0, n, p] = ckt[n, p]
                 sigs[0] = one
                 sig = one
                 for t in range(t0, t1):
@@ -215,16 +222,57 @@ def _ssd_bwd_kernel(
                     a = math.exp(dtv * ah)
                     decay[i] = a
                     sig = sig * a
+                    # the state and, as it does not depend on G, dC_t[n] = sum_p s_t[n, p] dy_t[p]
+                    for p in range(hd):
+                        dyl[p] = dy[b, t, h, p]
                     if sig >= lo and sig <= hi:
                         inv = one / sig
                         for p in range(hd):
                             xdt[p] = dtv * x[b, t, h, p] * inv
-                        for n in range(nst):
+                        n4 = 0
+                        while n4 + 4 <= nst:  # four rows per pass over the lanes, as in the forward
+                            b0, b1, b2, b3 = (
+                                Bm[b, t, g, n4],
+                                Bm[b, t, g, n4 + 1],
+                                Bm[b, t, g, n4 + 2],
+                                Bm[b, t, g, n4 + 3],
+                            )
+                            p0, p1, p2, p3 = buf[i, n4], buf[i, n4 + 1], buf[i, n4 + 2], buf[i, n4 + 3]
+                            r0, r1, r2, r3 = buf[i + 1, n4], buf[i + 1, n4 + 1], buf[i + 1, n4 + 2], buf[i + 1, n4 + 3]
+                            sc0 = zero
+                            sc1 = zero
+                            sc2 = zero
+                            sc3 = zero
+                            for p in range(hd):
+                                xv = xdt[p]
+                                dv = dyl[p]
+                                v0 = p0[p] + b0 * xv
+                                v1 = p1[p] + b1 * xv
+                                v2 = p2[p] + b2 * xv
+                                v3 = p3[p] + b3 * xv
+                                r0[p] = v0
+                                r1[p] = v1
+                                r2[p] = v2
+                                r3[p] = v3
+                                sc0 += v0 * dv
+                                sc1 += v1 * dv
+                                sc2 += v2 * dv
+                                sc3 += v3 * dv
+                            dCp[t, g, n4] += sig * sc0
+                            dCp[t, g, n4 + 1] += sig * sc1
+                            dCp[t, g, n4 + 2] += sig * sc2
+                            dCp[t, g, n4 + 3] += sig * sc3
+                            n4 += 4
+                        for n in range(n4, nst):
                             bn = Bm[b, t, g, n]
                             prev = buf[i, n]
                             cur = buf[i + 1, n]
+                            sc = zero
                             for p in range(hd):
-                                cur[p] = prev[p] + bn * xdt[p]
+                                v = prev[p] + bn * xdt[p]
+                                cur[p] = v
+                                sc += v * dyl[p]
+                            dCp[t, g, n] += sig * sc
                     else:
                         for p in range(hd):
                             xdt[p] = dtv * x[b, t, h, p]
@@ -232,8 +280,12 @@ def _ssd_bwd_kernel(
                             bn = Bm[b, t, g, n]
                             prev = buf[i, n]
                             cur = buf[i + 1, n]
+                            sc = zero
                             for p in range(hd):
-                                cur[p] = sig * prev[p] + bn * xdt[p]
+                                v = sig * prev[p] + bn * xdt[p]
+                                cur[p] = v
+                                sc += v * dyl[p]
+                            dCp[t, g, n] += sc
                         sig = one
                     sigs[i + 1] = sig
                 for t in range(t1 - 1, t0 - 1, -1):
@@ -252,24 +304,21 @@ def _ssd_bwd_kernel(
                         dys[p] = dy[b, t, h, p] * ginv
                         dxdt[p] = zero
                     da = zero
-                    scale_c = gam * sigs[i + 1]
                     for n in range(nst):
                         bn = Bm[b, t, g, n]
                         cn = Cm[b, t, g, n]
                         qn = q[n]
-                        cur = buf[i + 1, n]
                         prev = buf[i, n]
-                        sc = zero
                         sb = zero
+                        dr = zero  # per row: a reduction carried across rows would chain their latencies
                         for p in range(hd):
                             gv = qn[p] + dys[p] * cn
                             qn[p] = gv
-                            sc += cur[p] * dys[p]
                             sb += gv * xdt[p]
                             dxdt[p] += gv * bn
-                            da += gv * prev[p]
-                        dCp[t, g, n] += scale_c * sc
+                            dr += gv * prev[p]
                         dBp[t, g, n] += gam * sb
+                        da += dr
                     dxs = zero
                     dds = zero
                     for p in range(hd):
