@@ -167,12 +167,13 @@ def _ssd_bwd_kernel(
     """Backward for work items item0 <= item < item1 of b * G * nsplit, item = (batch row, group, split of the
     group's heads).
 
-    Inputs as in _ssd_fwd_kernel plus dy (b, L, H, P) and dlast (b, H, P, N). Writes dx (b, L, H, P), ddt (b, L, H)
-    (w.r.t. the discretised step), dh0 (b, H, P, N), dA_part and dD_part (b, H) (summed over the batch by the
-    caller), and adds into dB_part, dC_part (b, nsplit, L, G, N), zero-initialised (summed over the splits by the
-    caller). Per head: checkpoints every ``seg`` steps, then segment by segment from the end, the segment's states
-    recomputed into scratch and the reverse-time recurrence of G_t = dL/ds_t run over it. States and G are kept
-    scaled as in the forward (``s_t = sig_t * r_t``, ``G_t = gam_t * q_t``)."""
+    Inputs as in _ssd_fwd_kernel plus ck (b, H, ceil(L / seg), N, P) the forward's checkpoints, dy (b, L, H, P) and
+    dlast (b, H, P, N). Writes dx (b, L, H, P), ddt (b, L, H) (w.r.t. the discretised step), dh0 (b, H, P, N),
+    dA_part and dD_part (b, H) (summed over the batch by the caller), and adds into dB_part, dC_part (b, nsplit, L, G,
+    N), zero-initialised (summed over the splits by the caller). Per head, segment by segment from the end: the
+    segment's states recomputed from its checkpoint into scratch (with dC, which does not depend on G), then the
+    reverse-time recurrence of G_t = dL/ds_t run over them. States and G are kept scaled as in the forward
+    (``s_t = sig_t * r_t``, ``G_t = gam_t * q_t``)."""
     _, seqlen, heads, hd = x.shape
     groups = Bm.shape[2]
     nst = Bm.shape[3]
