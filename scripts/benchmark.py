@@ -517,8 +517,9 @@ def run_variant(spec: dict[str, Any], task_data: TaskData, p: TaskPreset, thread
 
 
 def _scan_share(model, batch) -> dict[str, float | None]:
-    """The selective-scan kernel's share of a profiled step (Mamba-1); None for Mamba-2 layers (pure or in a
-    hybrid), whose CPU path is transformers' chunked torch code with no single scan op to attribute."""
+    """The scan kernel's share of a profiled step: our numba scans (Mamba-1's selective scan, Mamba-2's SSD scan),
+    forward and backward; None when no such op ran (the torch paths, the hybrids' stock mixers: no single scan op to
+    attribute)."""
     from torch.profiler import ProfilerActivity, profile
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -528,9 +529,9 @@ def _scan_share(model, batch) -> dict[str, float | None]:
         opt.zero_grad()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    scan = sum(e.cpu_time_total for e in events if e.key in ("SelectiveScanFunction", "SelectiveScanFunctionBackward"))
-    share = scan / max(1e-12, total) if getattr(model.config, "model_type", "") == "compressssm_mamba" else None
-    return {"scan_share": share, "profiled_step_ms": total / 1000.0}
+    keys = ("SelectiveScanFunction", "SSDScanFunction")
+    scan = sum(e.cpu_time_total for e in events if e.key in keys or e.key in [k + "Backward" for k in keys])
+    return {"scan_share": scan / max(1e-12, total) if scan > 0 else None, "profiled_step_ms": total / 1000.0}
 
 
 def _tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:

@@ -259,7 +259,7 @@ def verdicts(
         target = p.get("ceiling_target")
         share = probe["full"]["scan_share"]
         scan = (
-            "scan kernel share not measured (Mamba-2: transformers' chunked torch path, no single scan op)"
+            "scan kernel share not measured (no single scan op: transformers' chunked torch path)"
             if share is None
             else f"scan kernel {100 * share:.0f} % of a step at N0 (Amdahl limit {probe['amdahl_limit']:.2f}x)"
         )

@@ -128,6 +128,28 @@ def test_optional_inputs(options):
     assert_all_close(outputs_and_grads(sn.ssd_numba_scan, inputs), reference(inputs), 1e-11, 1e-12, str(options))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+@pytest.mark.parametrize("A_values", [(-0.05, -3.0, -60.0, -1e4), (0.4, 2.5, -0.5, -8.0)], ids=["decaying", "growing"])
+def test_decay_products_leave_their_range(A_values, dtype):
+    """The kernels keep the running decay product out of the state while it stays within 2^-20 .. 2^20 and fold it
+    in otherwise: slow, fast, underflowing (exp(Δ A) = 0) and growing (A > 0) heads over 40 steps, several
+    checkpoint segments (N = 4, so K = 4 .. 40)."""
+    inputs = make_inputs(2, 40, 4, 3, 2, 4, dtype, pad=3)
+    with torch.no_grad():
+        inputs["A"].copy_(torch.tensor(A_values, dtype=dtype))
+    tol = (1e-11, 1e-12) if dtype == F64 else (1e-4, 1e-5)
+    assert_all_close(outputs_and_grads(sn.ssd_numba_scan, inputs), reference(inputs), *tol, f"A = {A_values}")
+
+
+def test_forward_without_gradients_keeps_no_checkpoints_and_gives_the_same_outputs():
+    inputs = make_inputs(2, 30, 4, 3, 2, 5, torch.float32)
+    y, final = run(sn.ssd_numba_scan, inputs)
+    with torch.no_grad():
+        y_ng, final_ng = run(sn.ssd_numba_scan, inputs)
+    assert torch.equal(y.detach(), y_ng) and torch.equal(final.detach(), final_ng)
+    assert y.grad_fn is not None and y_ng.grad_fn is None
+
+
 def test_dt_limit():
     inputs = make_inputs(2, 10, 4, 3, 2, 5, F64)
     limit = (0.2, 0.6)  # clamps some steps on both sides: those get no dt gradient
@@ -155,7 +177,7 @@ def test_gradcheck_float64_with_several_segments_and_head_splits(monkeypatch):
     torch.set_num_threads(2)
     try:
         assert sn._head_splits(1, 1, 4, 2) > 1
-        assert sn._segment_length(11, 6, 8) == 4
+        assert sn._segment_length(11, 2, 3, 8) == 4
         inputs = make_inputs(1, 11, 4, 3, 1, 2, F64, pad=2)
         leaves = [inputs[k] for k in NAMES]
 

@@ -8,14 +8,21 @@ autograd differentiates it)::
     y_t = s_t C_t[g] + D_h x_t
 
 Forward: one work item per (batch row, head) streams over time keeping only its (N, P) state (P, the head
-dimension, is the vectorised inner axis, so any N works, 1 and odd included). Backward: per (batch row, head) the
-states are recomputed from checkpoints taken every ``K`` steps (``K`` chosen so a segment's ``K + 1`` states take
-about `SEGMENT_BYTES`, a core's cache), and the gradient of the state ``G_t = dL/ds_t`` runs backwards,
-``G_t = exp(Δ_{t+1} A_h) G_{t+1} + dy_t ⊗ C_t`` (``G_{L-1}`` includes the final state's gradient), giving every
-input's gradient exactly. Memory: the inputs, the outputs and (b, splits, L, G, N) partial sums of dB and dC, plus
-O((L / K + K) P N) scratch per thread; no (b, H, chunks, chunk, chunk) or (b, L, H, P, N) tensor. The work items
-run on `selective_scan`'s thread pool, sized by ``torch.get_num_threads()``. float64 inputs are computed in
-float64, everything else in float32.
+dimension, is the vectorised inner axis, so any N works, 1 and odd included). The state is kept scaled,
+``s_t = sig_t * r_t`` with ``sig_t`` the running product of the decays ``exp(Δ A)``: then ``r_t = r_{t-1} +
+(Δ_t / sig_t) x_t ⊗ B_t`` is one multiply-add per element and step (instead of a multiply and a multiply-add), and
+the decay is folded into ``r`` only when ``sig`` leaves [2^-20, 2^20] (also when it is 0, inf or nan), so ``r``
+never loses range. When a gradient will be asked, the forward also stores the state entering every ``K``-th step
+(``K`` as below): the backward's checkpoints.
+
+Backward: per (batch row, head), segment by segment from the end, the segment's ``K + 1`` states are recomputed
+from its checkpoint into scratch (``K`` so that they take about `SEGMENT_BYTES`, a core's cache, and at least N so
+that the checkpoints take at most the bytes of x), and the gradient of the state ``G_t = dL/ds_t`` runs backwards,
+``G_t = exp(Δ_{t+1} A_h) G_{t+1} + dy_t ⊗ C_t`` (``G_{L-1}`` includes the final state's gradient), scaled like the
+state, giving every input's gradient exactly. Memory: the inputs, the outputs, the checkpoints and (b, splits, L, G,
+N) partial sums of dB and dC, plus O(K P N) scratch per thread; no (b, H, chunks, chunk, chunk) or (b, L, H, P, N)
+tensor. The work items run on `selective_scan`'s thread pool, sized by ``torch.get_num_threads()``. float64 inputs
+are computed in float64, everything else in float32.
 
 This file is copied next to saved weights as remote code: it imports torch, numpy and its sibling files; numba is
 imported lazily (``kernel_policy._try_import``), only when the kernels are first used, and they compile on that
@@ -40,22 +47,33 @@ __all__ = ["SSDScanFunction", "ssd_numba_scan"]
 #: bytes of one segment's recomputed states (K + 1 states of P × N) in the backward: about one core's L2 cache.
 SEGMENT_BYTES = 1 << 20
 
+#: the backward's checkpoints take at most this many times the bytes of x (per batch row and head).
+CHECKPOINT_RATIO = 1
+
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}  # no nnan/ninf: inf/nan inputs stay well-defined
+
+#: a running decay product stays factored out of the state while it lies in [_LOW, 1 / _LOW] (2^-20).
+_LOW = 2.0**-20
 
 # --------------------------------------------------------------------------------------------------------------
 # numba kernels (plain Python source; jitted lazily by _numba_kernels())
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _ssd_fwd_kernel(item0, item1, x, dt, A, Bm, Cm, Dv, h0, y, hlast, has_D, has_h0, heads_per_group, one):
+def _ssd_fwd_kernel(
+    item0, item1, x, dt, A, Bm, Cm, Dv, h0, y, hlast, ck, has_D, has_h0, has_ck, seg, heads_per_group, one
+):
     """Forward for work items item0 <= item < item1 of b * H, item = (batch row, head).
 
     x, y: (b, L, H, P); dt: (b, L, H) discretised; A, Dv: (H,); Bm, Cm: (b, L, G, N); h0, hlast: (b, H, P, N).
-    ``has_*`` say which optional inputs are real (the others are empty dummies); ``one`` is 1 in the compute type."""
+    ``has_*`` say which optional inputs are real (the others are empty dummies); ``one`` is 1 in the compute type.
+    The state is kept as ``s_t = sig_t * r_t`` (see the module docstring): one multiply-add per element and step."""
     _, seqlen, heads, hd = x.shape
     nst = Bm.shape[3]
     zero = one - one
-    s = np.zeros((nst, hd), dtype=y.dtype)  # the state, transposed: lanes = head channels
+    lo = one * _LOW  # the decay product stays factored out while in [lo, hi]; also False for 0, inf, nan
+    hi = one / lo
+    r = np.zeros((nst, hd), dtype=y.dtype)  # the scaled state, transposed: lanes = head channels
     xdt = np.zeros(hd, dtype=y.dtype)
     acc = np.zeros(hd, dtype=y.dtype)
     for item in range(item0, item1):
@@ -66,27 +84,58 @@ def _ssd_fwd_kernel(item0, item1, x, dt, A, Bm, Cm, Dv, h0, y, hlast, has_D, has
         dd = Dv[h] if has_D else zero
         for n in range(nst):
             for p in range(hd):
-                s[n, p] = h0[b, h, p, n] if has_h0 else zero
+                r[n, p] = h0[b, h, p, n] if has_h0 else zero
+        sig = one
         for t in range(seqlen):
+            if has_ck and t % seg == 0:  # the state entering step t, unscaled, for the backward
+                ckt = ck[b, h, t // seg]
+                for n in range(nst):
+                    for p in range(hd):
+                        v = r[n, p] * sig
+                        r[n, p] = v
+                        ckt[n, p] = v
+                sig = one
             dtv = dt[b, t, h]
-            a = math.exp(dtv * ah)
+            sig = sig * math.exp(dtv * ah)
+            if not (sig >= lo and sig <= hi):
+                for n in range(nst):
+                    for p in range(hd):
+                        r[n, p] *= sig
+                sig = one
+            inv = one / sig
             for p in range(hd):
-                xv = x[b, t, h, p]
-                xdt[p] = dtv * xv
-                acc[p] = dd * xv
-            for n in range(nst):
+                xdt[p] = dtv * x[b, t, h, p] * inv
+                acc[p] = zero
+            n4 = 0
+            while n4 + 4 <= nst:  # four state rows per pass over the lanes: acc is loaded and stored once
+                b0, b1, b2, b3 = Bm[b, t, g, n4], Bm[b, t, g, n4 + 1], Bm[b, t, g, n4 + 2], Bm[b, t, g, n4 + 3]
+                c0, c1, c2, c3 = Cm[b, t, g, n4], Cm[b, t, g, n4 + 1], Cm[b, t, g, n4 + 2], Cm[b, t, g, n4 + 3]
+                r0, r1, r2, r3 = r[n4], r[n4 + 1], r[n4 + 2], r[n4 + 3]
+                for p in range(hd):
+                    xv = xdt[p]
+                    v0 = r0[p] + b0 * xv
+                    v1 = r1[p] + b1 * xv
+                    v2 = r2[p] + b2 * xv
+                    v3 = r3[p] + b3 * xv
+                    r0[p] = v0
+                    r1[p] = v1
+                    r2[p] = v2
+                    r3[p] = v3
+                    acc[p] += (v0 * c0 + v1 * c1) + (v2 * c2 + v3 * c3)
+                n4 += 4
+            for n in range(n4, nst):
                 bn = Bm[b, t, g, n]
                 cn = Cm[b, t, g, n]
-                sn = s[n]
+                rn = r[n]
                 for p in range(hd):
-                    v = a * sn[p] + bn * xdt[p]
-                    sn[p] = v
+                    v = rn[p] + bn * xdt[p]
+                    rn[p] = v
                     acc[p] += v * cn
             for p in range(hd):
-                y[b, t, h, p] = acc[p]
+                y[b, t, h, p] = sig * acc[p] + dd * x[b, t, h, p]
         for p in range(hd):
             for n in range(nst):
-                hlast[b, h, p, n] = s[n, p]
+                hlast[b, h, p, n] = sig * r[n, p]
 
 
 def _ssd_bwd_kernel(
@@ -98,11 +147,10 @@ def _ssd_bwd_kernel(
     Bm,
     Cm,
     Dv,
-    h0,
+    ck,
     dy,
     dlast,
     has_D,
-    has_h0,
     has_dlast,
     heads_per_group,
     nsplit,
@@ -119,21 +167,26 @@ def _ssd_bwd_kernel(
     """Backward for work items item0 <= item < item1 of b * G * nsplit, item = (batch row, group, split of the
     group's heads).
 
-    Inputs as in _ssd_fwd_kernel plus dy (b, L, H, P) and dlast (b, H, P, N). Writes dx (b, L, H, P), ddt (b, L, H)
-    (w.r.t. the discretised step), dh0 (b, H, P, N), dA_part and dD_part (b, H) (summed over the batch by the
-    caller), and adds into dB_part, dC_part (b, nsplit, L, G, N), zero-initialised (summed over the splits by the
-    caller). Per head: checkpoints every ``seg`` steps, then segment by segment from the end, the segment's states
-    recomputed into scratch and the reverse-time recurrence of G_t = dL/ds_t run over it."""
+    Inputs as in _ssd_fwd_kernel plus ck (b, H, ceil(L / seg), N, P) the forward's checkpoints, dy (b, L, H, P) and
+    dlast (b, H, P, N). Writes dx (b, L, H, P), ddt (b, L, H) (w.r.t. the discretised step), dh0 (b, H, P, N),
+    dA_part and dD_part (b, H) (summed over the batch by the caller), and adds into dB_part, dC_part (b, nsplit, L, G,
+    N), zero-initialised (summed over the splits by the caller). Per head, segment by segment from the end: the
+    segment's states recomputed from its checkpoint into scratch (with dC, which does not depend on G), then the
+    reverse-time recurrence of G_t = dL/ds_t run over them. States and G are kept scaled as in the forward
+    (``s_t = sig_t * r_t``, ``G_t = gam_t * q_t``)."""
     _, seqlen, heads, hd = x.shape
     groups = Bm.shape[2]
     nst = Bm.shape[3]
     zero = one - one
+    lo = one * _LOW
+    hi = one / lo
     nseg = (seqlen + seg - 1) // seg
-    ck = np.zeros((nseg, nst, hd), dtype=dx.dtype)  # ck[k] = the state entering segment k
-    buf = np.zeros((seg + 1, nst, hd), dtype=dx.dtype)  # buf[i + 1] = s_{t0 + i}, buf[0] = s_{t0 - 1}
+    buf = np.zeros((seg + 1, nst, hd), dtype=dx.dtype)  # buf[i + 1] = r_{t0 + i}, buf[0] = r_{t0 - 1}
+    sigs = np.zeros(seg + 1, dtype=dx.dtype)  # their scales: s = sigs[i] * buf[i]
     decay = np.zeros(seg, dtype=dx.dtype)
-    gs = np.zeros((nst, hd), dtype=dx.dtype)  # G, transposed
+    q = np.zeros((nst, hd), dtype=dx.dtype)  # G / gam, transposed
     xdt = np.zeros(hd, dtype=dx.dtype)
+    dys = np.zeros(hd, dtype=dx.dtype)
     dyl = np.zeros(hd, dtype=dx.dtype)
     dxdt = np.zeros(hd, dtype=dx.dtype)
     for item in range(item0, item1):
@@ -147,88 +200,143 @@ def _ssd_bwd_kernel(
         for h in range(first, last):
             ah = A[h]
             dd = Dv[h] if has_D else zero
-            # pass 1: the checkpoints
-            s = buf[0]
+            # segments from the end
             for n in range(nst):
                 for p in range(hd):
-                    s[n, p] = h0[b, h, p, n] if has_h0 else zero
-            for t in range(seqlen):
-                if t % seg == 0:
-                    ck[t // seg] = s
-                dtv = dt[b, t, h]
-                a = math.exp(dtv * ah)
-                for p in range(hd):
-                    xdt[p] = dtv * x[b, t, h, p]
-                for n in range(nst):
-                    bn = Bm[b, t, g, n]
-                    sn = s[n]
-                    for p in range(hd):
-                        sn[p] = a * sn[p] + bn * xdt[p]
-            # pass 2: segments from the end
-            for n in range(nst):
-                for p in range(hd):
-                    gs[n, p] = dlast[b, h, p, n] if has_dlast else zero
+                    q[n, p] = dlast[b, h, p, n] if has_dlast else zero
+            gam = one
             a_next = one
             dA_acc = zero
             dD_acc = zero
             for k in range(nseg - 1, -1, -1):
                 t0 = k * seg
                 t1 = min(seqlen, t0 + seg)
-                buf[0] = ck[k]
+                ckt = ck[b, h, k]
+                for n in range(nst):
+                    for p in range(hd):
+                        buf[0, n, p] = ckt[n, p]
+                sigs[0] = one
+                sig = one
                 for t in range(t0, t1):
                     i = t - t0
                     dtv = dt[b, t, h]
                     a = math.exp(dtv * ah)
                     decay[i] = a
+                    sig = sig * a
+                    # the state and, as it does not depend on G, dC_t[n] = sum_p s_t[n, p] dy_t[p]
                     for p in range(hd):
-                        xdt[p] = dtv * x[b, t, h, p]
-                    for n in range(nst):
-                        bn = Bm[b, t, g, n]
-                        prev = buf[i, n]
-                        cur = buf[i + 1, n]
+                        dyl[p] = dy[b, t, h, p]
+                    if sig >= lo and sig <= hi:
+                        inv = one / sig
                         for p in range(hd):
-                            cur[p] = a * prev[p] + bn * xdt[p]
+                            xdt[p] = dtv * x[b, t, h, p] * inv
+                        n4 = 0
+                        while n4 + 4 <= nst:  # four rows per pass over the lanes, as in the forward
+                            b0, b1, b2, b3 = (
+                                Bm[b, t, g, n4],
+                                Bm[b, t, g, n4 + 1],
+                                Bm[b, t, g, n4 + 2],
+                                Bm[b, t, g, n4 + 3],
+                            )
+                            p0, p1, p2, p3 = buf[i, n4], buf[i, n4 + 1], buf[i, n4 + 2], buf[i, n4 + 3]
+                            r0, r1, r2, r3 = buf[i + 1, n4], buf[i + 1, n4 + 1], buf[i + 1, n4 + 2], buf[i + 1, n4 + 3]
+                            sc0 = zero
+                            sc1 = zero
+                            sc2 = zero
+                            sc3 = zero
+                            for p in range(hd):
+                                xv = xdt[p]
+                                dv = dyl[p]
+                                v0 = p0[p] + b0 * xv
+                                v1 = p1[p] + b1 * xv
+                                v2 = p2[p] + b2 * xv
+                                v3 = p3[p] + b3 * xv
+                                r0[p] = v0
+                                r1[p] = v1
+                                r2[p] = v2
+                                r3[p] = v3
+                                sc0 += v0 * dv
+                                sc1 += v1 * dv
+                                sc2 += v2 * dv
+                                sc3 += v3 * dv
+                            dCp[t, g, n4] += sig * sc0
+                            dCp[t, g, n4 + 1] += sig * sc1
+                            dCp[t, g, n4 + 2] += sig * sc2
+                            dCp[t, g, n4 + 3] += sig * sc3
+                            n4 += 4
+                        for n in range(n4, nst):
+                            bn = Bm[b, t, g, n]
+                            prev = buf[i, n]
+                            cur = buf[i + 1, n]
+                            sc = zero
+                            for p in range(hd):
+                                v = prev[p] + bn * xdt[p]
+                                cur[p] = v
+                                sc += v * dyl[p]
+                            dCp[t, g, n] += sig * sc
+                    else:
+                        for p in range(hd):
+                            xdt[p] = dtv * x[b, t, h, p]
+                        for n in range(nst):
+                            bn = Bm[b, t, g, n]
+                            prev = buf[i, n]
+                            cur = buf[i + 1, n]
+                            sc = zero
+                            for p in range(hd):
+                                v = sig * prev[p] + bn * xdt[p]
+                                cur[p] = v
+                                sc += v * dyl[p]
+                            dCp[t, g, n] += sc
+                        sig = one
+                    sigs[i + 1] = sig
                 for t in range(t1 - 1, t0 - 1, -1):
                     i = t - t0
                     a = decay[i]
                     dtv = dt[b, t, h]
+                    gam = gam * a_next
+                    if not (gam >= lo and gam <= hi):
+                        for n in range(nst):
+                            for p in range(hd):
+                                q[n, p] *= gam
+                        gam = one
+                    ginv = one / gam
                     for p in range(hd):
                         xdt[p] = dtv * x[b, t, h, p]
-                        dyl[p] = dy[b, t, h, p]
+                        dys[p] = dy[b, t, h, p] * ginv
                         dxdt[p] = zero
                     da = zero
                     for n in range(nst):
                         bn = Bm[b, t, g, n]
                         cn = Cm[b, t, g, n]
-                        gn = gs[n]
-                        cur = buf[i + 1, n]
+                        qn = q[n]
                         prev = buf[i, n]
-                        sc = zero
                         sb = zero
+                        dr = zero  # per row: a reduction carried across rows would chain their latencies
                         for p in range(hd):
-                            gv = a_next * gn[p] + dyl[p] * cn
-                            gn[p] = gv
-                            sc += cur[p] * dyl[p]
+                            gv = qn[p] + dys[p] * cn
+                            qn[p] = gv
                             sb += gv * xdt[p]
                             dxdt[p] += gv * bn
-                            da += gv * prev[p]
-                        dCp[t, g, n] += sc
-                        dBp[t, g, n] += sb
+                            dr += gv * prev[p]
+                        dBp[t, g, n] += gam * sb
+                        da += dr
                     dxs = zero
                     dds = zero
                     for p in range(hd):
                         xv = x[b, t, h, p]
-                        dx[b, t, h, p] = dtv * dxdt[p] + dd * dyl[p]
-                        dxs += dxdt[p] * xv
-                        dds += dyl[p] * xv
-                    dlog = da * a  # dL/d(Δ_t A_h)
+                        dyv = dy[b, t, h, p]
+                        dxt = gam * dxdt[p]
+                        dx[b, t, h, p] = dtv * dxt + dd * dyv
+                        dxs += dxt * xv
+                        dds += dyv * xv
+                    dlog = gam * sigs[i] * da * a  # dL/d(Δ_t A_h)
                     ddt[b, t, h] = dxs + dlog * ah
                     dA_acc += dlog * dtv
                     dD_acc += dds
                     a_next = a
             for p in range(hd):
                 for n in range(nst):
-                    dh0[b, h, p, n] = a_next * gs[n, p]
+                    dh0[b, h, p, n] = a_next * gam * q[n, p]
             dA_part[b, h] = dA_acc
             dD_part[b, h] = dD_acc
 
@@ -279,9 +387,13 @@ def _one(cd: torch.dtype):
     return np.float64(1.0) if cd == torch.float64 else np.float32(1.0)
 
 
-def _segment_length(seqlen: int, state_elems: int, itemsize: int) -> int:
-    """Steps per checkpoint segment of the backward: (K + 1) states fit in `SEGMENT_BYTES`, at least 4 steps."""
-    return int(max(1, min(seqlen, max(4, SEGMENT_BYTES // max(1, state_elems * itemsize) - 1))))
+def _segment_length(seqlen: int, n_state: int, head_dim: int, itemsize: int) -> int:
+    """Steps between the forward's checkpoints (= the backward's recompute segment): (K + 1) states fit in
+    `SEGMENT_BYTES` (at least 4 steps), and K >= N / `CHECKPOINT_RATIO` so that the checkpoints, L / K states of N x P,
+    take at most `CHECKPOINT_RATIO` times the bytes of x."""
+    by_cache = max(4, SEGMENT_BYTES // max(1, n_state * head_dim * itemsize) - 1)
+    by_memory = -(-n_state // CHECKPOINT_RATIO)
+    return int(max(1, min(seqlen, max(by_cache, by_memory))))
 
 
 def _head_splits(bsz: int, groups: int, heads_per_group: int, nthreads: int) -> int:
@@ -307,8 +419,12 @@ class SSDScanFunction(torch.autograd.Function):
         cd = _compute_dtype(x, dt, A, B, C, initial_state)
         bsz, seqlen, heads, head_dim = x.shape
         groups, n_state = B.shape[2], B.shape[3]
+        seg = _segment_length(seqlen, n_state, head_dim, 8 if cd == torch.float64 else 4)
+        # the backward's checkpoints: the state entering every seg-th step (only when a gradient will be asked)
+        nck = -(-seqlen // seg) if any(ctx.needs_input_grad) else 0
         y = torch.empty(bsz, seqlen, heads, head_dim, dtype=cd)
         final = torch.empty(bsz, heads, head_dim, n_state, dtype=cd)
+        ck = torch.empty(bsz, heads, nck, n_state, head_dim, dtype=cd)
         _run_parallel(
             fwd,
             bsz * heads,
@@ -321,12 +437,16 @@ class SSDScanFunction(torch.autograd.Function):
             _np(initial_state, cd, 4),
             y.numpy(),
             final.numpy(),
+            ck.numpy(),
             D is not None,
             initial_state is not None,
+            nck > 0,
+            seg,
             heads // groups,
             _one(cd),
         )
         ctx.save_for_backward(x, dt, A, B, C, D, initial_state)
+        ctx.checkpoints, ctx.segment = ck, seg
         ctx.set_materialize_grads(False)
         return y, final
 
@@ -339,7 +459,6 @@ class SSDScanFunction(torch.autograd.Function):
         groups, n_state = B.shape[2], B.shape[3]
         heads_per_group = heads // groups
         nsplit = _head_splits(bsz, groups, heads_per_group, max(1, torch.get_num_threads()))
-        itemsize = 8 if cd == torch.float64 else 4
         dx = torch.empty(bsz, seqlen, heads, head_dim, dtype=cd)
         ddt = torch.empty(bsz, seqlen, heads, dtype=cd)
         dA_part = torch.empty(bsz, heads, dtype=cd)
@@ -358,15 +477,14 @@ class SSDScanFunction(torch.autograd.Function):
             _np(B, cd, 4),
             _np(C, cd, 4),
             _np(D, cd, 1),
-            _np(initial_state, cd, 4),
+            ctx.checkpoints.numpy(),
             _np(dy, cd, 4),
             _np(dfinal, cd, 4),
             D is not None,
-            initial_state is not None,
             dfinal is not None,
             heads_per_group,
             nsplit,
-            _segment_length(seqlen, n_state * head_dim, itemsize),
+            ctx.segment,
             _one(cd),
             dx.numpy(),
             ddt.numpy(),
