@@ -178,7 +178,7 @@ def main(argv=None) -> None:
     import transformers
 
     from compressssm_app.harness import git_state
-    from hf_compressssm.compression.atomic_io import write_json_atomic
+    from hf_compressssm.compression.atomic_io import write_json_atomic, write_text_atomic
 
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -207,9 +207,7 @@ def main(argv=None) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     write_json_atomic(output + ".json", report)
     md = markdown(report)
-    with open(output + ".md.tmp", "w") as f:
-        f.write(md)
-    os.replace(output + ".md.tmp", output + ".md")
+    write_text_atomic(output + ".md", md)
     print(md)
 
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hf_compressssm.compression.atomic_io import write_json_atomic
+from hf_compressssm.compression.atomic_io import write_json_atomic, write_text_atomic
 
 
 VARIANTS = ("full", "compressssm", "scratch", "smallest", "random", "hnn")
@@ -511,9 +511,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         )
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    write_text_atomic(path, "\n".join(lines))
 
 
 def write_plots(out_dir: Path, report: dict[str, Any]) -> list[str]:

@@ -405,7 +405,7 @@ def main_mamba2(args):
     import transformers
 
     from compressssm_app.harness import git_state
-    from hf_compressssm.compression.atomic_io import write_json_atomic
+    from hf_compressssm.compression.atomic_io import write_json_atomic, write_text_atomic
 
     shapes = MAMBA2_QUICK if args.quick else MAMBA2_SHAPES
     states = args.states or ([8, 3] if args.quick else MAMBA2_STATES)
@@ -481,9 +481,7 @@ def main_mamba2(args):
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     write_json_atomic(output + ".json", report)
     md = markdown_mamba2(report)
-    with open(output + ".md.tmp", "w") as f:
-        f.write(md)
-    os.replace(output + ".md.tmp", output + ".md")
+    write_text_atomic(output + ".md", md)
     print()
     print(md)
     print(f"wrote {output}.json and {output}.md")
@@ -577,7 +575,7 @@ def main(argv=None):
     import transformers
 
     from compressssm_app.harness import git_state
-    from hf_compressssm.compression.atomic_io import write_json_atomic
+    from hf_compressssm.compression.atomic_io import write_json_atomic, write_text_atomic
 
     sizes = dict(QUICK if args.quick else FULL)
     if args.states:
@@ -638,9 +636,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     write_json_atomic(args.output + ".json", report)
     md = markdown(report)
-    with open(args.output + ".md.tmp", "w") as f:
-        f.write(md)
-    os.replace(args.output + ".md.tmp", args.output + ".md")
+    write_text_atomic(args.output + ".md", md)
     print()
     print(md)
     print(f"wrote {args.output}.json and {args.output}.md")

@@ -138,7 +138,7 @@ from hf_compressssm import (  # noqa: E402
     compress_model,
 )
 from hf_compressssm.compression.arguments import CompressionArguments  # noqa: E402
-from hf_compressssm.compression.atomic_io import write_json_atomic  # noqa: E402
+from hf_compressssm.compression.atomic_io import write_json_atomic, write_text_atomic  # noqa: E402
 
 
 def tiny_scaled_config(s: StudySettings, vocab_size: int, special: dict[str, int]) -> CompreSSMGraniteMoeHybridConfig:
@@ -417,9 +417,7 @@ def write_report(out_dir: Path, s: StudySettings, store: ResultsStore, meta: dic
         lines += [f"**PARTIAL: not measured yet: {', '.join(missing)} (rerun the same command to resume).**", ""]
     for note in meta.get("notes", []):
         lines.append(f"- {note}")
-    tmp = out_dir / "hybrid_finetune_study.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out_dir / "hybrid_finetune_study.md")
+    write_text_atomic(out_dir / "hybrid_finetune_study.md", "\n".join(lines) + "\n")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -359,19 +359,23 @@ def test_collapsing_schedule_warns(hf_warnings):
 
 
 # ---------------------------------------------------------------- atomic files
-def test_json_and_safetensors_writes_are_atomic(tmp_path, monkeypatch):
+def test_json_text_and_safetensors_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / "compression_history.json"
+    report = tmp_path / "report.md"
     atomic_io.write_json_atomic(path, [{"step": 1}])
+    atomic_io.write_text_atomic(report, "first")
 
-    def broken_dump(obj, f, **kwargs):
-        f.write('[{"step": ')
+    def broken_fsync(fd):  # the new content is in the temporary file, the disk fails before the rename
         raise OSError("disk full")
 
-    monkeypatch.setattr(atomic_io.json, "dump", broken_dump)
+    monkeypatch.setattr(atomic_io.os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         atomic_io.write_json_atomic(path, [{"step": 2}])
+    with pytest.raises(OSError, match="disk full"):
+        atomic_io.write_text_atomic(report, "second")
     monkeypatch.undo()
-    assert json.loads(path.read_text()) == [{"step": 1}]
+    assert json.loads(path.read_text()) == [{"step": 1}] and report.read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compression_history.json", "report.md"]
 
     import safetensors.torch
     from safetensors.torch import load_file
@@ -389,7 +393,8 @@ def test_json_and_safetensors_writes_are_atomic(tmp_path, monkeypatch):
         atomic_io.write_safetensors_atomic(target, {"a": torch.zeros(3)})
     monkeypatch.undo()
     assert torch.equal(load_file(target)["a"], torch.ones(3))
-    assert sorted(os.listdir(tmp_path)) == ["compression_history.json", "state.safetensors"]  # no temporary left
+    names = ["compression_history.json", "report.md", "state.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == names  # no temporary file left
 
 
 # ---------------------------------------------------------------- rows 2 and 5: the train script resumes

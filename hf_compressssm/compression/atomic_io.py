@@ -8,13 +8,13 @@ import os
 from typing import Any
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> str:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> str:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -22,6 +22,11 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> str:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
+    return write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def write_safetensors_atomic(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> str:
