@@ -36,10 +36,10 @@ import zlib
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .kernel_policy import _LOCK, _try_import
-from .selective_scan import _run_parallel
+from .selective_scan import _compute_dtype, _np_in, _one, _run_parallel
+from .ssd_scan import discretised_step
 
 
 __all__ = ["SSDScanFunction", "ssd_numba_scan"]
@@ -372,21 +372,6 @@ def _numba_kernels():
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(*tensors) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _np(t: torch.Tensor | None, cd: torch.dtype, ndim: int) -> np.ndarray:
-    """A tensor as a contiguous numpy array in the compute dtype, or an empty dummy when it is None."""
-    if t is None:
-        return np.zeros((0,) * ndim, dtype=np.float64 if cd == torch.float64 else np.float32)
-    return t.detach().to(cd).contiguous().numpy()
-
-
-def _one(cd: torch.dtype):
-    return np.float64(1.0) if cd == torch.float64 else np.float32(1.0)
-
-
 def _segment_length(seqlen: int, n_state: int, head_dim: int, itemsize: int) -> int:
     """Steps between the forward's checkpoints (= the backward's recompute segment): (K + 1) states fit in
     `SEGMENT_BYTES` (at least 4 steps), and K >= N / `CHECKPOINT_RATIO` so that the checkpoints, L / K states of N x P,
@@ -428,13 +413,13 @@ class SSDScanFunction(torch.autograd.Function):
         _run_parallel(
             fwd,
             bsz * heads,
-            _np(x, cd, 4),
-            _np(dt, cd, 3),
-            _np(A, cd, 1),
-            _np(B, cd, 4),
-            _np(C, cd, 4),
-            _np(D, cd, 1),
-            _np(initial_state, cd, 4),
+            _np_in(x, cd, 4),
+            _np_in(dt, cd, 3),
+            _np_in(A, cd, 1),
+            _np_in(B, cd, 4),
+            _np_in(C, cd, 4),
+            _np_in(D, cd, 1),
+            _np_in(initial_state, cd, 4),
             y.numpy(),
             final.numpy(),
             ck.numpy(),
@@ -471,15 +456,15 @@ class SSDScanFunction(torch.autograd.Function):
         _run_parallel(
             bwd,
             bsz * groups * nsplit,
-            _np(x, cd, 4),
-            _np(dt, cd, 3),
-            _np(A, cd, 1),
-            _np(B, cd, 4),
-            _np(C, cd, 4),
-            _np(D, cd, 1),
+            _np_in(x, cd, 4),
+            _np_in(dt, cd, 3),
+            _np_in(A, cd, 1),
+            _np_in(B, cd, 4),
+            _np_in(C, cd, 4),
+            _np_in(D, cd, 1),
             ctx.checkpoints.numpy(),
-            _np(dy, cd, 4),
-            _np(dfinal, cd, 4),
+            _np_in(dy, cd, 4),
+            _np_in(dfinal, cd, 4),
             D is not None,
             dfinal is not None,
             heads_per_group,
@@ -544,12 +529,7 @@ def ssd_numba_scan(
             f"{tuple(C.shape)}"
         )
     cd = _compute_dtype(x, dt, A, B, C, initial_states)
-    step = dt.to(cd)
-    if dt_bias is not None:
-        step = step + dt_bias.to(cd)
-    if dt_softplus:
-        step = F.softplus(step)
-    step = step.clamp(min=dt_limit[0], max=dt_limit[1])
+    step = discretised_step(dt, dt_bias, dt_softplus, dt_limit, cd)
     if length == 0:
         y = x.new_zeros(batch, 0, heads, head_dim, dtype=cd)
         if initial_states is None:

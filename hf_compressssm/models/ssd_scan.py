@@ -21,6 +21,24 @@ def _heads(t: torch.Tensor, num_heads: int, dim: int) -> torch.Tensor:
     return t if groups == num_heads else t.repeat_interleave(num_heads // groups, dim=dim)
 
 
+def discretised_step(
+    dt: torch.Tensor,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+    dt_limit: tuple[float, float] | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The step size the scans use, in ``dtype``: ``clamp(softplus(dt + dt_bias), *dt_limit)`` (softplus only with
+    ``dt_softplus``; no bias when ``dt_bias`` is None, no clamp when ``dt_limit`` is None). dt (b, L, H) with
+    dt_bias (H,), or the decode layout dt (b, H, P) with dt_bias (H, P)."""
+    step = dt.to(dtype)
+    if dt_bias is not None:
+        step = step + dt_bias.to(dtype)
+    if dt_softplus:
+        step = F.softplus(step)
+    return step if dt_limit is None else step.clamp(min=dt_limit[0], max=dt_limit[1])
+
+
 def ssd_chunk_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -46,12 +64,7 @@ def ssd_chunk_scan(
         raise ValueError("ssd_chunk_scan: gating (z) is applied by the gated norm, pass z=None")
     batch, length, heads, head_dim = x.shape
     state_size = B.shape[-1]
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    if dt_softplus:
-        dt = F.softplus(dt)
-    dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    dt = discretised_step(dt, dt_bias, dt_softplus, dt_limit, torch.float32)
     xf = x.float()
     Bh = _heads(B.float(), heads, 2)  # (b, L, H, N)
     Ch = _heads(C.float(), heads, 2)
@@ -106,11 +119,7 @@ def ssd_state_update(
     ``selective_state_update`` layout). Returns y (b, H, P) in x's dtype.
     """
     heads = x.shape[1]
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    if dt_softplus:
-        dt = F.softplus(dt)
+    dt = discretised_step(dt, dt_bias, dt_softplus, None, torch.float32)
     Bh = _heads(B.float(), heads, 1)[:, :, None, :]  # (b, H, 1, N)
     Ch = _heads(C.float(), heads, 1)[:, :, None, :]
     new_state = state.float() * torch.exp(dt[..., None] * A.float()) + (dt * x.float())[..., None] * Bh
