@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_finite
-from .mamba_scores import SCORES, sum_statistics
+from .mamba_scores import SCORES, check_scan_values, sum_statistics
 
 
 __all__ = [
@@ -51,14 +51,7 @@ def _check_projections(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     groups = B.shape[2]
     if heads % groups:
         raise ValueError(f"H={heads} heads cannot be split into G={groups} groups of B/C.")
-    for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
-        if x.is_complex():
-            raise ValueError(f"{name} must be real; got a complex tensor.")
-        check_finite(name, x)
-    if bool((A >= 0).any()):
-        raise ValueError("A must be strictly negative (pass the continuous A = -exp(A_log), not A_log).")
-    if bool((delta < 0).any()):
-        raise ValueError("delta must be >= 0 (pass softplus(dt + dt_bias), not the raw projection).")
+    check_scan_values(u, delta, A, B, C, "softplus(dt + dt_bias)")
     return bsz, length, heads, groups
 
 

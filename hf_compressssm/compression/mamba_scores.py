@@ -38,6 +38,19 @@ STAT_KEYS: tuple[str, ...] = ("count", "decay_sum", "ctrl_sum", "obs_sum")
 """Keys of the dicts returned by :func:`selective_statistics`."""
 
 
+def check_scan_values(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, delta_formula: str) -> None:
+    """The value checks of every family's statistics (shapes are checked by each family): real and finite inputs,
+    A < 0 (the continuous A), delta >= 0 (the discretised step, ``delta_formula`` in the message)."""
+    for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
+        if x.is_complex():
+            raise ValueError(f"{name} must be real; got a complex tensor.")
+        check_finite(name, x)
+    if bool((A >= 0).any()):
+        raise ValueError("A must be strictly negative (pass the continuous A = -exp(A_log), not A_log).")
+    if bool((delta < 0).any()):
+        raise ValueError(f"delta must be >= 0 (pass {delta_formula}, not the raw projection).")
+
+
 def selective_statistics(
     u: Tensor,
     delta: Tensor,
@@ -75,14 +88,7 @@ def selective_statistics(
     for name, x in (("B", B), ("C", C)):
         if tuple(x.shape) != (bsz, length, n):
             raise ValueError(f"{name} must have shape (batch, length, N) = {(bsz, length, n)}; got {tuple(x.shape)}.")
-    for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
-        if x.is_complex():
-            raise ValueError(f"{name} must be real; got a complex tensor.")
-        check_finite(name, x)
-    if bool((A >= 0).any()):
-        raise ValueError("A must be strictly negative (pass the continuous A = -exp(A_log), not A_log).")
-    if bool((delta < 0).any()):
-        raise ValueError("delta must be >= 0 (pass softplus(dt_proj(δ) + dt_bias), not the raw projection).")
+    check_scan_values(u, delta, A, B, C, "softplus(dt_proj(δ) + dt_bias)")
     if chunk_size is not None:
         chunk_size = check_int("chunk_size", chunk_size, 1)
 
