@@ -5,23 +5,32 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> str:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
+@contextmanager
+def _replaced_atomically(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path next to ``path`` to write; on success flush it to disk and rename it over ``path``;
+    in every case leave no temporary file behind."""
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> str:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
+    with _replaced_atomically(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+    return os.fspath(path)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> str:
@@ -33,18 +42,11 @@ def write_safetensors_atomic(path: str | os.PathLike, tensors: dict, metadata: d
     """Write ``tensors`` (name → tensor, made contiguous on CPU) as safetensors through a temporary file + rename."""
     from safetensors import torch as safetensors_torch
 
-    save_file = safetensors_torch.save_file
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    with _replaced_atomically(path) as tmp:
+        safetensors_torch.save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata
+        )
+    return os.fspath(path)
 
 
-__all__ = ["write_json_atomic", "write_safetensors_atomic"]
+__all__ = ["write_json_atomic", "write_safetensors_atomic", "write_text_atomic"]
