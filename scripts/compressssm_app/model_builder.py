@@ -26,7 +26,8 @@ from .task_data import TaskData
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _new_config(model_args: ModelArguments, task_data: TaskData) -> CompreSSMMambaConfig:
+def _shared_config_values(model_args: ModelArguments, task_data: TaskData) -> dict[str, Any]:
+    """The config values both families take from the arguments and the data: sizes, special tokens."""
     values: dict[str, Any] = dict(
         vocab_size=task_data.vocab_size,
         hidden_size=model_args.hidden_size,
@@ -34,13 +35,16 @@ def _new_config(model_args: ModelArguments, task_data: TaskData) -> CompreSSMMam
         state_size=model_args.state_size,
         expand=model_args.expand,
         conv_kernel=model_args.conv_kernel,
-        classifier_pooling=model_args.classifier_pooling,
-        scan_backend=model_args.scan_backend,
     )
     if model_args.time_step_rank is not None:
         values["time_step_rank"] = model_args.time_step_rank
-    special = task_data.special_token_ids or {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0}
-    values.update(special)
+    values.update(task_data.special_token_ids or {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0})
+    return values
+
+
+def _new_config(model_args: ModelArguments, task_data: TaskData) -> CompreSSMMambaConfig:
+    values = _shared_config_values(model_args, task_data)
+    values.update(classifier_pooling=model_args.classifier_pooling, scan_backend=model_args.scan_backend)
     if task_data.num_labels is not None:
         values["num_labels"] = task_data.num_labels
     return CompreSSMMambaConfig(**values)
@@ -55,21 +59,10 @@ def _new_mamba2_config(model_args: ModelArguments, task_data: TaskData) -> Compr
     heads = inner // model_args.head_dim
     if model_args.n_groups < 1 or heads % model_args.n_groups:
         raise UsageError(f"--n_groups {model_args.n_groups} must divide the number of heads ({heads}).")
-    values: dict[str, Any] = dict(
-        vocab_size=task_data.vocab_size,
-        hidden_size=model_args.hidden_size,
-        num_hidden_layers=model_args.num_hidden_layers,
-        state_size=model_args.state_size,
-        expand=model_args.expand,
-        conv_kernel=model_args.conv_kernel,
-        num_heads=heads,
-        head_dim=model_args.head_dim,
-        n_groups=model_args.n_groups,
-        chunk_size=model_args.chunk_size,
+    values = _shared_config_values(model_args, task_data)
+    values.update(
+        num_heads=heads, head_dim=model_args.head_dim, n_groups=model_args.n_groups, chunk_size=model_args.chunk_size
     )
-    if model_args.time_step_rank is not None:
-        values["time_step_rank"] = model_args.time_step_rank
-    values.update(task_data.special_token_ids or {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0})
     return CompreSSMMamba2Config(**values)
 
 
