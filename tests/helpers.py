@@ -32,6 +32,18 @@ def random_ids(batch: int = 2, length: int = 12, vocab: int = 40, seed: int = 0)
     return torch.randint(3, vocab, (batch, length), generator=g)
 
 
+def cached_decode_logits(model, ids: torch.Tensor, prefill: int):
+    """Decode ``ids`` (b, L) through the cache: a prefill of its first ``prefill`` tokens with ``use_cache=True``,
+    then one cached forward per token. Returns the last-position logits of each forward, (b, L - prefill, V), which
+    a full forward gives at positions ``prefill - 1 .. L - 2``, and the prefill's output (its cache)."""
+    first = model(ids[:, :prefill], use_cache=True)
+    out, steps = first, [first.logits[:, -1]]
+    for t in range(prefill, ids.shape[1] - 1):
+        out = model(ids[:, t : t + 1], cache=out.cache, use_cache=True)
+        steps.append(out.logits[:, -1])
+    return torch.stack(steps, 1), first
+
+
 class Blocks(torch.utils.data.Dataset):
     """``n`` random token blocks of ``length`` (labels = inputs) for Trainer runs."""
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import BLOCK_PACKAGE, random_ids
+from helpers import BLOCK_PACKAGE, cached_decode_logits, random_ids
 from mamba2_helpers import stock_mamba2_lm, tiny_mamba2_config, tiny_mamba2_lm
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM
 
@@ -84,15 +84,11 @@ def test_cached_generation_matches_full_forward():
             ids = torch.cat([ids, next_token], dim=1)
         assert torch.equal(ids, generated)
         full = model(generated, use_cache=False).logits
-        out = model(generated[:, :6], use_cache=True)
+        steps, prefill = cached_decode_logits(model, generated, prefill=6)
         # The decode cache holds (batch, heads, head_dim, N_layer) per layer.
         for layer, n in enumerate([8, 3, 1]):
-            assert out.cache.layers[layer].recurrent_states[0].shape == (2, 4, 8, n)
-        steps = [out.logits[:, -1]]
-        for t in range(6, generated.shape[1] - 1):
-            out = model(generated[:, t : t + 1], cache=out.cache, use_cache=True)
-            steps.append(out.logits[:, -1])
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, 5:-1], atol=1e-5, rtol=1e-5)
+            assert prefill.cache.layers[layer].recurrent_states[0].shape == (2, 4, 8, n)
+    torch.testing.assert_close(steps, full[:, 5:-1], atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- Auto classes and saving

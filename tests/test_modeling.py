@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import BLOCK_PACKAGE, random_ids, tiny_config, tiny_lm
+from helpers import BLOCK_PACKAGE, cached_decode_logits, random_ids, tiny_config, tiny_lm
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -106,12 +106,8 @@ def test_cached_generation_matches_full_forward():
         assert torch.equal(ids, generated)
         # Step-by-step cached logits equal the full forward's logits.
         full = model(generated, use_cache=False).logits
-        out = model(generated[:, :6], use_cache=True)
-        steps = [out.logits[:, -1]]
-        for t in range(6, generated.shape[1] - 1):
-            out = model(generated[:, t : t + 1], cache=out.cache, use_cache=True)
-            steps.append(out.logits[:, -1])
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, 5:-1], atol=1e-5, rtol=1e-5)
+        steps, _ = cached_decode_logits(model, generated, prefill=6)
+    torch.testing.assert_close(steps, full[:, 5:-1], atol=1e-5, rtol=1e-5)
 
 
 def test_sequence_classification_pooling_and_loss():

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import random_ids
+from helpers import cached_decode_logits, random_ids
 from mamba2_helpers import stock_mamba2_lm, tiny_mamba2_lm
 
 from hf_compressssm import CompreSSMMamba2ForCausalLM
@@ -376,9 +376,5 @@ def test_model_cached_generation_with_the_kernel(monkeypatch):
     with torch.no_grad():
         generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False)
         full = model(generated, use_cache=False).logits
-        out = model(generated[:, :9], use_cache=True)
-        steps = [out.logits[:, -1]]
-        for t in range(9, generated.shape[1] - 1):
-            out = model(generated[:, t : t + 1], cache=out.cache, use_cache=True)
-            steps.append(out.logits[:, -1])
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, 8:-1], atol=1e-5, rtol=1e-5)
+        steps, _ = cached_decode_logits(model, generated, prefill=9)
+    torch.testing.assert_close(steps, full[:, 8:-1], atol=1e-5, rtol=1e-5)
