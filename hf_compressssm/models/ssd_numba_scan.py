@@ -65,7 +65,8 @@ def _ssd_fwd_kernel(
 ):
     """Forward for work items item0 <= item < item1 of b * H, item = (batch row, head).
 
-    x, y: (b, L, H, P); dt: (b, L, H) discretised; A, Dv: (H,); Bm, Cm: (b, L, G, N); h0, hlast: (b, H, P, N).
+    x, y: (b, L, H, P); dt: (b, L, H) discretised; A, Dv: (H,); Bm, Cm: (b, L, G, N); h0, hlast: (b, H, P, N);
+    ck: (b, H, ceil(L / seg), N, P), written with the state entering every ``seg``-th step when ``has_ck``.
     ``has_*`` say which optional inputs are real (the others are empty dummies); ``one`` is 1 in the compute type.
     The state is kept as ``s_t = sig_t * r_t`` (see the module docstring): one multiply-add per element and step."""
     _, seqlen, heads, hd = x.shape
